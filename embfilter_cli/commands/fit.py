@@ -1,0 +1,185 @@
+"""`embfilter fit`: find the model, read only W_U, decompose it, save the filter."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import click
+
+from embfilter_cli.commands._options import device_option, force_option, output_options
+
+AUTO_EXACT_MAX_HIDDEN = 16384  # exact's d×d float64 Gram is 2 GiB at this size; beyond it, randomized
+
+
+@click.command()
+@click.option("-m", "--model", "model", default=None, metavar="SPEC",
+              help="Alias (see `embfilter models`), Hub id, model folder, .safetensors or .gguf file. "
+                   "Default: the built-in SmolLM2-135M-Instruct GGUF.")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) for a Hub id.")
+@click.option("--tensor", "tensor_name", default=None, metavar="NAME", help="Use this tensor as W_U instead of guessing.")
+@click.option("--rank", type=int, default=None, help="Remove the top R directions. [default: 64 when no band is given]")
+@click.option("--bottom", type=int, default=None, help="Also remove the lowest B directions.")
+@click.option("--ratio", type=float, default=None, help="The paper's preset: keep the central d // τ directions.")
+@click.option("--start", type=int, default=None, help="Explicit window: first kept direction (0-based).")
+@click.option("--keep", type=int, default=None, help="Number of kept directions (with --start or --ratio, or alone: centred).")
+@click.option("--reduce/--no-reduce", default=True, show_default=True,
+              help="Save the k×d reduced map P, or the d×d projector I − V_e V_eᵀ.")
+@click.option("--solver", type=click.Choice(["auto", "exact", "randomized"]), default="auto", show_default=True,
+              help=f"auto = exact unless the hidden size exceeds {AUTO_EXACT_MAX_HIDDEN}.")
+@device_option
+@click.option("--oversample", type=int, default=None, help="Randomized: extra subspace columns [default: max(16, R/2)].")
+@click.option("--power-iters", default="auto", show_default=True,
+              help="Randomized: passes over W_U, or 'auto' to iterate until --tol is certified.")
+@click.option("--tol", type=float, default=1e-3, show_default=True,
+              help="Randomized: max ‖Gv − σ²v‖/σ² allowed over the returned directions.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Randomized: RNG seed.")
+@click.option("--padding-rows", type=click.Choice(["drop", "keep"]), default="drop", show_default=True,
+              help="Rows past the tokenizer's vocabulary (never-emitted padding) are dropped by default: "
+                   "they are untrained and would distort the spectrum.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Artifact path [default: artifacts/<model>-<band>.safetensors].")
+@force_option
+@output_options
+def fit(
+    model: str | None, revision: str | None, tensor_name: str | None, rank: int | None, bottom: int | None,
+    ratio: float | None, start: int | None, keep: int | None, reduce: bool, solver: str, device: str,
+    oversample: int | None, power_iters: str, tol: float, seed: int, padding_rows: str, output: str | None,
+    force: bool, json_: bool,
+) -> None:
+    """Fit a filter on a model's unembedding matrix and save it as a safetensors artifact.
+
+    \b
+    Examples:
+      embfilter fit                                  # built-in SmolLM2-135M, top 64 removed
+      embfilter fit --model qwen2-7b --rank 256
+      embfilter fit --model ./my-llama --rank 64 --bottom 16 -o artifacts/my-llama.safetensors
+      embfilter fit --model Qwen/Qwen2.5-0.5B --ratio 2
+      embfilter fit --model model.gguf --rank 64 --solver randomized --device cuda --json
+    """
+    iters = _parse_power_iters(power_iters)
+    if output is not None:
+        from embfilter_cli.files import check_writable
+
+        check_writable(output, force)  # fail before any download or decomposition
+
+    from embfilter_cli.band import resolve_band
+    from embfilter_cli.console import info
+    from embfilter_cli.locate import resolve_model
+    from embfilter_cli.unembedding import read_unembedding
+
+    location = resolve_model(model, revision=revision, tensor_name=tensor_name)
+    info(f"Model: {location.source} ({location.kind.replace('_', ' ')})")
+    unemb = read_unembedding(location, tensor_name=tensor_name, drop_padding_rows=padding_rows == "drop")
+    d = unemb.hidden_size
+    dropped = unemb.stored_rows - unemb.vocab_size
+    info(
+        f"W_U: {unemb.tensor_name} {unemb.stored_rows}×{d} {unemb.stored_dtype}"
+        + (" (tied input embeddings)" if unemb.tied else "")
+        + (f"; dropped {dropped} padding rows past the tokenizer's {unemb.vocab_size}" if dropped else "")
+    )
+    if rank is None and bottom is None and ratio is None and start is None and keep is None:
+        rank = 64
+    band = resolve_band(d, rank=rank, bottom=bottom, ratio=ratio, start=start, keep=keep)
+
+    spectrum = _solve(unemb.matrix, band, solver, device, oversample, iters, tol, seed)
+    from embfilter_cli.artifact import save_artifact
+    from embfilter_cli.fitting import build_artifact, fit_summary
+
+    artifact = build_artifact(
+        spectrum, band, reduce=reduce, model_source=location.source, model_revision=location.revision,
+        tensor_name=unemb.tensor_name, unembedding_sha256=unemb.sha256, vocab_size=unemb.vocab_size,
+        stored_rows=unemb.stored_rows,
+    )
+    out = Path(output) if output else Path("artifacts") / f"{_slug(location)}-{band.label()}.safetensors"
+    save_artifact(artifact, out, force=force)
+    summary = fit_summary(artifact, spectrum, band)
+    if json_:
+        from embfilter_cli.console import emit_json
+
+        emit_json(summary)
+    else:
+        _print_summary(summary)
+
+
+def _parse_power_iters(value: str) -> int | None:
+    if value == "auto":
+        return None
+    try:
+        iters = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither 'auto' nor a whole number", param_hint="--power-iters") from None
+    if iters < 1:
+        raise click.BadParameter(f"must be at least 1, got {iters}", param_hint="--power-iters")
+    return iters
+
+
+def _solve(matrix: Any, band: Any, solver: str, device: str, oversample: int | None, iters: int | None,
+           tol: float, seed: int) -> Any:
+    from embfilter_cli.console import info, progress_enabled
+    from embfilter_cli.errors import BandError
+    from embfilter_cli.spectral import exact_spectrum, randomized_spectrum, resolve_device
+
+    dev = resolve_device(device)
+    d = band.hidden_size
+    if solver == "auto":
+        solver = "exact" if d <= AUTO_EXACT_MAX_HIDDEN or band.bottom else "randomized"
+    if solver == "randomized":
+        if band.bottom or band.top == 0:
+            raise BandError(
+                f"--solver randomized computes only the top directions; it supports --rank R > 0 with no bottom "
+                f"removal (asked: top {band.top}, bottom {band.bottom}); use --solver exact"
+            )
+        info(f"Solver: randomized subspace iteration, top {band.top} on {dev}")
+        return randomized_spectrum(matrix, band.top, oversample=oversample, power_iters=iters, tol=tol, seed=seed, device=dev)
+    info(f"Solver: exact (float64 Gram + eigh) on {dev}")
+    if not progress_enabled():
+        return exact_spectrum(matrix, device=dev)
+    from rich.progress import Progress
+
+    from embfilter_cli.console import err_console
+
+    with Progress(console=err_console, transient=True) as bar:
+        task = bar.add_task("W_Uᵀ W_U", total=matrix.shape[0])
+        return exact_spectrum(matrix, device=dev, progress=lambda done, total: bar.update(task, completed=done))
+
+
+def _slug(location: Any) -> str:
+    from embfilter_cli.aliases import DEFAULT_MODEL_ALIAS
+
+    if not location.spec:
+        return DEFAULT_MODEL_ALIAS
+    base = location.spec
+    base = Path(base).stem if location.kind != "hf_folder" or Path(base).exists() else base
+    base = base.split("/")[-1]
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-").lower() or "model"
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from embfilter_cli.console import out_console
+
+    band = summary["band"]
+    sig = summary["sigma"]
+
+    def fmt(value: float | None) -> str:
+        return "—" if value is None else f"{value:.4g}"
+
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("model", summary["model_source"])
+    table.add_row("tensor", f"{summary['tensor_name']} ({summary['vocab_rows_used']}×{summary['hidden_size']})")
+    table.add_row("band", f"remove top {band['top']}, keep {band['start']}..{band['start'] + band['keep'] - 1}, remove bottom {band['bottom']}")
+    table.add_row("σ at edges", f"σ_max {fmt(summary['sigma_max'])} · last removed {fmt(sig['sigma_last_removed_top'])} · "
+                  f"kept {fmt(sig['sigma_first_kept'])} … {fmt(sig['sigma_last_kept'])} · first removed bottom {fmt(sig['sigma_first_removed_bottom'])}")
+    table.add_row("energy removed", f"{100 * summary['energy_removed']:.2f}% of ‖W_U‖²_F")
+    table.add_row("output dims", f"{summary['hidden_size']} → {summary['output_dim']} ({summary['projection_kind']})")
+    cert = summary["certificate"]
+    detail = ", ".join(f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}" for k, v in cert.items() if k != "residual_history")
+    table.add_row("solver", f"{summary['solver']} in {summary['solve_seconds']:.2f}s ({detail})")
+    table.add_row("sha256(W_U)", summary["unembedding_sha256"])
+    table.add_row("saved", summary["output"])
+    out_console.print(table)

@@ -1,0 +1,71 @@
+"""Output channels for the CLI: data on stdout, everything else on stderr.
+
+rich's default Console and click.progressbar write to stdout, which would corrupt piped data, so
+every human-facing message goes through `err_console`. Progress bars are shown only when stderr
+is a terminal and the user did not pass -q.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
+
+from rich.console import Console
+
+T = TypeVar("T")
+
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+out_console = Console(highlight=False, soft_wrap=True)
+
+_state = {"quiet": False}
+
+
+def set_quiet(quiet: bool) -> None:
+    """Silence info messages and progress bars (warnings and errors still show)."""
+    _state["quiet"] = quiet
+
+
+def is_quiet() -> bool:
+    return _state["quiet"]
+
+
+def info(message: str) -> None:
+    """A log line on stderr, hidden by -q."""
+    if not _state["quiet"]:
+        err_console.print(message)
+
+
+def warn(message: str) -> None:
+    """A warning on stderr; shown even with -q."""
+    err_console.print(f"[yellow]Warning:[/yellow] {message}")
+
+
+def emit_json(document: Any) -> None:
+    """Print one JSON document on stdout."""
+    sys.stdout.write(json.dumps(document, indent=2, sort_keys=False, default=_json_default) + "\n")
+    sys.stdout.flush()
+
+
+def _json_default(value: Any) -> Any:
+    # numpy scalars and paths appear in summaries; convert rather than fail.
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def progress_enabled() -> bool:
+    return not _state["quiet"] and sys.stderr.isatty()
+
+
+def track(items: Iterable[T], description: str, total: float | None = None) -> Iterator[T]:
+    """Iterate with a progress bar on stderr when interactive, silently otherwise."""
+    if not progress_enabled():
+        yield from items
+        return
+    from rich.progress import track as rich_track
+
+    yield from rich_track(items, description=description, total=total, console=err_console, transient=True)

@@ -1,0 +1,49 @@
+"""Errors the core raises for known bad input.
+
+Every message says what was wrong (with the numbers or the path) and what to do next; the CLI
+prints it as one line `Error: …` and exits 1. Anything else is a bug and keeps its traceback.
+"""
+
+
+class EmbfilterError(Exception):
+    """Base class of every known, user-facing failure."""
+
+
+class ModelNotFoundError(EmbfilterError):
+    """The model spec names nothing we can find (folder, file, alias, Hub id)."""
+
+
+class UnembeddingNotFoundError(EmbfilterError):
+    """The checkpoint has no tensor we can identify as the unembedding."""
+
+
+class BadTensorError(EmbfilterError):
+    """The unembedding exists but cannot be used (NaN/Inf, wrong rank, unsupported dtype)."""
+
+
+class BandError(EmbfilterError):
+    """An impossible band (which directions to keep/remove)."""
+
+
+class ArtifactError(EmbfilterError):
+    """A file that is not a valid embfilter artifact, or one that does not fit its use."""
+
+
+class OutputExistsError(EmbfilterError):
+    """Refusing to overwrite an existing output without --force."""
+
+
+class InputDataError(EmbfilterError):
+    """Malformed vectors, texts or evaluation data."""
+
+
+class MissingDependencyError(EmbfilterError):
+    """An optional package is needed; the message names the pip command."""
+
+
+class SolverAccuracyError(EmbfilterError):
+    """A solver missed the requested accuracy certificate."""
+
+
+class ExportError(EmbfilterError):
+    """An export failed its structural or numerical check."""

@@ -1,0 +1,281 @@
+"""Right singular vectors and values of W_U: an exact solver and a certified randomized one.
+
+Exact: G = W_Uᵀ W_U accumulated in float64 over row chunks (so W_U is never upcast whole), then
+a symmetric eigendecomposition of the d×d Gram matrix. Eigenvalues are σ², eigenvectors are the
+right singular vectors. On the CPU the chunk update is BLAS `dsyrk` (half the flops of a GEMM);
+on CUDA it is a float64 `addmm_` on the device.
+
+Randomized: subspace iteration on the operator G = W_Uᵀ W_U (Halko, Martinsson & Tropp 2011,
+Alg. 4.4 applied to the Gram operator) with a Rayleigh–Ritz step after every pass. The Ritz
+residuals ‖G v − θ v‖ / θ come for free from the last product, so the iteration can stop as
+soon as every requested direction is certified below `tol` ("auto" iterations).
+
+Sign convention (both solvers): each singular vector is flipped so that its entry of largest
+magnitude is positive; ties go to the lowest index. Values are descending.
+
+Not handled: fp16/bf16 arithmetic (inputs are upcast per chunk; autocast is disabled), complex
+matrices, out-of-core d×d Gram matrices (d up to ~30k fits comfortably in RAM).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from embfilter_cli.errors import BadTensorError, EmbfilterError, SolverAccuracyError
+
+ProgressFn = Callable[[int, int], None]  # (rows done, rows total)
+
+DEFAULT_CHUNK_ROWS = 8192
+
+
+@dataclass
+class Spectrum:
+    """Singular values (descending) and right singular vectors (columns) of W_U."""
+
+    singular_values: np.ndarray  # float64 (n,)
+    vectors: np.ndarray  # float64 (d, n); column i is v_i
+    solver: str
+    params: dict[str, Any] = field(default_factory=dict)
+    certificate: dict[str, Any] = field(default_factory=dict)
+    frobenius_sq: float = 0.0  # ‖W_U‖_F², for energy fractions when n < d
+    seconds: float = 0.0
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.vectors.shape[0])
+
+    @property
+    def complete(self) -> bool:
+        """True when every direction of the hidden space was computed."""
+        return self.vectors.shape[1] == self.vectors.shape[0]
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` → cuda if available, else mps, else cpu; anything else is checked."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise EmbfilterError(f"--device {device!r} is not a device name; use cpu, cuda, cuda:N, mps or auto") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EmbfilterError("--device cuda was requested but no CUDA GPU is visible; use --device cpu or auto")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise EmbfilterError("--device mps was requested but MPS is not available; use --device cpu or auto")
+    return dev
+
+
+def canonical_signs(vectors: np.ndarray) -> np.ndarray:
+    """Flip columns so each one's largest-magnitude entry is positive (deterministic output)."""
+    idx = np.argmax(np.abs(vectors), axis=0)
+    signs = np.sign(vectors[idx, np.arange(vectors.shape[1])])
+    signs[signs == 0] = 1.0
+    return vectors * signs
+
+
+def _check_finite(chunk: torch.Tensor, row0: int) -> None:
+    if not bool(torch.isfinite(chunk).all()):
+        bad = (~torch.isfinite(chunk)).nonzero()[0].tolist()
+        raise BadTensorError(
+            f"the unembedding has a non-finite value (NaN or Inf) at row {row0 + bad[0]}, column {bad[1]}; "
+            "the checkpoint is damaged, re-download or re-export it"
+        )
+
+
+def gram_float64(
+    matrix: torch.Tensor, device: torch.device, chunk_rows: int = DEFAULT_CHUNK_ROWS, progress: ProgressFn | None = None
+) -> tuple[np.ndarray, float]:
+    """G = Wᵀ W in float64, accumulated over row chunks; returns (G, ‖W‖_F²)."""
+    rows, d = matrix.shape
+    if device.type == "cpu":
+        from scipy.linalg.blas import dsyrk
+
+        gram = np.zeros((d, d), dtype=np.float64, order="F")
+        for row0 in range(0, rows, chunk_rows):
+            chunk = matrix[row0 : row0 + chunk_rows].to(torch.float64)
+            _check_finite(chunk, row0)
+            # chunk.T is F-contiguous (d × c): dsyrk(trans=0) gives chunkᵀ chunk in the upper triangle.
+            gram = dsyrk(1.0, chunk.numpy().T, beta=1.0, c=gram, trans=0, lower=0, overwrite_c=1)
+            if progress:
+                progress(min(row0 + chunk_rows, rows), rows)
+        upper = np.triu(gram)
+        full = upper + np.triu(gram, 1).T
+    else:
+        acc = torch.zeros((d, d), dtype=torch.float64, device=device)
+        pinned = device.type == "cuda"
+        for row0 in range(0, rows, chunk_rows):
+            chunk = matrix[row0 : row0 + chunk_rows]
+            if pinned:
+                chunk = chunk.pin_memory()
+            chunk = chunk.to(device, non_blocking=pinned).to(torch.float64)
+            _check_finite(chunk, row0)
+            acc.addmm_(chunk.T, chunk)
+            if progress:
+                progress(min(row0 + chunk_rows, rows), rows)
+        full = acc.cpu().numpy()
+    return full, float(np.trace(full))
+
+
+def exact_spectrum(
+    matrix: torch.Tensor,
+    device: torch.device | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    progress: ProgressFn | None = None,
+) -> Spectrum:
+    """All d singular values and right singular vectors of `matrix` to float64 accuracy."""
+    device = device or torch.device("cpu")
+    start = time.perf_counter()
+    with torch.autocast(device_type=device.type, enabled=False):
+        gram, fro_sq = gram_float64(matrix, device, chunk_rows, progress)
+    if device.type == "cuda":
+        g = torch.from_numpy(gram).to(device)
+        evals_t, evecs_t = torch.linalg.eigh(g)
+        evals, evecs = evals_t.cpu().numpy(), evecs_t.cpu().numpy()
+    else:
+        from scipy.linalg import eigh
+
+        evals, evecs = eigh(gram, driver="evd", overwrite_a=False, check_finite=False)
+    order = np.argsort(evals)[::-1]
+    evals, evecs = evals[order], evecs[:, order]
+    # Backward-error certificate: ‖G V − V Λ‖ per column, relative to λ_max (what float64 can promise).
+    residual = np.linalg.norm(gram @ evecs - evecs * evals, axis=0)
+    lam_max = max(float(evals[0]), np.finfo(np.float64).tiny)
+    sigma = np.sqrt(np.clip(evals, 0.0, None))
+    return Spectrum(
+        singular_values=sigma,
+        vectors=canonical_signs(evecs),
+        solver="exact",
+        params={"method": "gram-float64+eigh", "chunk_rows": chunk_rows, "device": str(device)},
+        certificate={"max_backward_error": float(residual.max() / lam_max), "passed": True},
+        frobenius_sq=fro_sq,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def randomized_spectrum(
+    matrix: torch.Tensor,
+    rank: int,
+    *,
+    oversample: int | None = None,
+    power_iters: int | None = None,
+    tol: float = 1e-3,
+    seed: int = 0,
+    device: torch.device | None = None,
+    max_iters: int = 200,
+    chunk_rows: int = 32768,
+    dtype: torch.dtype | None = None,
+    strict: bool = True,
+    progress: ProgressFn | None = None,
+) -> Spectrum:
+    """Top-`rank` right singular pairs by randomized subspace iteration with Ritz certificates.
+
+    `power_iters=None` iterates until max_i ‖G v_i − θ_i v_i‖ / θ_i ≤ tol over the requested
+    directions (or `max_iters`); an integer runs exactly that many passes. With `strict`, a
+    missed tolerance raises SolverAccuracyError; otherwise the certificate says passed=False.
+    """
+    device = device or torch.device("cpu")
+    rows, d = matrix.shape
+    if rank < 1 or rank > d:
+        raise EmbfilterError(f"randomized solver needs 1 <= rank <= {d}, got {rank}")
+    if oversample is None:
+        oversample = max(16, rank // 2)
+    width = min(d, rank + oversample)
+    # float64 on GPUs (cheap there and certifies tighter); float32 on the CPU for speed.
+    work = dtype or (torch.float64 if device.type == "cuda" else torch.float32)
+    start = time.perf_counter()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    basis = torch.randn(d, width, generator=gen, dtype=torch.float64).to(device=device, dtype=work)
+    basis, _ = torch.linalg.qr(basis)
+
+    resident = matrix.to(device=device, dtype=work) if _fits_on(device, matrix, work) else None
+    fro_sq = 0.0
+    with torch.autocast(device_type=device.type, enabled=False):
+
+        def gram_apply(block: torch.Tensor) -> tuple[torch.Tensor, float]:
+            """G·block = Wᵀ (W block), streaming W by rows when it is not resident."""
+            if resident is not None:
+                return resident.T @ (resident @ block), float((resident * resident).sum())
+            out = torch.zeros_like(block)
+            fro = 0.0
+            for row0 in range(0, rows, chunk_rows):
+                chunk = matrix[row0 : row0 + chunk_rows].to(device=device, dtype=work)
+                _check_finite(chunk, row0)
+                out.addmm_(chunk.T, chunk @ block)
+                fro += float((chunk * chunk).sum())
+            return out, fro
+
+        if resident is not None:
+            _check_finite(resident, 0)
+        iters = 0
+        history: list[float] = []
+        target = power_iters if power_iters is not None else max_iters
+        while True:
+            product, fro_sq = gram_apply(basis)
+            iters += 1
+            # Rayleigh–Ritz on span(basis): H = Qᵀ G Q, in float64 (tiny).
+            h = (basis.T @ product).double()
+            h = (h + h.T) / 2
+            theta, ritz = torch.linalg.eigh(h)
+            theta, ritz = theta.flip(0), ritz.flip(1)
+            q64, p64 = basis.double(), product.double()
+            vecs = q64 @ ritz
+            resid = torch.linalg.vector_norm(p64 @ ritz - vecs * theta, dim=0)
+            rel = (resid[:rank] / theta[:rank].clamp_min(torch.finfo(torch.float64).tiny)).max().item()
+            history.append(rel)
+            if progress:
+                progress(iters, target)
+            if (power_iters is None and rel <= tol) or iters >= target:
+                break
+            basis, _ = torch.linalg.qr(product)
+    sigma = theta[:rank].clamp_min(0).sqrt().cpu().numpy()
+    vectors = canonical_signs(vecs[:, :rank].cpu().numpy())
+    passed = bool(rel <= tol)
+    certificate = {
+        "max_relative_residual": rel,
+        "tol": tol,
+        "passed": passed,
+        "iterations": iters,
+        "residual_history": [float(f"{h:.3e}") for h in history],
+    }
+    if strict and not passed:
+        raise SolverAccuracyError(
+            f"randomized solver reached max relative residual {rel:.2e} > --tol {tol:g} after {iters} passes "
+            f"(rank {rank}, subspace width {width}); raise --oversample or --power-iters, loosen --tol, "
+            "or use --solver exact"
+        )
+    return Spectrum(
+        singular_values=sigma,
+        vectors=vectors,
+        solver="randomized",
+        params={
+            "rank": rank,
+            "oversample": oversample,
+            "power_iters": "auto" if power_iters is None else power_iters,
+            "seed": seed,
+            "device": str(device),
+            "dtype": str(work).replace("torch.", ""),
+        },
+        certificate=certificate,
+        frobenius_sq=fro_sq,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _fits_on(device: torch.device, matrix: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Keep W resident on the device when that costs under half its free memory."""
+    need = matrix.numel() * torch.tensor([], dtype=dtype).element_size()
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return need < free // 2
+    # On the CPU a resident upcast copy would break the "one float32 copy" memory bound for
+    # low-precision checkpoints; keep float32 inputs as they are and stream the rest.
+    return matrix.dtype == dtype and math.prod(matrix.shape) > 0
