@@ -1,0 +1,48 @@
+"""Shared fixtures: a CLI runner that keeps stdout and stderr apart, and small filters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    # click >= 8.2 always keeps result.stdout and result.stderr separate.
+    return CliRunner()
+
+
+def planted_matrix(rows: int, d: int, sigmas: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """W = U diag(σ) Vᵀ with known σ (descending) and V; returns (W float64, V with columns v_i)."""
+    rng = np.random.default_rng(seed)
+    u, _ = np.linalg.qr(rng.standard_normal((rows, d)))
+    v, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    return (u * sigmas) @ v.T, v
+
+
+@pytest.fixture
+def make_filter(tmp_path: Path):
+    """Build and save a real filter artifact from a planted-spectrum W_U.
+
+    Returns a function (d=16, top=2, bottom=1, reduce=True, name="f.safetensors") -> Path.
+    """
+    from embfilter_cli.artifact import save_artifact
+    from embfilter_cli.band import band_from_rank
+    from embfilter_cli.fitting import build_artifact
+    from embfilter_cli.spectral import exact_spectrum
+
+    def build(d: int = 16, top: int = 2, bottom: int = 1, reduce: bool = True, name: str = "f.safetensors",
+              rows: int = 200, seed: int = 0, model_source: str = "test/planted") -> Path:
+        sig = np.geomspace(100.0, 1.0, d)
+        w, _ = planted_matrix(rows, d, sig, seed)
+        spectrum = exact_spectrum(torch.from_numpy(w).float())
+        band = band_from_rank(d, top, bottom)
+        art = build_artifact(spectrum, band, reduce=reduce, model_source=model_source, model_revision="local",
+                             tensor_name="lm_head.weight", unembedding_sha256="0" * 64, vocab_size=rows)
+        return save_artifact(art, tmp_path / name)
+
+    return build
