@@ -109,3 +109,35 @@ def make_gpt2(path: Path, *, hidden: int = 32, vocab: int = 300, layers: int = 2
 
 def read_config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
+
+
+def make_gguf(path: Path, *, rows: int = 64, hidden: int = 32, tokens: int | None = None, head: str = "quantized",
+              seed: int = 0):
+    """A minimal GGUF file with a W_U and a token list, written by gguf's own writer.
+
+    head: "quantized" -> only token_embd.weight in Q8_0 (tied, like SmolLM2's file);
+          "f16" -> an untied output.weight in F16 beside a Q8_0 token_embd.weight.
+    Returns (path, the float32 matrix that the head tensor dequantizes to).
+    """
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.quants import dequantize, quantize
+
+    rng = np.random.default_rng(seed)
+    emb = rng.standard_normal((rows, hidden)).astype(np.float32)
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_embedding_length(hidden)
+    writer.add_token_list([f"tok{i}" for i in range(tokens if tokens is not None else rows)])
+    q = quantize(emb, GGMLQuantizationType.Q8_0)
+    writer.add_tensor("token_embd.weight", q, raw_shape=q.shape, raw_dtype=GGMLQuantizationType.Q8_0)
+    expected = dequantize(q, GGMLQuantizationType.Q8_0).reshape(rows, hidden)
+    if head == "f16":
+        out = rng.standard_normal((rows, hidden)).astype(np.float16)
+        writer.add_tensor("output.weight", out)
+        expected = out.astype(np.float32)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path, expected
