@@ -1,7 +1,8 @@
 """Right singular vectors and values of W_U: an exact solver and a certified randomized one.
 
 Exact: G = W_Uᵀ W_U accumulated in float64 over row chunks (so W_U is never upcast whole), then
-a symmetric eigendecomposition of the d×d Gram matrix. Eigenvalues are σ², eigenvectors are the
+a symmetric eigendecomposition of the d×d Gram matrix. (A float32 variant forms each chunk's
+Gram in float32 and sums chunks in float64: about twice as fast on CPUs, float32-accurate.) Eigenvalues are σ², eigenvectors are the
 right singular vectors. On the CPU the chunk update is BLAS `dsyrk` (half the flops of a GEMM);
 on CUDA it is a float64 `addmm_` on the device.
 
@@ -91,24 +92,39 @@ def _check_finite(chunk: torch.Tensor, row0: int) -> None:
         )
 
 
-def gram_float64(
-    matrix: torch.Tensor, device: torch.device, chunk_rows: int = DEFAULT_CHUNK_ROWS, progress: ProgressFn | None = None
+def gram_matrix(
+    matrix: torch.Tensor,
+    device: torch.device,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    progress: ProgressFn | None = None,
+    precision: str = "float64",
 ) -> tuple[np.ndarray, float]:
-    """G = Wᵀ W in float64, accumulated over row chunks; returns (G, ‖W‖_F²)."""
+    """G = Wᵀ W accumulated over row chunks into float64; returns (G, ‖W‖_F²).
+
+    precision "float64": every chunk is upcast to float64 (float64 accuracy).
+    precision "float32": each chunk's Gram is formed in float32 and the chunk results are summed in
+    float64, so rounding grows only with the chunk length, not with the vocabulary size; about 2×
+    faster on CPUs, at float32-level accuracy (relative entry errors ~1e-7·√chunk).
+    """
     rows, d = matrix.shape
+    work = torch.float64 if precision == "float64" else torch.float32
     if device.type == "cpu":
-        from scipy.linalg.blas import dsyrk
+        from scipy.linalg.blas import dsyrk, ssyrk
 
         gram = np.zeros((d, d), dtype=np.float64, order="F")
+        part = np.zeros((d, d), dtype=np.float32, order="F") if work == torch.float32 else None
         for row0 in range(0, rows, chunk_rows):
-            chunk = matrix[row0 : row0 + chunk_rows].to(torch.float64)
+            chunk = matrix[row0 : row0 + chunk_rows].to(work)
             _check_finite(chunk, row0)
-            # chunk.T is F-contiguous (d × c): dsyrk(trans=0) gives chunkᵀ chunk in the upper triangle.
-            gram = dsyrk(1.0, chunk.numpy().T, beta=1.0, c=gram, trans=0, lower=0, overwrite_c=1)
+            # chunk.T is F-contiguous (d × c): syrk(trans=0) gives chunkᵀ chunk in the upper triangle.
+            if part is None:
+                gram = dsyrk(1.0, chunk.numpy().T, beta=1.0, c=gram, trans=0, lower=0, overwrite_c=1)
+            else:
+                part = ssyrk(1.0, chunk.numpy().T, beta=0.0, c=part, trans=0, lower=0, overwrite_c=1)
+                gram += part
             if progress:
                 progress(min(row0 + chunk_rows, rows), rows)
-        upper = np.triu(gram)
-        full = upper + np.triu(gram, 1).T
+        full = np.triu(gram) + np.triu(gram, 1).T
     else:
         acc = torch.zeros((d, d), dtype=torch.float64, device=device)
         pinned = device.type == "cuda"
@@ -116,9 +132,12 @@ def gram_float64(
             chunk = matrix[row0 : row0 + chunk_rows]
             if pinned:
                 chunk = chunk.pin_memory()
-            chunk = chunk.to(device, non_blocking=pinned).to(torch.float64)
+            chunk = chunk.to(device, non_blocking=pinned).to(work)
             _check_finite(chunk, row0)
-            acc.addmm_(chunk.T, chunk)
+            if work == torch.float64:
+                acc.addmm_(chunk.T, chunk)
+            else:
+                acc += (chunk.T @ chunk).double()
             if progress:
                 progress(min(row0 + chunk_rows, rows), rows)
         full = acc.cpu().numpy()
@@ -130,12 +149,19 @@ def exact_spectrum(
     device: torch.device | None = None,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     progress: ProgressFn | None = None,
+    precision: str = "float64",
 ) -> Spectrum:
-    """All d singular values and right singular vectors of `matrix` to float64 accuracy."""
+    """All d singular values and right singular vectors of `matrix`.
+
+    With precision "float64" (the default) the result is exact to float64 accuracy; "float32"
+    trades that for speed (see `gram_matrix`). The eigendecomposition is float64 either way.
+    """
+    if precision not in ("float64", "float32"):
+        raise EmbfilterError(f"precision must be float64 or float32, got {precision!r}")
     device = device or torch.device("cpu")
     start = time.perf_counter()
     with torch.autocast(device_type=device.type, enabled=False):
-        gram, fro_sq = gram_float64(matrix, device, chunk_rows, progress)
+        gram, fro_sq = gram_matrix(matrix, device, chunk_rows, progress, precision)
     if device.type == "cuda":
         g = torch.from_numpy(gram).to(device)
         evals_t, evecs_t = torch.linalg.eigh(g)
@@ -154,7 +180,8 @@ def exact_spectrum(
         singular_values=sigma,
         vectors=canonical_signs(evecs),
         solver="exact",
-        params={"method": "gram-float64+eigh", "chunk_rows": chunk_rows, "device": str(device)},
+        params={"method": f"gram-{precision}+eigh-float64", "precision": precision, "chunk_rows": chunk_rows,
+                "device": str(device)},
         certificate={"max_backward_error": float(residual.max() / lam_max), "passed": True},
         frobenius_sq=fro_sq,
         seconds=time.perf_counter() - start,

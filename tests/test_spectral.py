@@ -91,3 +91,19 @@ def test_nonfinite_values_are_reported_with_their_position():
     w[37, 5] = float("inf")
     with pytest.raises(BadTensorError, match="row 37, column 5"):
         randomized_spectrum(w, 2)
+
+
+def test_float32_precision_is_float32_accurate_and_labelled():
+    d = 32
+    sig = np.geomspace(200.0, 1.0, d)
+    w, v = planted_matrix(4000, d, sig, seed=6)
+    w32 = torch.from_numpy(w).float()
+    ref = exact_spectrum(w32)  # float64 Gram of the same float32 input
+    fast = exact_spectrum(w32, precision="float32", chunk_rows=512)
+    assert fast.params["precision"] == "float32" and ref.params["precision"] == "float64"
+    rel = np.abs(fast.singular_values - ref.singular_values) / ref.singular_values
+    # σ_i² carries an absolute error ~ eps32·σ_1², so small σ lose relative accuracy: bounded, not exact.
+    assert rel.max() < 1e-3 and rel.max() > 1e-12
+    assert np.abs(np.sum(fast.vectors[:, :4] * ref.vectors[:, :4], axis=0)).min() > 1 - 1e-6
+    with pytest.raises(Exception, match="precision must be float64 or float32"):
+        exact_spectrum(w32, precision="float16")
