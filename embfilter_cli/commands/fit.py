@@ -65,12 +65,16 @@ def fit(
         check_writable(output, force)  # fail before any download or decomposition
 
     from embfilter_cli.band import resolve_band
-    from embfilter_cli.console import info
+    from embfilter_cli.console import info, progress_enabled
     from embfilter_cli.locate import resolve_model
-    from embfilter_cli.unembedding import read_unembedding
 
-    location = resolve_model(model, revision=revision, tensor_name=tensor_name)
+    if rank is None and bottom is None and ratio is None and start is None and keep is None:
+        rank = 64
+    location = resolve_model(model, revision=revision, tensor_name=tensor_name, progress=progress_enabled(),
+                             check_config=lambda cfg: _check_band_early(cfg, rank, bottom, ratio, start, keep))
     info(f"Model: {location.source} ({location.kind.replace('_', ' ')})")
+    from embfilter_cli.unembedding import read_unembedding  # torch: only after cheap checks and downloads of metadata
+
     unemb = read_unembedding(location, tensor_name=tensor_name, drop_padding_rows=padding_rows == "drop")
     d = unemb.hidden_size
     dropped = unemb.stored_rows - unemb.vocab_size
@@ -79,8 +83,6 @@ def fit(
         + (" (tied input embeddings)" if unemb.tied else "")
         + (f"; dropped {dropped} padding rows past the tokenizer's {unemb.vocab_size}" if dropped else "")
     )
-    if rank is None and bottom is None and ratio is None and start is None and keep is None:
-        rank = 64
     band = resolve_band(d, rank=rank, bottom=bottom, ratio=ratio, start=start, keep=keep)
 
     spectrum = _solve(unemb.matrix, band, solver, device, oversample, iters, tol, seed)
@@ -101,6 +103,17 @@ def fit(
         emit_json(summary)
     else:
         _print_summary(summary)
+
+
+def _check_band_early(config: dict[str, Any], rank: int | None, bottom: int | None, ratio: float | None,
+                      start: int | None, keep: int | None) -> None:
+    """Reject an impossible band from a Hub model's config.json, before its weights are downloaded."""
+    from embfilter_cli.band import resolve_band
+    from embfilter_cli.hub import config_hidden_size
+
+    d = config_hidden_size(config)
+    if d is not None:  # W_U's own width is checked again after reading it
+        resolve_band(d, rank=rank, bottom=bottom, ratio=ratio, start=start, keep=keep)
 
 
 def _parse_power_iters(value: str) -> int | None:
