@@ -18,6 +18,8 @@ from embfilter_cli import __version__
 
 # name -> "module:attribute". Kept as strings so that listing commands imports only light modules.
 COMMANDS: dict[str, str] = {
+    "apply": "embfilter_cli.commands.apply:apply",
+    "verify": "embfilter_cli.commands.verify:verify",
     "fit": "embfilter_cli.commands.fit:fit",
     "models": "embfilter_cli.commands.models:models",
 }
