@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "apply": "embfilter_cli.commands.apply:apply",
     "verify": "embfilter_cli.commands.verify:verify",
     "fit": "embfilter_cli.commands.fit:fit",
+    "export": "embfilter_cli.commands.export:export",
     "models": "embfilter_cli.commands.models:models",
 }
 

@@ -1,0 +1,223 @@
+"""`embfilter export`: the filter as ONNX (standalone or appended to a model), a sentence-transformers
+Dense folder, a .npy matrix or safetensors — each checked numerically before success is reported."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from embfilter_cli.commands._options import force_option, output_options
+
+FORMATS = ("onnx", "sentence-transformers", "npy", "safetensors")
+
+
+@click.command()
+@click.argument("filter_path", metavar="[FILTER]", required=False, default=None)
+@click.option("--onnx", "onnx_flag", is_flag=True, help="Shorthand for --format onnx.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
+              help="What to write: an ONNX graph, a sentence-transformers Dense folder, the matrix P as .npy, "
+                   "or safetensors (the artifact again, or with --fp16 a float16 deployment file).")
+@click.option("-o", "--out", "out", default=None, metavar="PATH",
+              help="Output file (a folder for sentence-transformers). [default: beside FILTER, or "
+                   "<host>.filtered.onnx beside the --append-to model]")
+@click.option("--append-to", "append_to", default=None, metavar="MODEL.onnx",
+              help="Add the filter after an output of this ONNX embedding model instead of writing a standalone graph.")
+@click.option("--output", "host_output", default=None, metavar="NAME",
+              help="With --append-to: the host output to filter. [default: sentence_embedding, else the only "
+                   "pooled (rank-2) output, else the only output]")
+@click.option("--filtered-name", default=None, metavar="NAME",
+              help="With --append-to: name the filtered output NAME and leave the host output as it is. "
+                   "[default: the filtered output takes the host output's name; the original becomes NAME_unfiltered]")
+@click.option("--normalize", is_flag=True, help="ONNX: L2-normalise the filtered vectors (zero vectors stay zero).")
+@click.option("--opset", type=int, default=None, help="Standalone ONNX: the ai.onnx opset. [default: 17]")
+@click.option("--fp16", is_flag=True,
+              help="Half precision: a float16 standalone ONNX graph, or a float16 .npy / safetensors deployment file.")
+@click.option("--per-token", is_flag=True,
+              help="Standalone ONNX: input [batch, seq, d] → [batch, seq, k] instead of [batch, d] → [batch, k].")
+@click.option("--external-data/--inline-data", "external_data", default=None,
+              help="ONNX: store the filter in its own data file next to the output. [default: when the graph "
+                   "would pass protobuf's 2 GB limit, or the host keeps its weights in external files]")
+@click.option("--no-check", is_flag=True, help="Skip the structural and numerical checks of what was written.")
+@force_option
+@output_options
+def export(
+    filter_path: str | None, onnx_flag: bool, fmt: str | None, out: str | None, append_to: str | None,
+    host_output: str | None, filtered_name: str | None, normalize: bool, opset: int | None, fp16: bool,
+    per_token: bool, external_data: bool | None, no_check: bool, force: bool, json_: bool,
+) -> None:
+    """Export a filter where embeddings are made: ONNX, sentence-transformers, npy or safetensors.
+
+    FILTER is an artifact from `embfilter fit` (default: the newest one in ./artifacts).
+    Every export is checked before it is reported (onnx.checker and onnxruntime, or the
+    sentence-transformers loader, against the float64 filter); a failed check leaves no file.
+
+    \b
+    Examples:
+      embfilter export artifacts/qwen2-7b-r256.safetensors --onnx -o filter.onnx
+      embfilter export F --onnx --append-to model.onnx -o model.filtered.onnx
+      embfilter export F --onnx --append-to model.onnx --output sentence_embedding --normalize
+      embfilter export F --format sentence-transformers -o my-st-model/2_Dense
+      embfilter export F --format npy -o P.npy
+      embfilter export --onnx                    # newest artifact in ./artifacts
+    """
+    kind = _check_flags(onnx_flag, fmt, append_to, host_output, filtered_name, normalize, opset, fp16, per_token,
+                        external_data)
+    if kind == "onnx" and opset is not None:
+        _check_opset(opset)
+
+    from embfilter_cli.artifact import load_artifact, newest_artifact
+
+    if filter_path is None:
+        path = newest_artifact()
+        info(f"Using the newest filter in {path.parent}/: {path.name}")
+    else:
+        path = Path(filter_path)
+    target = Path(out) if out else _default_out(kind, path, append_to, fp16)
+    if out is None:
+        info(f"Writing {target}")
+    _refuse_existing(kind, target, force)  # before loading anything
+    artifact = load_artifact(path)
+    check = not no_check
+
+    if kind == "onnx":
+        from embfilter_cli import onnx_export
+
+        if append_to:
+            result = onnx_export.export_appended(
+                artifact, append_to, target, output=host_output, filtered_name=filtered_name, normalize=normalize,
+                check=check, force=force, external_data=external_data, log=info,
+            )
+        else:
+            result = onnx_export.export_standalone(
+                artifact, target, normalize=normalize, opset=opset or onnx_export.DEFAULT_OPSET, fp16=fp16,
+                per_token=per_token, check=check, force=force, external_data=external_data,
+            )
+    else:
+        from embfilter_cli import formats
+
+        if kind == "sentence-transformers":
+            result = formats.export_sentence_transformers(artifact, target, check=check, force=force)
+        elif kind == "npy":
+            result = formats.export_npy(artifact, target, fp16=fp16, check=check, force=force)
+        else:
+            result = formats.export_safetensors(artifact, target, fp16=fp16, check=check, force=force)
+
+    summary = {"filter": str(path), **result.summary()}
+    _report(summary, kind, json_)
+
+
+def info(message: str) -> None:
+    """An info line on stderr; escaped, because shapes like [batch, 13] look like rich markup."""
+    from rich.markup import escape
+
+    from embfilter_cli.console import info as console_info
+
+    console_info(escape(message))
+
+
+def _usage(message: str) -> click.UsageError:
+    return click.UsageError(message, ctx=click.get_current_context(silent=True))
+
+
+def _check_flags(
+    onnx_flag: bool, fmt: str | None, append_to: str | None, host_output: str | None, filtered_name: str | None,
+    normalize: bool, opset: int | None, fp16: bool, per_token: bool, external_data: bool | None,
+) -> str:
+    """Reject impossible flag combinations before any work; return the format."""
+    if onnx_flag and fmt not in (None, "onnx"):
+        raise _usage(f"--onnx and --format {fmt} contradict each other; pass one of them")
+    kind = "onnx" if onnx_flag else fmt
+    if kind is None:
+        raise _usage("say what to export: --onnx, or --format sentence-transformers|npy|safetensors")
+    if append_to is None:
+        if host_output is not None:
+            raise _usage("--output names the host output to filter and needs --append-to MODEL.onnx; the file to write is -o/--out")
+        if filtered_name is not None:
+            raise _usage("--filtered-name needs --append-to MODEL.onnx")
+    if kind != "onnx":
+        for flag, given in (("--append-to", append_to), ("--opset", opset), ("--per-token", per_token),
+                            ("--external-data/--inline-data", external_data is not None)):
+            if given:
+                raise _usage(f"{flag} applies to --onnx only")
+        if normalize:
+            hint = ("add a sentence-transformers Normalize module after the Dense one" if kind == "sentence-transformers"
+                    else "a matrix cannot normalise; normalise after applying it (embfilter apply --normalize)")
+            raise _usage(f"--normalize applies to --onnx only; {hint}")
+        if fp16 and kind == "sentence-transformers":
+            raise _usage("--fp16 is not available for sentence-transformers (a float16 Dense layer fails on float32 "
+                         "embeddings); convert the whole model with model.half() instead")
+    elif append_to is not None:
+        if opset is not None:
+            raise _usage("--opset applies to standalone graphs; with --append-to the host's opset is kept")
+        if fp16:
+            raise _usage("--fp16 applies to standalone graphs; with --append-to the host output's dtype decides "
+                         "(a float16 output gets a float16 filtered output)")
+        if per_token:
+            raise _usage("--per-token applies to standalone graphs; with --append-to a token-level host output "
+                         "is filtered per token automatically")
+    return kind
+
+
+def _check_opset(opset: int) -> None:
+    import onnx
+
+    from embfilter_cli.onnx_export import MIN_OPSET
+
+    latest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= latest:
+        raise click.BadParameter(f"{opset} is outside {MIN_OPSET}..{latest} (the installed onnx's newest)",
+                                 param_hint="--opset")
+
+
+def _default_out(kind: str, filter_path: Path, append_to: str | None, fp16: bool) -> Path:
+    stem = filter_path.with_suffix("")
+    half = ".fp16" if fp16 else ""
+    if kind == "onnx":
+        if append_to:
+            host = Path(append_to)
+            # next to the host, so its external data files resolve without links
+            return host.with_name(f"{host.stem}.filtered.onnx")
+        return Path(f"{stem}{half}.onnx")
+    if kind == "npy":
+        return Path(f"{stem}{half}.npy")
+    if kind == "safetensors":
+        return Path(f"{stem}.fp16.safetensors") if fp16 else Path(f"{stem}.export.safetensors")
+    return Path(f"{stem}-st-dense")
+
+
+def _refuse_existing(kind: str, target: Path, force: bool) -> None:
+    if kind == "sentence-transformers":
+        from embfilter_cli.formats import _check_st_dir
+
+        _check_st_dir(target, force)
+    else:
+        from embfilter_cli.files import check_writable
+
+        check_writable(target, force)
+
+
+def _report(summary: dict[str, Any], kind: str, json_: bool) -> None:
+    from embfilter_cli.console import emit_json
+
+    if json_:
+        emit_json(summary)
+        return
+    dims = f"{summary['input_dim']} → {summary['output_dim']}"
+    extra = ", normalised" if summary.get("normalize") else ""
+    info(f"Wrote {summary['path']} ({summary['kind']}, {dims}, {summary['dtype']}{extra})")
+    if summary.get("external_data"):
+        info(f"Filter data: {summary['external_data']} (keep it next to the graph)")
+    if kind == "onnx" and summary.get("unfiltered_output"):
+        info(f"Outputs: {summary['filtered_output']!r} (filtered, output 0), {summary['unfiltered_output']!r} (unfiltered)")
+    if summary["checked"]:
+        info(f"Check passed: max relative error {summary['max_rel_error']:.2e} ≤ {summary['bound']:g}")
+    else:
+        info("Not checked (--no-check)")
+    if kind == "sentence-transformers":
+        info(
+            f"Use it after pooling: add {{\"idx\": N, \"name\": \"N\", \"path\": \"{Path(summary['path']).name}\", "
+            "\"type\": \"sentence_transformers.models.Dense\"} to the model's modules.json (before any Normalize), "
+            "or SentenceTransformer(modules=[*model, Dense.load(PATH)])"
+        )

@@ -1,0 +1,261 @@
+"""The filter in other people's formats: a sentence-transformers Dense folder, a .npy matrix, safetensors.
+
+Pure core (no click, no printing). Each writer is atomic (nothing half-written on failure), refuses
+to overwrite without `force`, and checks what it wrote before it reports success:
+
+- sentence-transformers: a `Dense` module folder (`config.json` + `model.safetensors` holding
+  `linear.weight`, the (k, d) matrix P), with bias off and the identity activation written out,
+  because the library's default activation is Tanh. Only the four config keys every release since
+  2.x understands are written, so old and new versions load it. When sentence-transformers is
+  installed the check loads the folder with its own `Dense.load` and compares its vectors with
+  `FilterArtifact.apply`; otherwise it re-reads the files.
+- npy: P as a plain array (float32, or float16 with `fp16`), y = x @ P.T.
+- safetensors: float32 re-exports the artifact itself (all tensors and metadata; it stays a valid
+  embfilter filter). float16 writes a *deployment file*, not an artifact: only `projection` (k, d)
+  float16, with the artifact's metadata except `format = embfilter.projection` and
+  `projection_dtype = float16`; `projection_sha256` still names the float32 filter it came from and
+  `projection_fp16_sha256` fingerprints the stored bytes. `load_artifact` refuses it by design: the
+  artifact format promises the exact float32 projection.
+
+Not handled: a bias, other activations, or writing the parent sentence-transformers model's
+`modules.json` (the caller prints the entry to add).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embfilter_cli import __version__
+from embfilter_cli.artifact import FilterArtifact, array_sha256, load_artifact, save_artifact
+from embfilter_cli.errors import ExportError, OutputExistsError
+from embfilter_cli.files import atomic_path, check_writable
+from embfilter_cli.onnx_export import CheckReport, ExportResult, max_relative_error
+
+ST_IDENTITY = "torch.nn.modules.linear.Identity"
+ST_WEIGHT_KEY = "linear.weight"
+DEPLOY_FORMAT_TAG = "embfilter.projection"
+REL_BOUND_FP32 = 1e-5
+REL_BOUND_FP16 = 2e-3  # rounding P to float16 (2^-11 relative per entry) plus summation, with margin
+CHECK_SEED = 0
+CHECK_ROWS = 8
+
+
+def _check_inputs(d: int, seed: int = CHECK_SEED) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((CHECK_ROWS, d)).astype(np.float32)
+
+
+def _reference(artifact: FilterArtifact, x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float64) @ artifact.projection.astype(np.float64).T
+
+
+def _matrix_check(artifact: FilterArtifact, written: np.ndarray, bound: float) -> CheckReport:
+    """Apply the matrix as stored (in float64) to seeded inputs and compare with the filter."""
+    x = _check_inputs(artifact.hidden_size)
+    got = x.astype(np.float64) @ written.astype(np.float64).T
+    err = max_relative_error(got, _reference(artifact, x))
+    if not err <= bound:
+        raise ExportError(f"the written matrix differs from the filter (max relative error {err:.3g} > {bound:g}); nothing was written")
+    return CheckReport(max_rel_error=err, bound=bound, vectors=CHECK_ROWS, detail={"compared": "stored matrix vs filter"})
+
+
+def _provenance(artifact: FilterArtifact) -> dict[str, str]:
+    keys = ("model_source", "model_revision", "unembedding_sha256", "band", "projection_kind", "projection_sha256")
+    meta = {f"embfilter.{k}": artifact.metadata[k] for k in keys if k in artifact.metadata}
+    meta["embfilter.exported_by"] = f"embfilter {__version__}"
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# .npy
+
+
+def export_npy(
+    artifact: FilterArtifact, out: str | os.PathLike[str], *, fp16: bool = False, check: bool = True, force: bool = False,
+) -> ExportResult:
+    """Write P (k, d) as a .npy file; apply it as `x @ P.T`."""
+    out = check_writable(out, force)
+    matrix = np.ascontiguousarray(artifact.projection, dtype=np.float16 if fp16 else np.float32)
+    report = None
+    with atomic_path(out, force=force) as tmp:
+        with open(tmp, "wb") as handle:  # a handle, because np.save appends ".npy" to bare names
+            np.save(handle, matrix, allow_pickle=False)
+        if check:
+            back = np.load(tmp, allow_pickle=False)
+            if back.dtype != matrix.dtype or not np.array_equal(back, matrix):
+                raise ExportError(f"re-reading {out} gave a different matrix ({back.dtype} {back.shape}); nothing was written")
+            report = _matrix_check(artifact, back, REL_BOUND_FP16 if fp16 else REL_BOUND_FP32)
+    return ExportResult(path=out, kind="npy", input_dim=artifact.hidden_size, output_dim=artifact.output_dim,
+                        dtype=str(matrix.dtype), normalize=False, check=report, extra={"apply": "x @ P.T"})
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors
+
+
+def export_safetensors(
+    artifact: FilterArtifact, out: str | os.PathLike[str], *, fp16: bool = False, check: bool = True, force: bool = False,
+) -> ExportResult:
+    """float32: a copy of the artifact (still an artifact). float16: a deployment file (see module docstring)."""
+    out = check_writable(out, force)
+    if not fp16:
+        copy = FilterArtifact(
+            projection=artifact.projection, singular_values=artifact.singular_values,
+            kept_indices=artifact.kept_indices, removed_directions=artifact.removed_directions,
+            metadata=dict(artifact.metadata),
+        )
+        save_artifact(copy, out, force=force)
+        report = None
+        if check:
+            try:
+                back = load_artifact(out)  # verifies the stored digest of the projection
+                if back.metadata["projection_sha256"] != artifact.metadata["projection_sha256"]:
+                    raise ExportError(f"{out} re-exports a different projection; nothing was kept")
+                report = _matrix_check(artifact, back.projection, REL_BOUND_FP32)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    out.unlink()
+                raise
+        return ExportResult(path=out, kind="safetensors", input_dim=artifact.hidden_size, output_dim=artifact.output_dim,
+                            dtype="float32", normalize=False, check=report, extra={"artifact": True})
+
+    from safetensors.numpy import load_file, save_file
+
+    matrix = np.ascontiguousarray(artifact.projection, dtype=np.float16)
+    meta = dict(artifact.metadata)
+    meta["source_format"] = meta.get("format", "")
+    meta["format"] = DEPLOY_FORMAT_TAG
+    meta["projection_dtype"] = "float16"
+    meta["projection_fp16_sha256"] = array_sha256(matrix)
+    meta["exported_by"] = f"embfilter {__version__}"
+    report = None
+    with atomic_path(out, force=force) as tmp:
+        save_file({"projection": matrix}, str(tmp), metadata=meta)
+        if check:
+            back = load_file(str(tmp))["projection"]
+            if back.dtype != np.float16 or not np.array_equal(back, matrix):
+                raise ExportError(f"re-reading {out} gave a different matrix; nothing was written")
+            report = _matrix_check(artifact, back, REL_BOUND_FP16)
+    return ExportResult(path=out, kind="safetensors", input_dim=artifact.hidden_size, output_dim=artifact.output_dim,
+                        dtype="float16", normalize=False, check=report,
+                        extra={"artifact": False, "tensor": "projection", "apply": "x @ projection.T"})
+
+
+# ---------------------------------------------------------------------------------------------
+# sentence-transformers Dense folder
+
+
+def st_config(artifact: FilterArtifact) -> dict[str, Any]:
+    """The Dense module's config.json: P as a bias-free linear layer with the identity activation."""
+    return {
+        "in_features": artifact.hidden_size,
+        "out_features": artifact.output_dim,
+        "bias": False,
+        "activation_function": ST_IDENTITY,
+    }
+
+
+def _check_st_dir(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out} is a file; --format sentence-transformers writes a folder, give a folder path with -o")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise OutputExistsError(f"{out} already exists and is not empty; pass --force to overwrite its files or choose another -o folder")
+
+
+@contextlib.contextmanager
+def _temp_dir_beside(out: Path) -> Iterator[Path]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when it was renamed into place
+
+
+def _load_dense(folder: Path) -> Any | None:
+    """sentence-transformers' own Dense loader, or None when the library is not installed."""
+    try:
+        try:  # 5.x+ location; 2.x-4.x only have sentence_transformers.models
+            from sentence_transformers.sentence_transformer.modules import Dense
+        except ImportError:
+            from sentence_transformers.models import Dense
+    except ImportError:
+        return None
+    return Dense.load(str(folder))
+
+
+def export_sentence_transformers(
+    artifact: FilterArtifact, out: str | os.PathLike[str], *, check: bool = True, force: bool = False,
+) -> ExportResult:
+    """Write a sentence-transformers `Dense` module folder equivalent to `artifact.apply`."""
+    from safetensors.numpy import save_file
+
+    out = Path(out)
+    _check_st_dir(out, force)
+    weight = np.ascontiguousarray(artifact.projection, dtype=np.float32)
+    config = st_config(artifact)
+    report: CheckReport | None = None
+    loader = None
+    with _temp_dir_beside(out) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
+        save_file({ST_WEIGHT_KEY: weight}, str(tmp / "model.safetensors"), metadata={"format": "pt", **_provenance(artifact)})
+        if check:
+            report, loader = _check_st(tmp, artifact, weight, config)
+        if out.is_dir():  # --force into an existing folder: replace our two files, leave the rest alone
+            for name in ("config.json", "model.safetensors"):
+                os.replace(tmp / name, out / name)
+        else:
+            os.replace(tmp, out)  # the whole folder appears at once
+    return ExportResult(
+        path=out, kind="sentence-transformers", input_dim=artifact.hidden_size, output_dim=artifact.output_dim,
+        dtype="float32", normalize=False, check=report,
+        extra={"module": "sentence_transformers.models.Dense", "loader": loader},
+    )
+
+
+def _check_st(folder: Path, artifact: FilterArtifact, weight: np.ndarray, config: dict[str, Any]) -> tuple[CheckReport, str]:
+    from safetensors.numpy import load_file
+
+    try:
+        dense = _load_dense(folder)
+    except Exception as exc:  # the library's loader rejected the folder
+        raise ExportError(f"sentence-transformers could not load the Dense folder ({type(exc).__name__}: {exc}); nothing was written") from exc
+    x = _check_inputs(artifact.hidden_size)
+    ref = _reference(artifact, x)
+    if dense is None:
+        back = load_file(str(folder / "model.safetensors"))[ST_WEIGHT_KEY]
+        stored = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        if stored != config or not np.array_equal(back, weight):
+            raise ExportError("re-reading the Dense folder gave different contents; nothing was written")
+        report = _matrix_check(artifact, back, REL_BOUND_FP32)
+        report.detail = {"compared": "files re-read (sentence-transformers not installed)"}
+        return report, "not installed"
+    import torch
+
+    with torch.no_grad():
+        got = dense({"sentence_embedding": torch.from_numpy(x)})["sentence_embedding"].double().numpy()
+    expected_apply = artifact.apply(x)  # what `embfilter apply` produces for the same float32 vectors
+    err = max_relative_error(got, ref)
+    vs_apply = max_relative_error(got, expected_apply.astype(np.float64))
+    if not (err <= REL_BOUND_FP32 and vs_apply <= REL_BOUND_FP32):
+        raise ExportError(
+            f"the Dense module loaded by sentence-transformers gives different vectors (max relative error {err:.3g}); "
+            "nothing was written"
+        )
+    import sentence_transformers
+
+    return (
+        CheckReport(max_rel_error=err, bound=REL_BOUND_FP32, vectors=CHECK_ROWS,
+                    detail={"compared": "sentence-transformers Dense.load output vs filter",
+                            "vs_apply_max_rel_error": vs_apply}),
+        f"sentence-transformers {sentence_transformers.__version__}",
+    )
