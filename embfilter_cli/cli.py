@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "fit": "embfilter_cli.commands.fit:fit",
     "export": "embfilter_cli.commands.export:export",
     "models": "embfilter_cli.commands.models:models",
+    "embed": "embfilter_cli.commands.embed:embed",
 }
 
 

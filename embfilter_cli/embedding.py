@@ -212,7 +212,12 @@ class Encoder:
         # Slow tokenizers give no offsets: count the tokens of the prompt's prefixes instead.
         special = set(self.tokenizer.all_special_ids)
         leading = next((j for j, t in enumerate(ids) if t not in special), len(ids))
-        start = leading + len(self.tokenizer(prompt[:c0], add_special_tokens=False)["input_ids"])
+        prefix = self.tokenizer(prompt[:c0], add_special_tokens=False)["input_ids"]
+        if ids[leading : leading + len(prefix)] == prefix:
+            start = leading + len(prefix)
+        else:
+            # The prefix's trailing space merged into the text's first token (byte-level BPE "Ġword").
+            start = leading + len(self.tokenizer(prompt[:c0].rstrip(), add_special_tokens=False)["input_ids"])
         end = leading + len(self.tokenizer(prompt[:c1], add_special_tokens=False)["input_ids"])
         return min(start, len(ids)), min(max(end, start + 1), len(ids))
 
@@ -467,6 +472,9 @@ def model_fingerprint(location: ModelLocation) -> str:
     """
     digest = hashlib.sha256()
     digest.update(json.dumps([location.source, location.revision, location.kind]).encode())
+    if location.revision not in ("", "local") and not Path(location.source).exists():
+        # A Hub commit hash names the exact files; the snapshot folder fills up as weights download.
+        return digest.hexdigest()
     folder = location.path if location.path.is_dir() else location.path.parent
     weights = [location.path] if location.path.is_file() else sorted(
         f for f in folder.iterdir() if f.suffix in _WEIGHT_SUFFIXES
@@ -506,19 +514,20 @@ def check_filter_matches(artifact: FilterArtifact, *, hidden_size: int, unembedd
         )
 
 
-def unembedding_sha256(location: ModelLocation, tensor_name: str | None = None) -> str:
-    """The W_U fingerprint an artifact records, read from the checkpoint (no model load)."""
+def unembedding_fingerprint(location: ModelLocation, tensor_name: str | None = None) -> tuple[str, int]:
+    """(W_U SHA-256 as an artifact records it, hidden size), read from the checkpoint (no model load)."""
     from embfilter_cli.errors import UnembeddingNotFoundError
     from embfilter_cli.unembedding import read_unembedding
 
     try:
-        return read_unembedding(location, tensor_name=tensor_name).sha256
+        unemb = read_unembedding(location, tensor_name=tensor_name)
     except UnembeddingNotFoundError:
         if tensor_name is None:
             raise
         # The filter's tensor name does not exist in this model: fall back to the default choice,
         # whose different fingerprint then produces the "fitted on another model" message.
-        return read_unembedding(location).sha256
+        unemb = read_unembedding(location)
+    return unemb.sha256, unemb.hidden_size
 
 
 __all__ = [
@@ -535,5 +544,5 @@ __all__ = [
     "pad_batch",
     "pool_hidden",
     "resolve_recipe",
-    "unembedding_sha256",
+    "unembedding_fingerprint",
 ]
