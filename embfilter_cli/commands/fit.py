@@ -24,6 +24,9 @@ AUTO_EXACT_MAX_HIDDEN = 16384  # exact's d×d float64 Gram is 2 GiB at this size
 @click.option("--ratio", type=float, default=None, help="The paper's preset: keep the central d // τ directions.")
 @click.option("--start", type=int, default=None, help="Explicit window: first kept direction (0-based).")
 @click.option("--keep", type=int, default=None, help="Number of kept directions (with --start or --ratio, or alone: centred).")
+@click.option("--band", "band_rule", type=click.Choice(["auto"]), default=None,
+              help="auto: choose the top R and bottom B from the spectrum alone (σ more than 1.5× off the "
+                   "log-linear bulk trend; see embfilter_cli/band_auto.py). Exact solver only.")
 @click.option("--reduce/--no-reduce", default=True, show_default=True,
               help="Save the k×d reduced map P, or the d×d projector I − V_e V_eᵀ.")
 @click.option("--solver", type=click.Choice(["auto", "exact", "randomized"]), default="auto", show_default=True,
@@ -44,7 +47,7 @@ AUTO_EXACT_MAX_HIDDEN = 16384  # exact's d×d float64 Gram is 2 GiB at this size
 @output_options
 def fit(
     model: str | None, revision: str | None, tensor_name: str | None, rank: int | None, bottom: int | None,
-    ratio: float | None, start: int | None, keep: int | None, reduce: bool, solver: str, device: str,
+    ratio: float | None, start: int | None, keep: int | None, band_rule: str | None, reduce: bool, solver: str, device: str,
     oversample: int | None, power_iters: str, tol: float, seed: int, padding_rows: str, output: str | None,
     force: bool, json_: bool,
 ) -> None:
@@ -56,6 +59,7 @@ def fit(
       embfilter fit --model qwen2-7b --rank 256
       embfilter fit --model ./my-llama --rank 64 --bottom 16 -o artifacts/my-llama.safetensors
       embfilter fit --model Qwen/Qwen2.5-0.5B --ratio 2
+      embfilter fit --band auto                      # R and B from the spectrum alone
       embfilter fit --model model.gguf --rank 64 --solver randomized --device cuda --json
     """
     iters = _parse_power_iters(power_iters)
@@ -68,7 +72,12 @@ def fit(
     from embfilter_cli.console import info, progress_enabled
     from embfilter_cli.locate import resolve_model
 
-    if rank is None and bottom is None and ratio is None and start is None and keep is None:
+    if band_rule == "auto":
+        from embfilter_cli.errors import BandError
+
+        if any(v is not None for v in (rank, bottom, ratio, start, keep)) or solver == "randomized":
+            raise BandError("--band auto chooses the band itself; drop --rank/--bottom/--ratio/--start/--keep and --solver randomized")
+    elif rank is None and bottom is None and ratio is None and start is None and keep is None:
         rank = 64
     location = resolve_model(model, revision=revision, tensor_name=tensor_name, progress=progress_enabled(),
                              check_config=lambda cfg: _check_band_early(cfg, rank, bottom, ratio, start, keep))
@@ -83,9 +92,18 @@ def fit(
         + (" (tied input embeddings)" if unemb.tied else "")
         + (f"; dropped {dropped} padding rows past the tokenizer's {unemb.vocab_size}" if dropped else "")
     )
-    band = resolve_band(d, rank=rank, bottom=bottom, ratio=ratio, start=start, keep=keep)
+    rule: dict[str, Any] = {}
+    if band_rule == "auto":
+        from embfilter_cli.band import Band
+        from embfilter_cli.band_auto import auto_band
 
-    spectrum = _solve(unemb.matrix, band, solver, device, oversample, iters, tol, seed)
+        spectrum = _solve(unemb.matrix, Band(d, 0, d), "exact", device, oversample, iters, tol, seed)
+        chosen = auto_band(spectrum.singular_values)
+        band, rule = chosen.band, {"band_rule": chosen.as_dict()}
+        info(f"--band auto: remove top {band.top} and bottom {band.bottom} (σ more than {chosen.factor:g}× off the bulk trend)")
+    else:
+        band = resolve_band(d, rank=rank, bottom=bottom, ratio=ratio, start=start, keep=keep)
+        spectrum = _solve(unemb.matrix, band, solver, device, oversample, iters, tol, seed)
     from embfilter_cli.artifact import save_artifact
     from embfilter_cli.fitting import build_artifact, fit_summary
 
@@ -96,7 +114,7 @@ def fit(
     )
     out = Path(output) if output else Path("artifacts") / f"{_slug(location)}-{band.label()}.safetensors"
     save_artifact(artifact, out, force=force)
-    summary = fit_summary(artifact, spectrum, band)
+    summary = fit_summary(artifact, spectrum, band, rule)
     if json_:
         from embfilter_cli.console import emit_json
 
