@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "verify": "embfilter_cli.commands.verify:verify",
     "fit": "embfilter_cli.commands.fit:fit",
     "export": "embfilter_cli.commands.export:export",
+    "inspect": "embfilter_cli.commands.inspect_cmd:inspect_group",
     "models": "embfilter_cli.commands.models:models",
     "embed": "embfilter_cli.commands.embed:embed",
 }

@@ -1,0 +1,785 @@
+"""`embfilter inspect`: what the unembedding's directions write, and what a filter removes.
+
+Subcommands: `text` (logit lens on pooled text embeddings, before/after a filter), `directions`
+(top tokens of singular directions with English word frequencies, summarised per band) and
+`spectrum` (the singular values with the band marked). Bare `embfilter inspect` shows the
+removed directions of the newest artifact in ./artifacts, else of the default model with the
+top 64 removed.
+
+Only click is imported here; the work happens in `embfilter_cli.lens` and `embfilter_cli.tokens`.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from embfilter_cli.commands._options import device_option, force_option, output_options
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEFAULT_RANK = 64
+GROUP_LABELS = {"removed_top": "removed top", "kept": "kept", "removed_bottom": "removed bottom"}
+SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
+PLOT_FORMATS = ("png", "svg", "pdf")
+
+
+# --------------------------------------------------------------------------- shared options
+
+
+def _model_options(func: F) -> F:
+    func = click.option("--revision", default=None, help="Hub revision (branch, tag or commit) for a Hub id.")(func)
+    func = click.option("-m", "--model", "model", default=None, metavar="SPEC",
+                        help="Alias, Hub id, model folder, .safetensors or .gguf file. Default: the filter's "
+                             "model, else the built-in SmolLM2-135M-Instruct GGUF.")(func)
+    return func
+
+
+def _filter_option(func: F) -> F:
+    return click.option("--filter", "filter_", default=None, type=click.Path(dir_okay=False), metavar="FILTER",
+                        help="A filter artifact from `embfilter fit` (must be fitted on the same model).")(func)
+
+
+def _band_options(func: F) -> F:
+    """The filter band when no --filter is given (same meaning as in `embfilter fit`)."""
+    for name, kind, text in reversed([
+        ("--rank", int, f"Remove the top R directions. [default: min({DEFAULT_RANK}, d/8) when no band is given]"),
+        ("--bottom", int, "Also remove the lowest B directions."),
+        ("--ratio", float, "The paper's preset: keep the central d // τ directions."),
+        ("--start", int, "Explicit window: first kept direction (0-based)."),
+        ("--keep", int, "Number of kept directions (with --start or --ratio, or alone: centred)."),
+    ]):
+        func = click.option(name, type=kind, default=None, help=text)(func)
+    return func
+
+
+# --------------------------------------------------------------------------- group
+
+
+@click.group(name="inspect", invoke_without_command=True)
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Tokens per direction and sign.")
+@output_options
+@click.pass_context
+def inspect_group(ctx: click.Context, top: int, json_: bool) -> None:
+    """See what W_U's singular directions write and what a filter removes.
+
+    \b
+    Without a subcommand: the removed directions of the newest filter in ./artifacts, or of the
+    default model with the top 64 directions removed when there is none.
+
+    \b
+    Examples:
+      embfilter inspect
+      embfilter inspect text --model smollm2-135m "The cat sat on the mat." --filter F
+      embfilter inspect directions --model smollm2-135m --band 0:8 --top 12
+      embfilter inspect directions --filter F --removed --json
+      embfilter inspect spectrum --model smollm2-135m --rank 64 --bottom 16 --plot spectrum.png
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from embfilter_cli.artifact import DEFAULT_ARTIFACT_DIR, newest_artifact
+    from embfilter_cli.console import info
+    from embfilter_cli.errors import ArtifactError, ModelNotFoundError
+    from embfilter_cli.locate import resolve_model
+
+    try:
+        newest = newest_artifact()
+    except ArtifactError:
+        newest = None
+    if newest is not None:
+        info(f"Newest filter in {DEFAULT_ARTIFACT_DIR}/: {newest}")
+        ctx.invoke(directions, filter_=str(newest), removed=True, top=top, json_=json_)
+        return
+    try:
+        resolve_model(None)
+    except ModelNotFoundError as exc:
+        raise ModelNotFoundError(
+            f"no filter in {DEFAULT_ARTIFACT_DIR}/ and no default model: {exc}; or run "
+            "`embfilter inspect directions --model SPEC`"
+        ) from exc
+    info(f"No filter in {DEFAULT_ARTIFACT_DIR}/; showing the default model with the top {DEFAULT_RANK} directions removed")
+    ctx.invoke(directions, removed=True, top=top, json_=json_)
+
+
+# --------------------------------------------------------------------------- loading helpers
+
+
+class _Context:
+    """W_U, its vocabulary and the (optional) filter, resolved and checked against each other."""
+
+    def __init__(self, model: str | None, revision: str | None, filter_path: str | None, need_matrix: bool = True) -> None:
+        from embfilter_cli.artifact import load_artifact
+        from embfilter_cli.console import info
+
+        self.artifact = load_artifact(filter_path) if filter_path else None
+        self.unemb = None
+        self.vocab = None
+        if not need_matrix:  # everything needed is in the artifact; the model need not exist here
+            return
+        self.spec, self.location = _resolve_location(model, revision, self.artifact)
+        from embfilter_cli.unembedding import read_unembedding
+
+        tensor = self.artifact.metadata.get("tensor_name") if self.artifact is not None and model is None else None
+        info(f"Model: {self.location.source}")
+        self.unemb = read_unembedding(self.location, tensor_name=tensor)
+        if self.artifact is not None:
+            from embfilter_cli.embedding import check_filter_matches  # the message every command uses
+
+            check_filter_matches(self.artifact, hidden_size=self.unemb.hidden_size,
+                                 unembedding_sha256=self.unemb.sha256, model_source=self.location.source)
+        self._load_vocab()
+
+    def _load_vocab(self) -> None:
+        from embfilter_cli.console import warn
+        from embfilter_cli.tokens import Vocabulary, load_vocabulary
+
+        vocab = load_vocabulary(self.location)
+        if vocab is None:
+            warn(f"no tokenizer files found for {self.location.source}; tokens are shown as <id N>")
+            vocab = Vocabulary([], "plain", set(), "")
+        self.vocab = vocab
+
+    @property
+    def valid_rows(self) -> int:
+        """Rows that are real tokens: padding rows past the tokenizer's vocabulary are masked."""
+        rows = self.unemb.vocab_size
+        return min(rows, len(self.vocab)) if self.vocab is not None and len(self.vocab) else rows
+
+
+def _resolve_location(model: str | None, revision: str | None, artifact: Any) -> tuple[str | None, Any]:
+    """--model if given; else the model the filter was fitted on; else the built-in default."""
+    from embfilter_cli.errors import ModelNotFoundError
+    from embfilter_cli.locate import resolve_model
+
+    if model or artifact is None:
+        return model, resolve_model(model, revision=revision)
+    source = artifact.model_source
+    try:
+        default = resolve_model(None)
+        if default.source == source:
+            return None, default
+    except ModelNotFoundError:
+        pass
+    stored_rev = artifact.metadata.get("model_revision")
+    try:
+        return source, resolve_model(source, revision=revision or (stored_rev if stored_rev not in ("", "local") else None))
+    except ModelNotFoundError as exc:
+        raise ModelNotFoundError(
+            f"filter {artifact.path} was fitted on {source!r}, which cannot be found here ({exc}); pass --model"
+        ) from exc
+
+
+def _band_for(hidden_size: int, artifact: Any, rank: int | None, bottom: int | None, ratio: float | None,
+              start: int | None, keep: int | None) -> tuple[Any, str]:
+    """The filter band (from the artifact or the band options) and where it came from."""
+    from embfilter_cli.band import Band, resolve_band
+
+    given = any(v is not None for v in (rank, bottom, ratio, start, keep))
+    if artifact is not None:
+        if given:
+            raise click.UsageError("--filter already fixes the band; drop --rank/--bottom/--ratio/--start/--keep")
+        b = artifact.band
+        return Band(int(b["hidden_size"]), int(b["start"]), int(b["keep"])), "filter"
+    if not given:
+        # fit's default (top 64), shrunk for small models where 64 would remove most directions.
+        return resolve_band(hidden_size, rank=default_rank(hidden_size)), "default"
+    return resolve_band(hidden_size, rank=rank, bottom=bottom, ratio=ratio, start=start, keep=keep), "options"
+
+
+def default_rank(hidden_size: int) -> int:
+    """The default band when none is given: remove the top min(64, d // 8) directions."""
+    return max(1, min(DEFAULT_RANK, hidden_size // 8)) if hidden_size > 1 else 0
+
+
+_SELECTION = re.compile(r"^\s*(\d*)\s*:\s*(\d*)\s*$")
+
+
+def parse_selection(value: str) -> tuple[int | None, int | None]:
+    """Parse --band START:STOP (half-open; either side may be empty) or a single index N."""
+    from embfilter_cli.errors import BandError
+
+    text = value.strip()
+    if text.isdigit():
+        return int(text), int(text) + 1
+    match = _SELECTION.match(text)
+    if not match:
+        raise BandError(f"--band {value!r} is not START:STOP (half-open, like 0:8 for directions 0..7) or a single index")
+    start = int(match.group(1)) if match.group(1) else None
+    stop = int(match.group(2)) if match.group(2) else None
+    if start is not None and stop is not None and stop <= start:
+        raise BandError(f"--band {value} is empty: STOP must be greater than START (e.g. {start}:{start + 8})")
+    return start, stop
+
+
+def selection_indices(value: str, hidden_size: int) -> list[int]:
+    """The direction indices named by --band for a model of `hidden_size`."""
+    from embfilter_cli.errors import BandError
+
+    start, stop = parse_selection(value)
+    start = 0 if start is None else start
+    stop = hidden_size if stop is None else stop
+    if start >= hidden_size or stop > hidden_size:
+        raise BandError(
+            f"--band {value} reaches direction {max(start, stop - 1)} but the model has {hidden_size} "
+            f"(0..{hidden_size - 1}); use a STOP of at most {hidden_size}"
+        )
+    if stop <= start:
+        raise BandError(f"--band {value} is empty for a hidden size of {hidden_size}")
+    return list(range(start, stop))
+
+
+def _groups(band: Any) -> dict[str, list[int]]:
+    return {
+        "removed_top": list(range(0, band.start)),
+        "kept": list(range(band.start, band.stop)),
+        "removed_bottom": list(range(band.stop, band.hidden_size)),
+    }
+
+
+def _group_of(index: int, band: Any) -> str:
+    if index < band.start:
+        return "removed_top"
+    return "kept" if index < band.stop else "removed_bottom"
+
+
+class _Directions:
+    """Singular directions by index: from the artifact where it stores them, else the exact spectrum."""
+
+    def __init__(self, matrix: Any, artifact: Any, band: Any) -> None:
+        import numpy as np
+
+        self.matrix = matrix
+        self.vectors: dict[int, np.ndarray] = {}
+        self.sigmas: np.ndarray | None = None
+        self._spectrum: Any = None
+        if artifact is None:
+            return
+        removed = artifact.removed_directions
+        removed_idx = list(range(band.start)) + list(range(band.stop, band.hidden_size))
+        if removed.shape[0] == len(removed_idx):
+            self.vectors.update({i: removed[r].astype(np.float64) for r, i in enumerate(removed_idx)})
+        elif removed.shape[0] == band.start:  # randomized solver: only the top R are stored
+            self.vectors.update({i: removed[i].astype(np.float64) for i in range(band.start)})
+        kept_idx = artifact.kept_indices.tolist()
+        if artifact.reduced and len(kept_idx) == artifact.output_dim:
+            self.vectors.update({int(i): artifact.projection[r].astype(np.float64) for r, i in enumerate(kept_idx)})
+        self.sigmas = np.asarray(artifact.singular_values, dtype=np.float64)
+
+    def spectrum(self) -> Any:
+        if self._spectrum is None:
+            from embfilter_cli.console import info
+            from embfilter_cli.spectral import exact_spectrum
+
+            info("Computing the exact spectrum of W_U (float64 Gram + eigh)")
+            self._spectrum = exact_spectrum(self.matrix)
+        return self._spectrum
+
+    def get(self, indices: list[int]) -> tuple[Any, list[float]]:
+        """(len(indices), d) float32 directions and their singular values."""
+        import numpy as np
+
+        missing = [i for i in indices if i not in self.vectors]
+        if missing or self.sigmas is None or len(self.sigmas) <= max(indices, default=0):
+            spec = self.spectrum()
+            for i in missing:
+                self.vectors[i] = spec.vectors[:, i]
+            if self.sigmas is None or len(self.sigmas) < len(spec.singular_values):
+                self.sigmas = spec.singular_values
+        d = self.matrix.shape[1]
+        vecs = np.stack([self.vectors[i] for i in indices]).astype(np.float32) if indices else np.zeros((0, d), np.float32)
+        return vecs, [float(self.sigmas[i]) for i in indices]
+
+
+def _token_entry(vocab: Any, token_id: int, value: float, zipf: Callable[[str], float] | None) -> dict[str, Any]:
+    entry: dict[str, Any] = {"id": int(token_id), "token": vocab.piece(int(token_id)),
+                             "text": vocab.display(int(token_id)), "logit": round(float(value), 6)}
+    if zipf is not None:
+        word = vocab.word(int(token_id))
+        entry["zipf"] = None if word is None else round(zipf(word), 2)
+    return entry
+
+
+def _cell_pad(text: str, width: int) -> str:
+    from rich.cells import cell_len
+
+    return text + " " * max(0, width - cell_len(text))
+
+
+def _echo_table(rows: list[list[str]], right: frozenset[int] | set[int] = frozenset()) -> None:
+    """Print aligned columns (display-width aware) on stdout."""
+    from rich.cells import cell_len
+
+    if not rows:
+        return
+    widths = [max(cell_len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    for row in rows:
+        cells = []
+        for c, cell in enumerate(row):
+            pad = widths[c] - cell_len(cell)
+            last = c == len(row) - 1
+            cells.append(" " * pad + cell if c in right else (cell if last else cell + " " * pad))
+        click.echo("  ".join(cells).rstrip())
+
+
+# --------------------------------------------------------------------------- directions
+
+
+@inspect_group.command()
+@_model_options
+@_filter_option
+@click.option("--band", "band_sel", default=None, metavar="START:STOP",
+              help="Show these directions (half-open, by decreasing σ; e.g. 0:8, 560:, 5).")
+@click.option("--removed", is_flag=True, help="Show the directions the band removes (the default).")
+@click.option("--kept", is_flag=True, help="Show the directions the band keeps.")
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Tokens per direction and sign.")
+@click.option("--summary-per-group", type=click.IntRange(min=0), default=256, show_default=True,
+              help="Directions per band group averaged in the Zipf summary (evenly spaced; 0 = all).")
+@_band_options
+@output_options
+def directions(model: str | None, revision: str | None, filter_: str | None, band_sel: str | None, removed: bool,
+               kept: bool, top: int, summary_per_group: int, rank: int | None, bottom: int | None,
+               ratio: float | None, start: int | None, keep: int | None, json_: bool) -> None:
+    """Top tokens of singular directions at both signs, with English word frequencies (Zipf).
+
+    The summary averages the Zipf frequency of the top tokens of each part of the band — removed
+    top, kept, removed bottom — to check whether the edge directions write frequent words.
+    The band comes from --filter, else from --rank/--bottom/--ratio/--start/--keep (default:
+    the top 64 removed).
+
+    \b
+    Examples:
+      embfilter inspect directions --model smollm2-135m --band 0:8 --top 12
+      embfilter inspect directions --filter artifacts/smollm2-135m-r64-b16.safetensors --kept --json
+    """
+    if sum([band_sel is not None, removed, kept]) > 1:
+        raise click.UsageError("choose one of --band, --removed and --kept")
+    if band_sel is not None:
+        parse_selection(band_sel)  # syntax errors before loading anything
+    from embfilter_cli.console import emit_json, warn
+    from embfilter_cli.errors import MissingDependencyError
+    from embfilter_cli.lens import direction_tokens, evenly_spaced, summarize_directions, zipf_stats
+    from embfilter_cli.tokens import english_zipf
+
+    ctx = _Context(model, revision, filter_)
+    d = ctx.unemb.hidden_size
+    band, band_source = _band_for(d, ctx.artifact, rank, bottom, ratio, start, keep)
+    if band.hidden_size != d:
+        from embfilter_cli.errors import BandError
+
+        raise BandError(f"the band is for a hidden size of {band.hidden_size} but W_U has {d} columns")
+    groups = _groups(band)
+    if band_sel is not None:
+        shown, selection = selection_indices(band_sel, d), band_sel
+    elif kept:
+        shown, selection = groups["kept"], "kept"
+    else:
+        shown, selection = groups["removed_top"] + groups["removed_bottom"], "removed"
+    used = {name: evenly_spaced(idx, summary_per_group) for name, idx in groups.items()}
+    needed = sorted(set(shown).union(*used.values()))
+    try:
+        zipf = english_zipf()
+    except MissingDependencyError as exc:
+        warn(f"{exc}; Zipf frequencies are left out")
+        zipf = None
+
+    source = _Directions(ctx.unemb.matrix, ctx.artifact, band)
+    vecs, sigmas = source.get(needed)
+    toks = direction_tokens(ctx.unemb.matrix, vecs, top, valid_rows=ctx.valid_rows)
+    row_of = {idx: r for r, idx in enumerate(needed)}
+    vocab = ctx.vocab
+
+    stats = {}
+    if zipf is not None:
+        for r in range(len(needed)):
+            stats[r] = (zipf_stats(toks.positive.indices[r], vocab.word, zipf),
+                        zipf_stats(toks.negative.indices[r], vocab.word, zipf))
+    summary = []
+    for name, idx in groups.items():
+        if not idx:
+            continue
+        rows = [row_of[i] for i in used[name]]
+        entry: dict[str, Any] = {"group": name, "first": idx[0], "last": idx[-1], "directions": len(idx),
+                                 "directions_used": len(rows)}
+        if zipf is not None:
+            entry.update(summarize_directions([stats[r] for r in rows]))
+        else:
+            entry.update({"tokens": 2 * top * len(rows), "words": None, "mean_zipf": None, "mean_zipf_frequent_sign": None})
+        summary.append(entry)
+    shown_entries = []
+    for i in shown:
+        r = row_of[i]
+        pos_stats, neg_stats = stats.get(r, (None, None))
+        shown_entries.append({
+            "index": i, "sigma": float(sigmas[r]), "group": _group_of(i, band),
+            "zipf_positive": None if pos_stats is None or pos_stats.mean_zipf is None else round(pos_stats.mean_zipf, 4),
+            "zipf_negative": None if neg_stats is None or neg_stats.mean_zipf is None else round(neg_stats.mean_zipf, 4),
+            "positive": [_token_entry(vocab, t, v, zipf) for t, v in zip(toks.positive.indices[r], toks.positive.values[r])],
+            "negative": [_token_entry(vocab, t, v, zipf) for t, v in zip(toks.negative.indices[r], toks.negative.values[r])],
+        })
+    document = {
+        "model_source": ctx.location.source,
+        "unembedding_sha256": ctx.unemb.sha256,
+        "hidden_size": d,
+        "vocab_rows": ctx.valid_rows,
+        "filter": str(ctx.artifact.path) if ctx.artifact is not None else None,
+        "band": band.as_dict(),
+        "band_source": band_source,
+        "selection": selection,
+        "top": top,
+        "directions": shown_entries,
+        "summary": summary,
+    }
+    if json_:
+        emit_json(document)
+        return
+    _print_directions(document, zipf is not None)
+
+
+def _fmt_token(entry: dict[str, Any], with_zipf: bool) -> str:
+    if with_zipf and entry.get("zipf") is not None:
+        return f"{entry['text']}[{entry['zipf']:.1f}]"
+    return entry["text"]
+
+
+def _band_text(band: dict[str, int]) -> str:
+    last = band["start"] + band["keep"] - 1
+    return f"remove top {band['top']}, keep {band['start']}..{last} ({band['keep']}), remove bottom {band['bottom']}"
+
+
+def _print_directions(doc: dict[str, Any], with_zipf: bool) -> None:
+    origin = {"filter": f"from {doc['filter']}", "default": "default", "options": "from the options"}[doc["band_source"]]
+    click.echo(f"model: {doc['model_source']}  (W_U {doc['vocab_rows']}×{doc['hidden_size']})")
+    click.echo(f"band ({origin}): {_band_text(doc['band'])}")
+    note = "; [z] = Zipf word frequency (7 ≈ 'the', 3 ≈ rare), · = space, ⏎ = newline" if with_zipf else "; · = space, ⏎ = newline"
+    click.echo(f"top {doc['top']} tokens of W_U·v at both signs{note}")
+    click.echo("")
+    rows = [["dir", "σ", "group", "sign", "top tokens"]]
+    for entry in doc["directions"]:
+        for sign, key in (("+", "positive"), ("−", "negative")):
+            head = [str(entry["index"]), f"{entry['sigma']:.4g}", GROUP_LABELS[entry["group"]]] if sign == "+" else ["", "", ""]
+            rows.append(head + [sign, "  ".join(_fmt_token(t, with_zipf) for t in entry[key])])
+    _echo_table(rows, right={0, 1})
+    click.echo("")
+    click.echo("summary per part of the band: Zipf frequency of the top tokens that are words "
+               "(both signs pooled, and of each direction's more frequent sign)")
+    srows = [["group", "directions", "used", "top tokens", "words", "mean Zipf", "frequent sign"]]
+
+    def num(value: float | None) -> str:
+        return "—" if value is None else f"{value:.2f}"
+
+    for s in doc["summary"]:
+        words = "—" if s["words"] is None else f"{s['words']} ({100 * s['words'] / max(s['tokens'], 1):.0f}%)"
+        srows.append([
+            GROUP_LABELS[s["group"]], f"{s['first']}..{s['last']}", str(s["directions_used"]), str(s["tokens"]),
+            words, num(s["mean_zipf"]), num(s["mean_zipf_frequent_sign"]),
+        ])
+    _echo_table(srows, right={2, 3, 4, 5, 6})
+
+
+# --------------------------------------------------------------------------- text
+
+
+@inspect_group.command()
+@click.argument("texts", nargs=-1)
+@_model_options
+@_filter_option
+@click.option("--pooling", type=click.Choice(["mean", "last"]), default="mean", show_default=True,
+              help="Mean over tokens, or the last token (left padding).")
+@click.option("--recipe", default="none", show_default=True, metavar="NAME|TEMPLATE",
+              help="none, prompteol, summarize, echo, or a template containing {text}.")
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Tokens per text.")
+@click.option("--max-length", type=click.IntRange(min=1), default=512, show_default=True, help="Truncate longer texts.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@device_option
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="float32",
+              show_default=True, help="Model weights dtype for the forward pass.")
+@output_options
+def text(texts: tuple[str, ...], model: str | None, revision: str | None, filter_: str | None, pooling: str,
+         recipe: str, top: int, max_length: int, batch_size: int, device: str, dtype: str, json_: bool) -> None:
+    """Logit lens on pooled text embeddings: top tokens of W_U·e, before and after the filter.
+
+    After = W_U·Pᵀ·P·e, the part of e the filter keeps. TEXTS are arguments; `-` reads one text
+    per line from stdin (empty lines are skipped with a warning).
+
+    \b
+    Examples:
+      embfilter inspect text "The cat sat on the mat." "Stocks fell." --filter F
+      echo "A dog ran in the park." | embfilter inspect text - --pooling last --recipe prompteol --json
+    """
+    from embfilter_cli.console import emit_json, info, warn
+    from embfilter_cli.errors import InputDataError
+
+    from embfilter_cli.embedding import check_pooling, load_encoder, resolve_recipe
+    from embfilter_cli.lens import lens_embeddings
+
+    items = _collect_texts(texts, warn)
+    if not items:
+        raise click.UsageError("give at least one TEXT argument (or - to read texts from stdin)")
+    check_pooling(pooling)
+    resolve_recipe(recipe)  # a bad template fails before the model loads
+    ctx = _Context(model, revision, filter_)
+
+    info(f"Embedding {len(items)} text(s): pooling={pooling}, recipe={recipe}")
+    encoder = load_encoder(ctx.spec, device=device, dtype=dtype, revision=revision)
+    embeddings = encoder.embed(items, pooling=pooling, recipe=recipe, batch_size=batch_size, max_length=max_length)
+    if embeddings.shape[1] != ctx.unemb.hidden_size:
+        raise InputDataError(
+            f"the encoder returned {embeddings.shape[1]}-dim embeddings but W_U has {ctx.unemb.hidden_size} columns; "
+            "the model's hidden states do not match its head"
+        )
+    art = ctx.artifact
+    result = lens_embeddings(ctx.unemb.matrix, embeddings, top, projection=art.projection if art is not None else None,
+                             valid_rows=ctx.valid_rows)
+    vocab = ctx.vocab
+    entries = []
+    for n, item in enumerate(items):
+        before = [_token_entry(vocab, t, v, None) for t, v in zip(result.before.indices[n], result.before.values[n])]
+        after = None
+        if result.after is not None:
+            after = [_token_entry(vocab, t, v, None) for t, v in zip(result.after.indices[n], result.after.values[n])]
+        entries.append({"text": item, "before": before, "after": after})
+    document = {
+        "model_source": ctx.location.source,
+        "unembedding_sha256": ctx.unemb.sha256,
+        "filter": str(art.path) if art is not None else None,
+        "band": art.band if art is not None else None,
+        "pooling": pooling,
+        "recipe": recipe,
+        "top": top,
+        "texts": entries,
+    }
+    if json_:
+        emit_json(document)
+        return
+    if art is None:
+        info("No --filter given: showing the raw embedding only")
+    click.echo(f"model: {document['model_source']}  pooling={pooling} recipe={recipe}")
+    if art is not None:
+        click.echo(f"filter: {art.path} ({_band_text(art.band)})")
+    for n, entry in enumerate(entries, 1):
+        click.echo("")
+        click.echo(f"[{n}] {entry['text']}")
+        header = ["#", "before", "logit"] + (["after", "logit"] if entry["after"] is not None else [])
+        rows = [header]
+        for r, tok in enumerate(entry["before"]):
+            row = [str(r + 1), tok["text"], f"{tok['logit']:.3f}"]
+            if entry["after"] is not None:
+                aft = entry["after"][r] if r < len(entry["after"]) else None
+                row += [aft["text"], f"{aft['logit']:.3f}"] if aft else ["", ""]
+            rows.append(row)
+        _echo_table(rows, right={0, 2, 4})
+
+
+def _collect_texts(texts: tuple[str, ...], warn: Callable[[str], None]) -> list[str]:
+    """Arguments as given; `-` expands to the non-empty lines of stdin."""
+    from embfilter_cli.errors import InputDataError
+
+    items: list[str] = []
+    for n, item in enumerate(texts, 1):
+        if item == "-":
+            for line_no, line in enumerate(sys.stdin, 1):
+                line = line.rstrip("\r\n")
+                if not line.strip():
+                    warn(f"stdin line {line_no} is empty; skipped")
+                    continue
+                items.append(line)
+        elif not item.strip():
+            raise InputDataError(f"TEXT argument {n} is empty; give a non-empty text")
+        else:
+            items.append(item)
+    return items
+
+
+# --------------------------------------------------------------------------- spectrum
+
+
+@inspect_group.command()
+@_model_options
+@_filter_option
+@_band_options
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
+              help="Also save a plot (png, svg or pdf; needs matplotlib: pip install 'embfilter[plot]').")
+@click.option("--width", type=click.IntRange(min=8, max=1000), default=72, show_default=True,
+              help="Sparkline width in characters.")
+@force_option
+@output_options
+def spectrum(model: str | None, revision: str | None, filter_: str | None, rank: int | None, bottom: int | None,
+             ratio: float | None, start: int | None, keep: int | None, plot: str | None, width: int, force: bool,
+             json_: bool) -> None:
+    """The singular values of W_U with the band marked: a log-scale sparkline, and a plot with --plot.
+
+    With --filter alone the values stored in the filter are shown (no model is read); with
+    --model they are computed exactly (float64 Gram + eigh).
+
+    \b
+    Examples:
+      embfilter inspect spectrum --model smollm2-135m --rank 64 --bottom 16
+      embfilter inspect spectrum --filter F --plot spectrum.png
+    """
+    import numpy as np
+
+    from embfilter_cli.console import emit_json, info
+
+    if plot is not None:
+        from embfilter_cli.files import check_writable
+
+        fmt = plot.rsplit(".", 1)[-1].lower() if "." in plot else ""
+        if fmt not in PLOT_FORMATS:
+            raise click.BadParameter(f"{plot!r} must end in .png, .svg or .pdf", param_hint="--plot")
+        check_writable(plot, force)  # before any decomposition
+        _require_matplotlib()
+    if filter_ is not None and model is None:
+        ctx = _Context(None, revision, filter_, need_matrix=False)
+        art = ctx.artifact
+        sigma = np.asarray(art.singular_values, dtype=np.float64)
+        d = art.hidden_size
+        sha = art.unembedding_sha256
+        source = art.model_source
+    else:
+        from embfilter_cli.spectral import exact_spectrum
+
+        ctx = _Context(model, revision, filter_)
+        art = ctx.artifact
+        d = ctx.unemb.hidden_size
+        sha = ctx.unemb.sha256
+        source = ctx.location.source
+        if art is not None and len(art.singular_values) == d:
+            sigma = np.asarray(art.singular_values, dtype=np.float64)
+        else:
+            info("Computing the exact spectrum of W_U (float64 Gram + eigh)")
+            sigma = exact_spectrum(ctx.unemb.matrix).singular_values
+    band, band_source = _band_for(d, art, rank, bottom, ratio, start, keep)
+    complete = len(sigma) == d
+    energy = None
+    if complete:
+        s2 = sigma**2
+        energy = float((s2[: band.start].sum() + s2[band.stop :].sum()) / s2.sum()) if s2.sum() > 0 else 0.0
+    elif art is not None and "energy_removed" in art.metadata:
+        energy = float(art.metadata["energy_removed"])
+    plot_path = None
+    if plot is not None:
+        plot_path = str(save_spectrum_plot(sigma, band, plot, title=source, force=force))
+        info(f"Saved {plot_path}")
+    document = {
+        "model_source": source,
+        "unembedding_sha256": sha,
+        "hidden_size": d,
+        "filter": str(art.path) if art is not None else None,
+        "band": band.as_dict(),
+        "band_source": band_source,
+        "energy_removed": None if energy is None else round(energy, 6),
+        "singular_values": [float(s) for s in sigma],
+        "plot": plot_path,
+    }
+    if json_:
+        emit_json(document)
+        return
+    _print_spectrum(document, sigma, band, width)
+
+
+def sparkline(values: Any, width: int) -> tuple[str, list[tuple[int, int]]]:
+    """A log-scale sparkline of positive values in at most `width` columns.
+
+    Returns the line and, per column, the (first, last) value index it covers. Each column shows
+    the geometric mean of its values; the 8 block heights span the log range linearly.
+    """
+    import numpy as np
+
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return "", []
+    floor = max(float(v.max()) * 1e-12, np.finfo(np.float64).tiny)  # rank-deficient heads have σ = 0
+    logs = np.log(np.clip(v, floor, None))
+    cols = min(width, v.size)
+    edges = np.linspace(0, v.size, cols + 1).round().astype(int)
+    spans = [(int(edges[c]), int(edges[c + 1]) - 1) for c in range(cols)]
+    col_vals = np.array([logs[a : b + 1].mean() for a, b in spans])
+    lo, hi = float(col_vals.min()), float(col_vals.max())
+    if hi - lo < 1e-12:
+        levels = np.full(cols, 3)
+    else:
+        levels = np.clip(np.round((col_vals - lo) / (hi - lo) * 7), 0, 7).astype(int)
+    return "".join(SPARK_BLOCKS[i] for i in levels), spans
+
+
+def band_marks(spans: list[tuple[int, int]], band: Any) -> str:
+    """Under each sparkline column: `─` all kept, `×` all removed, `┼` a band edge inside it."""
+    marks = []
+    for a, b in spans:
+        removed = [i < band.start or i >= band.stop for i in range(a, b + 1)]
+        marks.append("×" if all(removed) else ("─" if not any(removed) else "┼"))
+    return "".join(marks)
+
+
+def _print_spectrum(doc: dict[str, Any], sigma: Any, band: Any, width: int) -> None:
+    n, d = len(sigma), doc["hidden_size"]
+    origin = {"filter": f"from {doc['filter']}", "default": "default", "options": "from the options"}[doc["band_source"]]
+    line, spans = sparkline(sigma, width)
+    per = max(b - a + 1 for a, b in spans) if spans else 0
+    click.echo(f"model: {doc['model_source']}  (hidden size {d}{'' if n == d else f', {n} values computed'})")
+    click.echo(f"band ({origin}): {_band_text(doc['band'])}")
+    if doc["energy_removed"] is not None:
+        click.echo(f"energy removed: {100 * doc['energy_removed']:.2f}% of ‖W_U‖²_F")
+    click.echo(f"σ on a log scale, {per if per > 1 else 1} direction(s) per column; × removed, ─ kept, ┼ band edge")
+    click.echo(line)
+    click.echo(band_marks(spans, band))
+    click.echo(f"σ_0 = {sigma[0]:.4g}   σ_{n - 1} = {sigma[-1]:.4g}")
+    rows = [["", "index", "σ"]]
+    for label, idx in (("last removed top", band.start - 1), ("first kept", band.start), ("last kept", band.stop - 1),
+                       ("first removed bottom", band.stop if band.bottom else -1)):
+        if 0 <= idx < n:
+            rows.append([label, str(idx), f"{sigma[idx]:.4g}"])
+    _echo_table(rows, right={1, 2})
+
+
+def _require_matplotlib() -> None:
+    from embfilter_cli.errors import MissingDependencyError
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise MissingDependencyError("--plot needs matplotlib; run `pip install 'embfilter[plot]'`") from exc
+
+
+def save_spectrum_plot(sigma: Any, band: Any, path: str, title: str, force: bool) -> Any:
+    """σ against index on a log axis with the removed regions shaded; written atomically."""
+    _require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; must precede pyplot's import
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from embfilter_cli.files import atomic_path
+
+    sigma = np.asarray(sigma, dtype=np.float64)
+    n = len(sigma)
+    positive = np.clip(sigma, max(float(sigma.max()) * 1e-12, 1e-300), None)
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    try:
+        ax.semilogy(np.arange(n), positive, color="#1f4e79", lw=1.4, label="σ")
+        if band.top:
+            ax.axvspan(-0.5, band.start - 0.5, color="#d62728", alpha=0.18, label=f"removed top ({band.top})")
+        if band.bottom:
+            ax.axvspan(band.stop - 0.5, band.hidden_size - 0.5, color="#ff7f0e", alpha=0.25,
+                       label=f"removed bottom ({band.bottom})")
+        for edge in {band.start, band.stop} - {0, band.hidden_size}:
+            ax.axvline(edge - 0.5, color="0.3", lw=0.8, ls="--")
+        ax.set_xlim(-0.5, max(n, band.hidden_size) - 0.5)
+        ax.set_xlabel("direction index (decreasing σ)")
+        ax.set_ylabel("singular value σ (log scale)")
+        ax.set_title(f"W_U spectrum: {title}\nkeep {band.start}..{band.stop - 1} ({band.keep} of {band.hidden_size})",
+                     fontsize=9)
+        ax.grid(True, which="both", alpha=0.25)
+        ax.legend(loc="upper right", fontsize=8)
+        fig.tight_layout()
+        fmt = path.rsplit(".", 1)[-1].lower()
+        with atomic_path(path, force=force) as tmp:
+            fig.savefig(tmp, format=fmt)
+    finally:
+        plt.close(fig)
+    return path
