@@ -49,6 +49,17 @@ CHECK_SEED = 0
 CHECK_ROWS = 8
 
 
+def _normal_mode(path: Path) -> None:
+    """Give a written file or folder the umask's permissions.
+
+    safetensors' writer and mkdtemp create 0600 files / 0700 folders, which would hide an exported
+    model from the service account that serves it.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def _check_inputs(d: int, seed: int = CHECK_SEED) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return rng.standard_normal((CHECK_ROWS, d)).astype(np.float32)
@@ -114,6 +125,7 @@ def export_safetensors(
             metadata=dict(artifact.metadata),
         )
         save_artifact(copy, out, force=force)
+        _normal_mode(out)
         report = None
         if check:
             try:
@@ -140,6 +152,7 @@ def export_safetensors(
     report = None
     with atomic_path(out, force=force) as tmp:
         save_file({"projection": matrix}, str(tmp), metadata=meta)
+        _normal_mode(tmp)
         if check:
             back = load_file(str(tmp))["projection"]
             if back.dtype != np.float16 or not np.array_equal(back, matrix):
@@ -208,6 +221,8 @@ def export_sentence_transformers(
     with _temp_dir_beside(out) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
         save_file({ST_WEIGHT_KEY: weight}, str(tmp / "model.safetensors"), metadata={"format": "pt", **_provenance(artifact)})
+        for made in (tmp, tmp / "model.safetensors"):
+            _normal_mode(made)
         if check:
             report, loader = _check_st(tmp, artifact, weight, config)
         if out.is_dir():  # --force into an existing folder: replace our two files, leave the rest alone

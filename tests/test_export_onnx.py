@@ -653,3 +653,42 @@ def test_failed_forced_reexport_keeps_the_previous_output(runner, art, tmp_path,
     assert result.exit_code == 1 and "max relative error" in result.stderr
     # the old graph and the data file it refers to are both back, byte for byte; no backups left
     assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == before
+
+
+def test_bfloat16_host_needs_no_check_and_computes_in_float32(runner, art, tmp_path):
+    table = np.random.default_rng(1).standard_normal((VOCAB, D)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["E", "ids"], ["e32"]),
+         helper.make_node("Cast", ["e32"], ["sentence_embedding"], to=TP.BFLOAT16)], "bf16",
+        [helper.make_tensor_value_info("ids", TP.INT64, ["batch"])],
+        [helper.make_tensor_value_info("sentence_embedding", TP.BFLOAT16, ["batch", D])],
+        [numpy_helper.from_array(table, "E")])
+    host = tmp_path / "bf16.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(host))
+    out = tmp_path / "bf16.f.onnx"
+    result = runner.invoke(app, ["export", str(art), "--onnx", "--append-to", str(host), "-o", str(out)])
+    assert result.exit_code == 1 and "is bfloat16, which onnxruntime's Python API cannot return" in result.stderr
+    assert not out.exists()
+    result = runner.invoke(app, ["export", str(art), "--onnx", "--append-to", str(host), "-o", str(out), "--no-check"])
+    assert result.exit_code == 0, result.stderr
+    # numpy cannot hold bfloat16: read both outputs through an extra float32 Cast to compare
+    model = onnx.load(str(out))
+    assert model.graph.output[0].type.tensor_type.elem_type == TP.BFLOAT16
+    for name in ("sentence_embedding", "sentence_embedding_unfiltered"):
+        model.graph.node.append(helper.make_node("Cast", [name], [f"{name}_f32"], to=TP.FLOAT))
+        model.graph.output.append(helper.make_tensor_value_info(f"{name}_f32", TP.FLOAT, None))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    filtered, unfiltered = sess.run(["sentence_embedding_f32", "sentence_embedding_unfiltered_f32"], {"ids": np.arange(5)})
+    assert np.abs(unfiltered - table[:5]).max() <= 2**-8 * np.abs(table[:5]).max()  # bf16 rounding of the host
+    assert rel_err(filtered, reference(unfiltered, art)) <= onnx_export.REL_BOUNDS["bfloat16"]
+
+
+def test_projector_filter_keeps_the_dimension(runner, make_filter, tmp_path):
+    # --no-reduce artifacts hold the d×d projector I − V_e V_eᵀ: same graph, output dimension d
+    proj = make_filter(reduce=False, name="proj.safetensors")
+    out = tmp_path / "p.onnx"
+    result = runner.invoke(app, ["export", str(proj), "--onnx", "-o", str(out), "--normalize", "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["output_dim"] == D
+    x = np.random.default_rng(2).standard_normal((4, D)).astype(np.float32)
+    assert rel_err(session(out).run(None, {"embeddings": x})[0], reference(x, proj, normalize=True)) <= 1e-5

@@ -37,8 +37,9 @@ FORMATS = ("onnx", "sentence-transformers", "npy", "safetensors")
 @click.option("--per-token", is_flag=True,
               help="Standalone ONNX: input [batch, seq, d] → [batch, seq, k] instead of [batch, d] → [batch, k].")
 @click.option("--external-data/--inline-data", "external_data", default=None,
-              help="ONNX: store the filter in its own data file next to the output. [default: when the graph "
-                   "would pass protobuf's 2 GB limit, or the host keeps its weights in external files]")
+              help="ONNX: store the filter in its own data file (<output>.data) next to the output. [default: "
+                   "when the graph would pass protobuf's 2 GB limit, or the host keeps its weights in external "
+                   "files and the filter is over 1 MiB]")
 @click.option("--no-check", is_flag=True, help="Skip the structural and numerical checks of what was written.")
 @force_option
 @output_options
