@@ -692,3 +692,14 @@ def test_projector_filter_keeps_the_dimension(runner, make_filter, tmp_path):
     assert json.loads(result.stdout)["output_dim"] == D
     x = np.random.default_rng(2).standard_normal((4, D)).astype(np.float32)
     assert rel_err(session(out).run(None, {"embeddings": x})[0], reference(x, proj, normalize=True)) <= 1e-5
+
+
+def test_append_default_output_is_beside_the_host(runner, art, tmp_path):
+    host = gather_host(tmp_path / "hub" / "model.onnx", external="model.data")
+    result = runner.invoke(app, ["export", str(art), "--onnx", "--append-to", str(host)])
+    assert result.exit_code == 0, result.stderr
+    out = tmp_path / "hub" / "model.filtered.onnx"
+    assert f"Writing {out}" in result.stderr
+    assert listing(out.parent) == ["model.data", "model.filtered.onnx", "model.onnx"]  # no links needed
+    feeds = {"input_ids": ids()}
+    assert rel_err(run_host(out, feeds)["sentence_embedding"], reference(run_host(host, feeds)["sentence_embedding"], art)) <= 1e-5
