@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "inspect": "embfilter_cli.commands.inspect_cmd:inspect_group",
     "models": "embfilter_cli.commands.models:models",
     "embed": "embfilter_cli.commands.embed:embed",
+    "eval": "embfilter_cli.commands.eval_cmd:eval_cmd",
 }
 
 

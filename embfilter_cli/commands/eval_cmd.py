@@ -1,0 +1,303 @@
+"""`embfilter eval`: Spearman/Pearson of cosine vs human scores for raw, filtered and swept bands."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from embfilter_cli.commands._options import device_option, force_option, output_options
+
+DEFAULT_TOPS = "0,1,2,4,8,16,32,64,128"
+DEFAULT_BOTTOMS = "0,4,8,16,32,64"
+DEFAULT_RATIOS = "2,4,8"
+JSON_SCHEMA = "embfilter.eval/1"
+
+
+@click.command("eval")
+@click.option("-m", "--model", "model", default=None, metavar="SPEC",
+              help="Alias, Hub id, model folder or .gguf file. Default: the built-in SmolLM2-135M-Instruct GGUF.")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) for a Hub id.")
+@click.option("--data", "data_spec", required=True, metavar="lee|FILE.tsv",
+              help="lee (Lee 2005 documents, from the gensim wheel) or a TSV of text1<TAB>text2<TAB>score rows.")
+@click.option("--pooling", type=click.Choice(["mean", "last"]), default="mean", show_default=True)
+@click.option("--recipe", default="none", show_default=True, metavar="NAME|TEMPLATE",
+              help="none, prompteol, summarize, echo, or a custom template containing {text}.")
+@click.option("--filter", "filter_paths", multiple=True, metavar="FILTER", help="Evaluate this filter artifact (repeatable).")
+@click.option("--sweep-top", default=None, metavar="LIST", help="Top-R values to sweep, e.g. 0,4,16,64.")
+@click.option("--sweep-bottom", default=None, metavar="LIST", help="Bottom-B values to sweep, e.g. 0,8,16.")
+@click.option("--ratio", "ratios", default=None, metavar="LIST", help="Paper presets τ to evaluate, e.g. 1,2,8.")
+@click.option("--auto/--no-auto", "auto", default=True, show_default=True,
+              help="Also evaluate the data-free `--band auto` choice (whenever bands are evaluated).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--max-length", type=click.IntRange(min=1), default=512, show_default=True)
+@device_option
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
+@click.option("--plot", "plot_path", default=None, metavar="FILE.png", help="Save the sweep as a heatmap (needs matplotlib).")
+@click.option("--save-best", "save_best", default=None, metavar="PATH",
+              help="Write the best band (sweep, ratio or auto) as a filter artifact.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Embedding/spectrum cache [default: $EMBFILTER_CACHE or ~/.cache/embfilter].")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the cache.")
+@force_option
+@output_options
+def eval_cmd(
+    model: str | None, revision: str | None, data_spec: str, pooling: str, recipe: str, filter_paths: tuple[str, ...],
+    sweep_top: str | None, sweep_bottom: str | None, ratios: str | None, auto: bool, batch_size: int, max_length: int,
+    device: str, dtype: str, plot_path: str | None, save_best: str | None, cache_dir: str | None, no_cache: bool,
+    force: bool, json_: bool,
+) -> None:
+    """Score embeddings on human similarity ratings: raw, each --filter, each band of a sweep.
+
+    The model runs ONCE; every band is evaluated on the cached raw embeddings (a band is a linear
+    map). With no --filter, --sweep-* or --ratio, a default sweep runs (top 0..128 × bottom 0..64,
+    τ = 2, 4, 8, and the auto band). The best row by Spearman is marked ★; it is chosen on this
+    data, so confirm it on held-out data before relying on it.
+
+    \b
+    Examples:
+      embfilter eval --data lee
+      embfilter eval --model smollm2-135m --data lee --sweep-top 0,4,16,64,128 --sweep-bottom 0,4,8,16,32,64 --plot heatmap.png
+      embfilter eval --model M --data pairs.tsv --filter A.safetensors --filter B.safetensors --json
+    """
+    from embfilter_cli.evaluation import parse_float_list, parse_int_list
+
+    nothing_named = not filter_paths and sweep_top is None and sweep_bottom is None and ratios is None
+    if nothing_named:
+        sweep_top, sweep_bottom, ratios = DEFAULT_TOPS, DEFAULT_BOTTOMS, DEFAULT_RATIOS
+    tops = parse_int_list(sweep_top, "--sweep-top") if sweep_top is not None else None
+    bottoms = parse_int_list(sweep_bottom, "--sweep-bottom") if sweep_bottom is not None else None
+    if (tops is None) != (bottoms is None):
+        tops, bottoms = tops or [0], bottoms or [0]
+    ratio_list = parse_float_list(ratios, "--ratio") if ratios is not None else []
+    needs_spectrum = tops is not None or bool(ratio_list)
+    if plot_path is not None and tops is None:
+        raise click.UsageError("--plot draws the sweep heatmap; add --sweep-top and/or --sweep-bottom")
+    if save_best is not None and not needs_spectrum:
+        raise click.UsageError("--save-best saves the best band; add --sweep-top/--sweep-bottom or --ratio")
+    from embfilter_cli.embedding import resolve_recipe
+
+    rec = resolve_recipe(recipe)
+    from embfilter_cli.files import check_writable
+
+    for path in (plot_path, save_best):
+        if path is not None:
+            check_writable(path, force)  # before any model work
+    if plot_path is not None:
+        _require_matplotlib()
+
+    from embfilter_cli.artifact import load_artifact
+    from embfilter_cli.console import info, warn
+    from embfilter_cli.embedding import check_filter_matches, model_fingerprint
+    from embfilter_cli.evaluation import Cache, evaluate_all, head_spectrum, load_dataset
+    from embfilter_cli.locate import resolve_model
+
+    data = load_dataset(data_spec)
+    info(f"Data: {data.name}: {len(data.pairs)} pairs over {len(data.texts)} texts")
+    filters = [load_artifact(p) for p in filter_paths]
+    location = resolve_model(model, revision=revision)
+    cache = Cache(Path(cache_dir) if cache_dir else None, enabled=not no_cache)
+
+    facts = spectrum = None
+    if needs_spectrum or filters:
+        started = time.perf_counter()
+        facts, spectrum, hit = head_spectrum(location, cache, device=device, need_spectrum=needs_spectrum)
+        info(f"W_U {facts.tensor_name} {facts.vocab_size}×{facts.hidden_size}: "
+             + ("from cache" if hit else f"read{' and decomposed' if needs_spectrum else ''} in {time.perf_counter() - started:.1f}s"))
+        for art in filters:
+            check_filter_matches(art, hidden_size=facts.hidden_size, unembedding_sha256=facts.sha256, model_source=location.source)
+
+    raw, embed_info = _raw_embeddings(location, data, rec.template, pooling, recipe, batch_size, max_length, device,
+                                      dtype, revision, cache, model_fingerprint)
+    if facts is not None and raw.shape[1] != facts.hidden_size:
+        from embfilter_cli.errors import InputDataError
+
+        raise InputDataError(f"the model's hidden states have {raw.shape[1]} dims but its W_U has {facts.hidden_size}")
+
+    results, grid = evaluate_all(raw, data, spectrum=spectrum, filters=filters, ratios=ratio_list,
+                                 tops=tops, bottoms=bottoms, auto=auto and needs_spectrum)
+    best = next(r for r in results if r.best) if any(r.best for r in results) else None
+
+    saved = None
+    if save_best is not None:
+        saved = _save_best(results, spectrum, facts, location, data, pooling, recipe, save_best, force)
+        info(f"Saved the best band ({saved['name']}, Spearman {saved['spearman']:.4f}) to {save_best}")
+    if plot_path is not None and grid is not None:
+        raw_score = results[0].spearman
+        _plot_heatmap(grid, raw_score, plot_path, force, f"{data.name}: Spearman by band ({location.source}, {pooling}, {recipe})")
+        info(f"Wrote heatmap {plot_path}")
+    if best is not None and best.kind == "raw":
+        warn("no filter or band beat the raw embedding on this data")
+
+    if json_:
+        from embfilter_cli.console import emit_json
+
+        emit_json({
+            "schema": JSON_SCHEMA,
+            "model": {"source": location.source, "revision": location.revision,
+                      "unembedding_sha256": facts.sha256 if facts else None},
+            "data": data.summary(),
+            "settings": {"pooling": pooling, "recipe": recipe, "template": rec.template, "max_length": max_length,
+                         "dtype": embed_info["dtype"], "batch_size": batch_size},
+            "embedding": embed_info,
+            "results": [r.as_dict() for r in results if r.kind != "sweep"],
+            "grid": grid.as_dict() if grid is not None else None,
+            "best": best.as_dict() if best else None,
+            "saved_best": saved,
+        })
+    else:
+        _print_results(results, grid, data, location.source, pooling, recipe)
+
+
+def _raw_embeddings(location: Any, data: Any, template: str, pooling: str, recipe: str, batch_size: int,
+                    max_length: int, device: str, dtype: str, revision: str | None, cache: Any,
+                    model_fingerprint: Any) -> tuple[Any, dict[str, Any]]:
+    """Raw pooled embeddings of every text, from the cache or by running the model once."""
+    from embfilter_cli.console import info, warn
+    from embfilter_cli.embedding import resolve_dtype
+    from embfilter_cli.evaluation import cache_key
+    from embfilter_cli.spectral import resolve_device
+
+    dtype_name = str(resolve_dtype(dtype, resolve_device(device))).replace("torch.", "")
+    key = cache_key(model=model_fingerprint(location), template=template, pooling=pooling, max_length=max_length,
+                    dtype=dtype_name, data=data.sha256)
+    raw = cache.load_embeddings(key)
+    if raw is not None and raw.shape[0] == len(data.texts):
+        info(f"Raw embeddings: from cache ({raw.shape[0]}×{raw.shape[1]})")
+        return raw, {"cached": True, "seconds": 0.0, "texts": raw.shape[0], "truncated": None, "dtype": dtype_name,
+                     "cache_key": key}
+    from embfilter_cli.embedding import load_encoder_at
+
+    info(f"Loading {location.source} ({location.kind.replace('_', ' ')})…")
+    started = time.perf_counter()
+    encoder = load_encoder_at(location, device=device, dtype=dtype, revision=revision)
+    loaded = time.perf_counter()
+    info(f"Loaded in {loaded - started:.1f}s; embedding {len(data.texts)} texts")
+    raw = encoder.embed(data.texts, pooling=pooling, recipe=recipe, batch_size=batch_size, max_length=max_length,
+                        progress=True)
+    seconds = time.perf_counter() - loaded
+    if encoder.last_truncated:
+        warn(f"{encoder.last_truncated} text(s) exceeded --max-length {encoder.effective_max_length(max_length)} tokens "
+             "and were cut (the template was kept)")
+    cache.save_embeddings(key, raw)
+    info(f"Embedded in {seconds:.1f}s ({len(data.texts) / max(seconds, 1e-9):.2f} texts/s)")
+    return raw, {"cached": False, "seconds": round(seconds, 3), "load_seconds": round(loaded - started, 3),
+                 "texts": len(data.texts), "truncated": encoder.last_truncated, "dtype": dtype_name, "cache_key": key}
+
+
+def _save_best(results: list[Any], spectrum: Any, facts: Any, location: Any, data: Any, pooling: str, recipe: str,
+               path: str, force: bool) -> dict[str, Any]:
+    from embfilter_cli.artifact import save_artifact
+    from embfilter_cli.band import Band
+    from embfilter_cli.evaluation import best_band_result
+    from embfilter_cli.fitting import build_artifact
+
+    best = best_band_result(results)
+    assert best is not None and best.band is not None  # needs_spectrum guarantees at least one band
+    band = Band(best.band["hidden_size"], best.band["start"], best.band["keep"])
+    selected = {"data": data.name, "data_sha256": data.sha256, "pooling": pooling, "recipe": recipe,
+                "spearman": best.spearman, "pearson": best.pearson, "candidate": best.name}
+    artifact = build_artifact(
+        spectrum, band, reduce=True, model_source=location.source, model_revision=location.revision,
+        tensor_name=facts.tensor_name, unembedding_sha256=facts.sha256, vocab_size=facts.vocab_size,
+        stored_rows=facts.stored_rows, extra={"selected_by_eval": json.dumps(selected)},
+    )
+    save_artifact(artifact, path, force=force)
+    return {"path": path, **best.as_dict()}
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        from embfilter_cli.errors import MissingDependencyError
+
+        raise MissingDependencyError(
+            "--plot needs matplotlib, which is not installed; run `pip install 'embfilter[plot]'` (or pip install matplotlib)"
+        ) from None
+
+
+def _plot_heatmap(grid: Any, raw_score: float, path: str, force: bool, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never open a window
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from embfilter_cli.files import atomic_path
+
+    values = np.ma.masked_invalid(grid.spearman)
+    fig, ax = plt.subplots(figsize=(1.1 * len(grid.bottom) + 2.5, 0.55 * len(grid.top) + 2))
+    spread = float(np.nanmax(np.abs(grid.spearman - raw_score))) if np.isfinite(grid.spearman).any() else 0.01
+    image = ax.imshow(values, cmap="RdYlGn", vmin=raw_score - spread, vmax=raw_score + spread, aspect="auto")
+    best = np.unravel_index(np.nanargmax(grid.spearman), grid.spearman.shape) if np.isfinite(grid.spearman).any() else None
+    for i in range(len(grid.top)):
+        for j in range(len(grid.bottom)):
+            value = grid.spearman[i, j]
+            if math.isfinite(value):
+                mark = "★\n" if best is not None and (i, j) == tuple(best) else ""
+                ax.text(j, i, f"{mark}{value:.3f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(grid.bottom)), [str(b) for b in grid.bottom])
+    ax.set_yticks(range(len(grid.top)), [str(t) for t in grid.top])
+    ax.set_xlabel("bottom directions removed (B)")
+    ax.set_ylabel("top directions removed (R)")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label=f"Spearman (raw = {raw_score:.3f})")
+    fig.tight_layout()
+    with atomic_path(path, force=force) as tmp:
+        fig.savefig(tmp, format=Path(path).suffix.lstrip(".").lower() or "png", dpi=120)
+    plt.close(fig)
+
+
+def _print_results(results: list[Any], grid: Any, data: Any, source: str, pooling: str, recipe: str) -> None:
+    from rich.table import Table
+
+    from embfilter_cli.console import out_console
+
+    raw = results[0].spearman
+    table = Table(title=f"{data.name} ({len(data.pairs)} pairs) · {source} · {pooling} pooling · recipe {recipe}",
+                  title_justify="left")
+    table.add_column("embedding")
+    table.add_column("dims", justify="right")
+    table.add_column("Spearman", justify="right")
+    table.add_column("Δ raw", justify="right")
+    table.add_column("Pearson", justify="right")
+    best_sweep = max((r for r in results if r.kind == "sweep" and math.isfinite(r.spearman)),
+                     key=lambda r: r.spearman, default=None)
+    for r in results:
+        if r.kind == "sweep" and r is not best_sweep:
+            continue
+        name = ("best of sweep: " if r.kind == "sweep" else "") + r.name
+        delta = "" if r.kind == "raw" else f"{r.spearman - raw:+.4f}"
+        table.add_row(("★ " if r.best else "  ") + name, str(r.output_dim), _fmt(r.spearman), delta, _fmt(r.pearson),
+                      style="bold" if r.best else None)
+    out_console.print(table)
+    if grid is None:
+        return
+    heat = Table(title="Spearman by band: rows = top R removed, columns = bottom B removed (★ best; green beats raw)",
+                 title_justify="left")
+    heat.add_column("R \\ B", justify="right", style="bold")
+    for b in grid.bottom:
+        heat.add_column(str(b), justify="right")
+    best_value = max((r.spearman for r in results if r.kind == "sweep"), default=float("nan"))
+    for i, top in enumerate(grid.top):
+        cells = []
+        for j in range(len(grid.bottom)):
+            value = float(grid.spearman[i, j])
+            if not math.isfinite(value):
+                cells.append("—")
+                continue
+            style = "green" if value > raw + 1e-12 else ("red" if value < raw - 1e-12 else "")
+            star = "★" if value == best_value else ""
+            text = f"{star}{value:.3f}"
+            cells.append(f"[{style}]{text}[/{style}]" if style else text)
+        heat.add_row(str(top), *cells)
+    out_console.print(heat)
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4f}" if math.isfinite(value) else "n/a"
