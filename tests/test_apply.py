@@ -580,3 +580,12 @@ def test_resident_memory_is_bounded_by_the_batch_not_the_file(filt, tmp_path):
     assert y.shape == (rows, K)
     np.testing.assert_allclose(y[-3:], _ref(block[-3:], filt), rtol=1e-5, atol=1e-5)
     assert peak_mb < 0.5 * size_mb, f"peak RSS {peak_mb:.0f} MiB for a {size_mb:.0f} MiB input"
+
+
+def test_finite_row_check_is_exact_even_when_row_sums_overflow():
+    x = np.zeros((5, 4), np.float32)
+    x[1, 2] = np.nan
+    x[2, :2] = 3e38  # finite values whose sum overflows float32: must not be reported
+    x[3, 0], x[3, 1] = np.inf, -np.inf
+    x[4, 3] = -np.inf
+    assert vectors._finite_rows(x).tolist() == [True, False, True, False, False]
