@@ -28,9 +28,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from embfilter_cli.errors import MissingDependencyError, ModelNotFoundError
+
+if TYPE_CHECKING:
+    from embfilter_cli.locate import ModelLocation
 
 Scheme = Literal["byte_level", "sentencepiece", "plain"]
 
@@ -377,7 +380,7 @@ def load_vocabulary_from_folder(folder: Path) -> Vocabulary | None:
     return None
 
 
-def load_vocabulary(location) -> Vocabulary | None:  # noqa: ANN001 - ModelLocation, imported lazily by callers
+def load_vocabulary(location: ModelLocation) -> Vocabulary | None:
     """The vocabulary for a resolved model (`locate.ModelLocation`), or None when none is found.
 
     A single weights file looks for tokenizer files in its own folder.

@@ -145,7 +145,7 @@ def test_zipf_stats_and_band_summary_on_a_toy_vocabulary():
 def test_evenly_spaced():
     assert evenly_spaced(range(5), 0) == [0, 1, 2, 3, 4]
     assert evenly_spaced(range(5), 9) == [0, 1, 2, 3, 4]
-    assert evenly_spaced(range(10, 20), 3) == [10, 14, 19] or evenly_spaced(range(10, 20), 3) == [10, 15, 19]
+    assert evenly_spaced(range(10, 20), 3) == [10, 14, 19]
     assert evenly_spaced(range(100), 1) == [0] and len(evenly_spaced(range(512), 256)) == 256
 
 
@@ -154,9 +154,8 @@ def test_sparkline_and_band_marks():
     from embfilter_cli.commands.inspect_cmd import band_marks, sparkline
 
     line, spans = sparkline(np.geomspace(1000.0, 1.0, 8), 8)
-    assert line == "█▇▆▅▃▂▁▁" or line == "█▇▆▅▄▂▁▁" or (line[0] == "█" and line[-1] == "▁" and len(line) == 8)
+    assert line == "█▇▆▅▄▃▂▁"  # log-linear values: one block level per column
     assert spans == [(i, i) for i in range(8)]
-    assert list(line) == sorted(line, reverse=True)  # monotone with σ
     line, spans = sparkline(np.geomspace(100.0, 1.0, 20), 6)
     assert len(line) == 6 and spans[0][0] == 0 and spans[-1][1] == 19
     assert sparkline(np.ones(4), 10)[0] == "▄▄▄▄"
@@ -343,9 +342,14 @@ def test_directions_errors(runner, models, args, status, needle):
     assert needle in result.stderr and result.stdout == ""
 
 
-def test_filter_errors(runner, models, tmp_path):
-    result = runner.invoke(app, ["inspect", "directions", "--filter", str(models["r2"]), "--rank", "3"])
-    assert result.exit_code == 2 and "--filter already fixes the band" in result.stderr
+def test_filter_errors(runner, models, tmp_path, monkeypatch):
+    import embfilter_cli.unembedding
+
+    with monkeypatch.context() as patch:
+        patch.setattr(embfilter_cli.unembedding, "read_unembedding", lambda *a, **k: pytest.fail("model read"))
+        for sub in ("directions", "spectrum"):
+            result = runner.invoke(app, ["inspect", sub, "--filter", str(models["r2"]), "--rank", "3"])
+            assert result.exit_code == 2 and "--filter already fixes the band" in result.stderr
     result = runner.invoke(app, ["inspect", "directions", "--filter", str(tmp_path / "nope.safetensors")])
     assert result.exit_code == 1 and "nope.safetensors does not exist" in result.stderr and result.stdout == ""
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 20)

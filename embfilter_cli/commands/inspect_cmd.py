@@ -116,22 +116,36 @@ class _Context:
         from embfilter_cli.console import info
 
         self.artifact = load_artifact(filter_path) if filter_path else None
-        self.unemb = None
-        self.vocab = None
+        self.spec: str | None = model
+        self.location: Any = None
+        self.unemb: Any = None
+        self.vocab: Any = None
         if not need_matrix:  # everything needed is in the artifact; the model need not exist here
             return
         self.spec, self.location = _resolve_location(model, revision, self.artifact)
         from embfilter_cli.unembedding import read_unembedding
 
-        tensor = self.artifact.metadata.get("tensor_name") if self.artifact is not None and model is None else None
         info(f"Model: {self.location.source}")
-        self.unemb = read_unembedding(self.location, tensor_name=tensor)
+        self.unemb = self._read(read_unembedding)
         if self.artifact is not None:
             from embfilter_cli.embedding import check_filter_matches  # the message every command uses
 
             check_filter_matches(self.artifact, hidden_size=self.unemb.hidden_size,
                                  unembedding_sha256=self.unemb.sha256, model_source=self.location.source)
         self._load_vocab()
+
+    def _read(self, read_unembedding: Callable[..., Any]) -> Any:
+        """W_U; with a filter, the tensor it was fitted on (else the default choice, so that a
+        model without that tensor ends in the 'fitted on another model' message)."""
+        from embfilter_cli.errors import UnembeddingNotFoundError
+
+        tensor = self.artifact.metadata.get("tensor_name") if self.artifact is not None else None
+        if tensor:
+            try:
+                return read_unembedding(self.location, tensor_name=tensor)
+            except UnembeddingNotFoundError:
+                pass
+        return read_unembedding(self.location)
 
     def _load_vocab(self) -> None:
         from embfilter_cli.console import warn
@@ -173,15 +187,20 @@ def _resolve_location(model: str | None, revision: str | None, artifact: Any) ->
         ) from exc
 
 
+def _check_band_conflict(has_filter: bool, *band_values: Any) -> None:
+    """A usage error, raised before anything is loaded, for a filter plus band options."""
+    if has_filter and any(v is not None for v in band_values):
+        raise click.UsageError("--filter already fixes the band; drop --rank/--bottom/--ratio/--start/--keep")
+
+
 def _band_for(hidden_size: int, artifact: Any, rank: int | None, bottom: int | None, ratio: float | None,
               start: int | None, keep: int | None) -> tuple[Any, str]:
     """The filter band (from the artifact or the band options) and where it came from."""
     from embfilter_cli.band import Band, resolve_band
 
     given = any(v is not None for v in (rank, bottom, ratio, start, keep))
+    _check_band_conflict(artifact is not None, rank, bottom, ratio, start, keep)
     if artifact is not None:
-        if given:
-            raise click.UsageError("--filter already fixes the band; drop --rank/--bottom/--ratio/--start/--keep")
         b = artifact.band
         return Band(int(b["hidden_size"]), int(b["start"]), int(b["keep"])), "filter"
     if not given:
@@ -359,6 +378,7 @@ def directions(model: str | None, revision: str | None, filter_: str | None, ban
         raise click.UsageError("choose one of --band, --removed and --kept")
     if band_sel is not None:
         parse_selection(band_sel)  # syntax errors before loading anything
+    _check_band_conflict(filter_ is not None, rank, bottom, ratio, start, keep)
     from embfilter_cli.console import emit_json, warn
     from embfilter_cli.errors import MissingDependencyError
     from embfilter_cli.lens import direction_tokens, evenly_spaced, summarize_directions, zipf_stats
@@ -624,6 +644,7 @@ def spectrum(model: str | None, revision: str | None, filter_: str | None, rank:
 
     from embfilter_cli.console import emit_json, info
 
+    _check_band_conflict(filter_ is not None, rank, bottom, ratio, start, keep)
     if plot is not None:
         from embfilter_cli.files import check_writable
 
