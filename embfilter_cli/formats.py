@@ -6,8 +6,8 @@ to overwrite without `force`, and checks what it wrote before it reports success
 - sentence-transformers: a `Dense` module folder (`config.json` + `model.safetensors` holding
   `linear.weight`, the (k, d) matrix P), with bias off and the identity activation written out,
   because the library's default activation is Tanh. Only the four config keys that older releases
-  also accept are written (5.x+ adds module_input_name etc. and would make 3.x/4.x fail on load);
-  tested with sentence-transformers 6.2.0. When sentence-transformers is
+  also accept are written (6.x's own save adds module_input_name/module_output_name, which releases
+  without those parameters reject as unknown); tested with sentence-transformers 6.2.0. When sentence-transformers is
   installed the check loads the folder with its own `Dense.load` and compares its vectors with
   `FilterArtifact.apply`; otherwise it re-reads the files.
 - npy: P as a plain array (float32, or float16 with `fp16`), y = x @ P.T.
