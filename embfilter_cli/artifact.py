@@ -182,7 +182,8 @@ def load_artifact(path: str | os.PathLike[str], verify_digest: bool = True) -> F
         raise
     except Exception as exc:  # safetensors raises its own error types for truncated/garbled files
         raise ArtifactError(
-            f"{p} is not a readable safetensors file ({type(exc).__name__}: {exc}); it may be truncated, refit it"
+            f"{p} is not a readable safetensors file ({type(exc).__name__}: {exc}); pass the .safetensors filter "
+            "written by `embfilter fit` (if it is one, it is truncated or damaged: refit it)"
         ) from exc
     version = metadata.get("format_version")
     if version != FORMAT_VERSION:

@@ -37,11 +37,14 @@ def atomic_path(path: str | os.PathLike[str], force: bool = False) -> Iterator[P
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the output normal permissions
     try:
         yield tmp
+        # mkstemp makes 0600 files, and writers that recreate the file keep that: give the output
+        # the permissions a plain open() would have (0666 minus the umask) just before publishing it.
+        umask = os.umask(0)
+        os.umask(umask)
+        if tmp.is_file():
+            os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, out)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -130,3 +130,14 @@ def test_apply_checks_dimension(make_filter):
         art.apply(np.zeros((2, 15), np.float32))
     out = art.apply(np.ones((3, 16), np.float32))
     assert out.shape == (3, 13) and out.dtype == np.float32
+
+
+def test_saved_artifacts_get_normal_permissions(make_filter):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        path = make_filter(name="perm.safetensors")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
