@@ -45,7 +45,8 @@ def verify(filter_path: str | None, model: str | None, revision: str | None, ten
     Checks: the file is a readable artifact of a known format version; the projection matches its
     stored SHA-256; its rows are orthonormal (float32 tolerance) and orthogonal to the removed
     directions; with --model, the model's W_U has the SHA-256 stored at fit time.
-    Exit status 0 when every check passes, 1 otherwise (the report still goes to stdout).
+    Exit status 0 when every check passes, 1 otherwise (the report still goes to stdout when the
+    file could be read; an unreadable file gets only the error line).
 
     \b
     Examples:
