@@ -367,7 +367,7 @@ def directions(model: str | None, revision: str | None, filter_: str | None, ban
     The summary averages the Zipf frequency of the top tokens of each part of the band — removed
     top, kept, removed bottom — to check whether the edge directions write frequent words.
     The band comes from --filter, else from --rank/--bottom/--ratio/--start/--keep (default:
-    the top 64 removed).
+    the top min(64, d/8) removed).
 
     \b
     Examples:
