@@ -115,21 +115,24 @@ def run_measured(cmd: list[str]) -> tuple[float, float, str]:
 def _wrap(argv: list[str]) -> list[str]:
     """A Python child that runs argv[0] module/code and prints its own peak RSS last on stderr."""
     code = (
-        "import resource, runpy, sys\n"
+        "import re, runpy, sys\n"
         f"sys.argv = {argv!r}\n"
         "try:\n"
         "    runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n"
         "except SystemExit as e:\n"
         "    if e.code not in (0, None): raise\n"
         "finally:\n"
-        "    print('PEAK_RSS_KB=%d' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+        "    hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)\n"
+        "    print('PEAK_RSS_KB=' + hwm, file=sys.stderr)\n"
     )
     return [sys.executable, "-c", code]
 
 
+# VmHWM (this process's own high-water mark), not ru_maxrss: on Linux ru_maxrss survives fork+exec,
+# so a child of a big parent would report the parent's peak.
 PEAK_FOOTER = """
-import resource
-print('PEAK_RSS_KB=%d' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+import re
+print('PEAK_RSS_KB=%s' % re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1), file=sys.stderr)
 """
 
 BASELINE = """

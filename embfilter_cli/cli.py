@@ -87,8 +87,9 @@ def app(quiet: bool) -> None:
     """
     from embfilter_cli.console import set_quiet
 
-    if quiet:
-        set_quiet(True)
+    # Always reset: in one process (tests, library use) an earlier -q must not leak into later runs.
+    # A subcommand's own -q is parsed after this and can still switch it on.
+    set_quiet(quiet)
 
 
 def main() -> None:

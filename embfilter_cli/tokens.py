@@ -229,75 +229,28 @@ def _from_vocab_json(folder: Path) -> Vocabulary:
     return _assemble(by_id, "byte_level", special, str(folder / "vocab.json"))
 
 
-# GGUF metadata value types (gguf.GGUFValueType) -> fixed item size in bytes; 8 = string, 9 = array.
-_GGUF_FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_GGUF_WANTED = ("tokenizer.ggml.tokens", "tokenizer.ggml.model", "tokenizer.ggml.token_type")
+# The GGUF keys a vocabulary needs (read by gguf_header.read_header, which stops once it has them).
+_GGUF_WANTED = frozenset({"tokenizer.ggml.tokens", "tokenizer.ggml.model", "tokenizer.ggml.token_type"})
 
 
 def read_gguf_tokenizer_fields(path: Path) -> dict[str, object] | None:
     """The tokenizer's token list, model name and token types from a GGUF header, read directly.
 
-    `gguf.GGUFReader` builds numpy views for every key and every string of every array (the
-    merges too) before returning, which takes several seconds on a 49k-token vocabulary; this
-    walks the little-endian v2/v3 key/value section with `struct` and stops once the three
-    wanted keys are found. Returns None for anything unusual (big-endian or v1 files, a type it
-    does not know), and the caller falls back to GGUFReader.
+    Uses `gguf_header.read_header`, which stops once the three wanted keys are found (seconds
+    faster than `gguf.GGUFReader`). Returns None for layouts it does not read (big-endian or v1
+    files, unknown value types), and the caller falls back to GGUFReader.
     """
-    import mmap
+    from embfilter_cli.gguf_header import UnsupportedGGUF, read_header
 
-    import numpy as np
-
-    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != b"GGUF":
-            return None
-        (version,) = struct.unpack_from("<I", buf, 4)
-        if version not in (2, 3):
-            return None
-        (kv_count,) = struct.unpack_from("<Q", buf, 16)
-        offset = 24
-        found: dict[str, object] = {}
-
-        def read_str(pos: int) -> tuple[bytes, int]:
-            (length,) = struct.unpack_from("<Q", buf, pos)
-            if pos + 8 + length > len(buf):
-                raise ValueError("string runs past the end of the file")
-            return buf[pos + 8 : pos + 8 + length], pos + 8 + length
-
-        for _ in range(kv_count):
-            key_raw, offset = read_str(offset)
-            key = key_raw.decode("utf-8", errors="replace")
-            (vtype,) = struct.unpack_from("<I", buf, offset)
-            offset += 4
-            if vtype == 8:
-                value, offset = read_str(offset)
-                if key in _GGUF_WANTED:
-                    found[key] = value.decode("utf-8", errors="replace")
-            elif vtype == 9:
-                itype, count = struct.unpack_from("<IQ", buf, offset)
-                offset += 12
-                if itype == 8:
-                    items = []
-                    for _ in range(count):
-                        item, offset = read_str(offset)
-                        items.append(item)
-                    if key in _GGUF_WANTED:
-                        found[key] = [b.decode("utf-8", errors="replace") for b in items]
-                elif itype in _GGUF_FIXED:
-                    size = _GGUF_FIXED[itype] * count
-                    if offset + size > len(buf):
-                        raise ValueError("array runs past the end of the file")
-                    if key == "tokenizer.ggml.token_type" and itype == 5:
-                        found[key] = np.frombuffer(buf[offset : offset + size], dtype="<i4").astype(np.int64)
-                    offset += size
-                else:
-                    return None  # nested arrays: not used by tokenizers, let GGUFReader handle it
-            elif vtype in _GGUF_FIXED:
-                offset += _GGUF_FIXED[vtype]
-            else:
-                return None
-            if all(k in found for k in _GGUF_WANTED):
-                break
-        return found
+    try:
+        header = read_header(path, wanted=_GGUF_WANTED, tensors=False)
+    except UnsupportedGGUF:
+        return None
+    fields = dict(header.fields)
+    types = fields.get("tokenizer.ggml.token_type")
+    if types is not None:
+        fields["tokenizer.ggml.token_type"] = types.astype("int64")  # type: ignore[attr-defined]
+    return fields
 
 
 def _from_gguf(path: Path) -> Vocabulary:

@@ -306,6 +306,50 @@ def _read_bin(
 
 
 def _read_gguf(path: Path, tensor_name: str | None) -> Unembedding:
+    from gguf import GGMLQuantizationType
+    from gguf.constants import GGML_QUANT_SIZES
+    from gguf.quants import dequantize
+
+    from embfilter_cli.gguf_header import UnsupportedGGUF, read_header
+
+    try:
+        header = read_header(path)
+    except UnsupportedGGUF:
+        return _read_gguf_with_reader(path, tensor_name)
+    except OSError as exc:
+        raise ModelNotFoundError(f"{path} could not be read ({exc}); check the path and permissions") from exc
+    name, tied = choose_unembedding(list(header.tensors), {}, tensor_name, str(path))
+    info = header.tensors[name]
+    try:
+        qtype = GGMLQuantizationType(info.ggml_type)
+    except ValueError as exc:
+        raise BadTensorError(f"{name} in {path} has unknown GGML type {info.ggml_type}; upgrade the gguf package") from exc
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    rows, cols = info.shape if len(info.shape) == 2 else (0, 0)
+    if len(info.shape) != 2 or cols % block:
+        raise BadTensorError(f"{name} in {path} has shape {list(info.shape)}; an unembedding must be 2-D (vocab, hidden)")
+    row_bytes = cols // block * type_size
+    if info.offset + rows * row_bytes > path.stat().st_size:
+        raise BadTensorError(f"{name} in {path} runs past the end of the file; the file is truncated, re-download it")
+    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=info.offset, shape=(rows, row_bytes))
+    sha = hashlib.sha256(memoryview(np.ascontiguousarray(raw).reshape(-1))).hexdigest()
+    return Unembedding(_dequantize(raw, qtype, dequantize, name, path, (rows, cols)), name, sha, rows, qtype.name,
+                       header.array_lengths.get("tokenizer.ggml.tokens"), tied)
+
+
+def _dequantize(raw: np.ndarray, qtype: Any, dequantize: Any, name: str, path: Path, shape: tuple[int, int]) -> torch.Tensor:
+    try:
+        values = dequantize(raw, qtype)
+    except NotImplementedError as exc:
+        raise BadTensorError(
+            f"{name} in {path} uses GGUF type {qtype.name}, which the installed gguf package cannot "
+            "dequantize; upgrade gguf or use a Q8_0/Q4/F16 file"
+        ) from exc
+    return torch.from_numpy(np.asarray(values, dtype=np.float32).reshape(shape))
+
+
+def _read_gguf_with_reader(path: Path, tensor_name: str | None) -> Unembedding:
+    """Fallback for GGUF layouts the fast header walk does not read (big-endian, v1)."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
@@ -318,16 +362,8 @@ def _read_gguf(path: Path, tensor_name: str | None) -> Unembedding:
     info = tensors[name]
     raw = np.ascontiguousarray(info.data)
     sha = hashlib.sha256(memoryview(raw.view(np.uint8).reshape(-1))).hexdigest()
-    try:
-        values = dequantize(info.data, info.tensor_type)
-    except NotImplementedError as exc:
-        raise BadTensorError(
-            f"{name} in {path} uses GGUF type {info.tensor_type.name}, which the installed gguf package cannot "
-            "dequantize; upgrade gguf or use a Q8_0/Q4/F16 file"
-        ) from exc
-    values = np.asarray(values, dtype=np.float32)
     shape = tuple(int(x) for x in reversed(info.shape.tolist()))  # GGUF lists dims fastest-first
-    values = values.reshape(shape)
+    matrix = _dequantize(info.data, info.tensor_type, dequantize, name, path, shape)  # type: ignore[arg-type]
     tok_field = reader.fields.get("tokenizer.ggml.tokens")
     tok_vocab = len(tok_field.data) if tok_field is not None else None
-    return Unembedding(torch.from_numpy(values), name, sha, shape[0], info.tensor_type.name, tok_vocab, tied)
+    return Unembedding(matrix, name, sha, shape[0], info.tensor_type.name, tok_vocab, tied)

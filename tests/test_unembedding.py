@@ -145,3 +145,22 @@ def test_tokenizer_vocab_size_counts_added_tokens(tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps(
         {"model": {"vocab": {"a": 0, "b": 1}}, "added_tokens": [{"id": 5, "content": "<x>"}]}))
     assert tokenizer_vocab_size(tmp_path) == 6
+
+
+def test_fast_gguf_header_walk_matches_gguf_reader(tmp_path):
+    from embfilter_cli.unembedding import _read_gguf_with_reader
+
+    for head in ("quantized", "f16"):
+        path, _ = make_gguf(tmp_path / f"{head}.gguf", rows=64, hidden=32, tokens=60, head=head)
+        fast = read_unembedding(resolve_model(str(path)), drop_padding_rows=False)
+        slow = _read_gguf_with_reader(path, None)
+        assert (fast.tensor_name, fast.sha256, fast.stored_rows, fast.tokenizer_vocab, fast.stored_dtype) == (
+            slow.tensor_name, slow.sha256, slow.stored_rows, slow.tokenizer_vocab, slow.stored_dtype)
+        torch.testing.assert_close(fast.matrix, slow.matrix, rtol=0, atol=0)
+
+
+def test_truncated_gguf_tensor_is_reported(tmp_path):
+    path, _ = make_gguf(tmp_path / "t.gguf", rows=64, hidden=32)
+    path.write_bytes(path.read_bytes()[:-200])
+    with pytest.raises(BadTensorError, match="runs past the end of the file"):
+        read_unembedding(resolve_model(str(path)))
