@@ -182,3 +182,13 @@ def test_real_smollm2_gguf_end_to_end(runner, tmp_path):
     mean = w.mean(axis=0)
     top = art.removed_directions[0].astype(np.float64)
     assert abs(mean @ top) / np.linalg.norm(mean) > 0.998
+
+
+def test_float32_precision_is_recorded(runner, llama, tmp_path):
+    out = tmp_path / "f32.safetensors"
+    result = runner.invoke(app, ["fit", "-m", str(llama), "--rank", "2", "--precision", "float32", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.stderr
+    params = json.loads(load_artifact(out).metadata["solver_params"])
+    assert params["precision"] == "float32" and params["method"] == "gram-float32+eigh-float64"
+    s, _ = _ref_vectors(llama)
+    np.testing.assert_allclose(load_artifact(out).singular_values, s, rtol=1e-4)
