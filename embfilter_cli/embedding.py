@@ -298,10 +298,9 @@ class Encoder:
         self.last_truncated = sum(p.truncated for p in prepared)
         out = np.zeros((len(texts), self.hidden_size), dtype=np.float32)
         order = sorted(range(len(texts)), key=lambda i: -len(prepared[i].ids))
-        report = _progress_reporter(progress, len(texts))
         done = 0
         left_pad = pooling == "last"
-        with torch.inference_mode():
+        with torch.inference_mode(), _progress(progress, len(texts)) as report:
             for b0 in range(0, len(order), batch_size):
                 rows = order[b0 : b0 + batch_size]
                 batch = [prepared[i] for i in rows]
@@ -337,28 +336,27 @@ def pad_batch(batch: Sequence[Prepared], pad_id: int, left: bool) -> tuple[list[
     return ids, mask, spans
 
 
-def _progress_reporter(progress: bool | ProgressFn, total: int) -> ProgressFn:
+@contextlib.contextmanager
+def _progress(progress: bool | ProgressFn, total: int) -> Iterator[Callable[[int], None]]:
+    """Yield report(done); a True `progress` shows a bar on stderr that is removed even on errors."""
     if callable(progress):
-        return lambda done: progress(done, total)  # type: ignore[misc]
-    if not progress:
-        return lambda done: None
-    # The project's stderr console decides whether a bar is shown (interactive, not -q).
-    from embfilter_cli.console import err_console, progress_enabled
+        yield lambda done: progress(done, total)  # type: ignore[misc]
+        return
+    if progress:
+        # The project's stderr console decides whether a bar is shown (interactive, not -q).
+        from embfilter_cli.console import progress_enabled
 
-    if not progress_enabled():
-        return lambda done: None
+        progress = progress_enabled()
+    if not progress:
+        yield lambda done: None
+        return
     from rich.progress import Progress
 
-    bar = Progress(console=err_console, transient=True)
-    task = bar.add_task("Embedding", total=total)
-    bar.start()
+    from embfilter_cli.console import err_console
 
-    def report(done: int) -> None:
-        bar.update(task, completed=done)
-        if done >= total:
-            bar.stop()
-
-    return report
+    with Progress(console=err_console, transient=True) as bar:
+        task = bar.add_task("Embedding", total=total)
+        yield lambda done: bar.update(task, completed=done)
 
 
 # --------------------------------------------------------------------------- loading

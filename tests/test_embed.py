@@ -220,6 +220,15 @@ def test_progress_callback_counts_every_text(encoder):
     assert seen == [(2, 5), (4, 5), (5, 5)]
 
 
+def test_progress_bar_goes_to_stderr_only(encoder, monkeypatch, capsys):
+    import embfilter_cli.console as console
+
+    monkeypatch.setattr(console, "progress_enabled", lambda: True)
+    got = encoder.embed(TEXTS[:3], batch_size=1, progress=True)
+    np.testing.assert_allclose(got, encoder.embed(TEXTS[:3]), atol=2e-5)
+    assert capsys.readouterr().out == ""
+
+
 # --------------------------------------------------------------------------- loading and fingerprints
 
 
