@@ -47,6 +47,7 @@ def embed(
 
     Empty texts are skipped with a warning that names their line numbers, so the output has one
     row per non-empty text, in input order. JSONL output keeps every other field of each record.
+    With --json, a summary of the run (rows, dims, texts/s, skipped lines) is printed on stdout.
 
     \b
     Examples:
