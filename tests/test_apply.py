@@ -27,15 +27,6 @@ from embfilter_cli import vectors
 D, K = 16, 13  # make_filter's default: d=16, top 2 and bottom 1 removed
 
 
-@pytest.fixture(autouse=True)
-def _loud():
-    # -q sets a process-wide flag that nothing resets between CliRunner invocations
-    from embfilter_cli.console import set_quiet
-
-    set_quiet(False)
-    yield
-    set_quiet(False)
-
 
 @pytest.fixture
 def filt(make_filter) -> Path:

@@ -72,3 +72,12 @@ def test_debug_variable_shows_tracebacks(tmp_path):
     assert plain.stderr.strip().splitlines()[-1].startswith("Error: --model ")
     debug = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, EMBFILTER_DEBUG="1"))
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "ModelNotFoundError" in debug.stderr
+
+
+def test_quiet_does_not_leak_into_the_next_invocation(runner):
+    from embfilter_cli.console import is_quiet
+
+    assert runner.invoke(app, ["-q", "models"]).exit_code == 0
+    assert is_quiet()
+    assert runner.invoke(app, ["models"]).exit_code == 0
+    assert not is_quiet()

@@ -45,15 +45,6 @@ PAIRS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _loud_console():
-    """`-q` in one CliRunner invocation sets a process-wide flag; start every test with it off."""
-    from embfilter_cli.console import set_quiet
-
-    set_quiet(False)
-    yield
-    set_quiet(False)
-
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory) -> Path:

@@ -21,14 +21,6 @@ from embfilter_cli.cli import app
 D, K = 16, 13
 
 
-@pytest.fixture(autouse=True)
-def _loud():
-    from embfilter_cli.console import set_quiet
-
-    set_quiet(False)
-    yield
-    set_quiet(False)
-
 
 @pytest.fixture
 def art(make_filter) -> Path:

@@ -28,15 +28,6 @@ D, K = 16, 13  # make_filter's default: d=16, top 2 and bottom 1 removed
 VOCAB = 50
 
 
-@pytest.fixture(autouse=True)
-def _loud():
-    # -q sets a process-wide flag that nothing resets between CliRunner invocations
-    from embfilter_cli.console import set_quiet
-
-    set_quiet(False)
-    yield
-    set_quiet(False)
-
 
 @pytest.fixture
 def art(make_filter) -> Path:

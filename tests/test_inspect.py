@@ -23,15 +23,6 @@ from embfilter_cli.lens import (
 from tests.tiny_models import make_llama
 
 
-@pytest.fixture(autouse=True)
-def _not_quiet():
-    """`-q` sets a process-wide flag that nothing resets between in-process CLI runs; reset it."""
-    from embfilter_cli.console import set_quiet
-
-    set_quiet(False)
-    yield
-    set_quiet(False)
-
 # --------------------------------------------------------------------------- lens math
 
 

@@ -19,14 +19,6 @@ from tests.tiny_models import make_gguf, make_llama
 HEX64 = re.compile(r"\b[0-9a-f]{64}\b")
 
 
-@pytest.fixture(autouse=True)
-def _loud():
-    from embfilter_cli.console import set_quiet
-
-    set_quiet(False)
-    yield
-    set_quiet(False)
-
 
 @pytest.fixture(scope="module")
 def llamas(tmp_path_factory):
