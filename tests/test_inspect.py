@@ -142,7 +142,7 @@ def test_evenly_spaced():
 
 def test_sparkline_and_band_marks():
     from embfilter_cli.band import Band
-    from embfilter_cli.commands.inspect_cmd import band_marks, sparkline
+    from embfilter_cli.directions import band_marks, sparkline
 
     line, spans = sparkline(np.geomspace(1000.0, 1.0, 8), 8)
     assert line == "█▇▆▅▄▃▂▁"  # log-linear values: one block level per column
@@ -161,7 +161,7 @@ def test_sparkline_and_band_marks():
     [("0:8", 32, list(range(8))), ("5", 32, [5]), ("30:", 32, [30, 31]), (":2", 32, [0, 1]), (" 1 : 3 ", 32, [1, 2])],
 )
 def test_selection_indices(value, d, expected):
-    from embfilter_cli.commands.inspect_cmd import selection_indices
+    from embfilter_cli.directions import selection_indices
 
     assert selection_indices(value, d) == expected
 
@@ -173,7 +173,7 @@ def test_selection_indices(value, d, expected):
      ("-1:3", "is not START:STOP")],
 )
 def test_selection_errors(value, needle):
-    from embfilter_cli.commands.inspect_cmd import selection_indices
+    from embfilter_cli.directions import selection_indices
     from embfilter_cli.errors import BandError
 
     with pytest.raises(BandError, match=needle.replace("(", r"\(").replace(")", r"\)")):

@@ -6,12 +6,12 @@ Subcommands: `text` (logit lens on pooled text embeddings, before/after a filter
 removed directions of the newest artifact in ./artifacts, else of the default model with the
 top 64 removed.
 
-Only click is imported here; the work happens in `embfilter_cli.lens` and `embfilter_cli.tokens`.
+Only click is imported here; the work happens in `embfilter_cli.directions`, `embfilter_cli.lens`
+and `embfilter_cli.tokens`.
 """
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -19,12 +19,11 @@ from typing import Any, TypeVar
 import click
 
 from embfilter_cli.commands._options import device_option, force_option, output_options
+from embfilter_cli.directions import DEFAULT_RANK
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-DEFAULT_RANK = 64
 GROUP_LABELS = {"removed_top": "removed top", "kept": "kept", "removed_bottom": "removed bottom"}
-SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
 PLOT_FORMATS = ("png", "svg", "pdf")
 
 
@@ -196,136 +195,10 @@ def _check_band_conflict(has_filter: bool, *band_values: Any) -> None:
 def _band_for(hidden_size: int, artifact: Any, rank: int | None, bottom: int | None, ratio: float | None,
               start: int | None, keep: int | None) -> tuple[Any, str]:
     """The filter band (from the artifact or the band options) and where it came from."""
-    from embfilter_cli.band import Band, resolve_band
+    from embfilter_cli.directions import choose_band
 
-    given = any(v is not None for v in (rank, bottom, ratio, start, keep))
     _check_band_conflict(artifact is not None, rank, bottom, ratio, start, keep)
-    if artifact is not None:
-        b = artifact.band
-        return Band(int(b["hidden_size"]), int(b["start"]), int(b["keep"])), "filter"
-    if not given:
-        # fit's default (top 64), shrunk for small models where 64 would remove most directions.
-        return resolve_band(hidden_size, rank=default_rank(hidden_size)), "default"
-    return resolve_band(hidden_size, rank=rank, bottom=bottom, ratio=ratio, start=start, keep=keep), "options"
-
-
-def default_rank(hidden_size: int) -> int:
-    """The default band when none is given: remove the top min(64, d // 8) directions."""
-    return max(1, min(DEFAULT_RANK, hidden_size // 8)) if hidden_size > 1 else 0
-
-
-_SELECTION = re.compile(r"^\s*(\d*)\s*:\s*(\d*)\s*$")
-
-
-def parse_selection(value: str) -> tuple[int | None, int | None]:
-    """Parse --band START:STOP (half-open; either side may be empty) or a single index N."""
-    from embfilter_cli.errors import BandError
-
-    text = value.strip()
-    if text.isdigit():
-        return int(text), int(text) + 1
-    match = _SELECTION.match(text)
-    if not match:
-        raise BandError(f"--band {value!r} is not START:STOP (half-open, like 0:8 for directions 0..7) or a single index")
-    start = int(match.group(1)) if match.group(1) else None
-    stop = int(match.group(2)) if match.group(2) else None
-    if start is not None and stop is not None and stop <= start:
-        raise BandError(f"--band {value} is empty: STOP must be greater than START (e.g. {start}:{start + 8})")
-    return start, stop
-
-
-def selection_indices(value: str, hidden_size: int) -> list[int]:
-    """The direction indices named by --band for a model of `hidden_size`."""
-    from embfilter_cli.errors import BandError
-
-    start, stop = parse_selection(value)
-    start = 0 if start is None else start
-    stop = hidden_size if stop is None else stop
-    if start >= hidden_size or stop > hidden_size:
-        raise BandError(
-            f"--band {value} reaches direction {max(start, stop - 1)} but the model has {hidden_size} "
-            f"(0..{hidden_size - 1}); use a STOP of at most {hidden_size}"
-        )
-    if stop <= start:
-        raise BandError(f"--band {value} is empty for a hidden size of {hidden_size}")
-    return list(range(start, stop))
-
-
-def _groups(band: Any) -> dict[str, list[int]]:
-    return {
-        "removed_top": list(range(0, band.start)),
-        "kept": list(range(band.start, band.stop)),
-        "removed_bottom": list(range(band.stop, band.hidden_size)),
-    }
-
-
-def _group_of(index: int, band: Any) -> str:
-    if index < band.start:
-        return "removed_top"
-    return "kept" if index < band.stop else "removed_bottom"
-
-
-class _Directions:
-    """Singular directions by index: from the artifact where it stores them, else the exact spectrum."""
-
-    def __init__(self, matrix: Any, artifact: Any, band: Any) -> None:
-        import numpy as np
-
-        self.matrix = matrix
-        self.vectors: dict[int, np.ndarray] = {}
-        self.sigmas: np.ndarray | None = None
-        self._spectrum: Any = None
-        if artifact is None:
-            return
-        removed = artifact.removed_directions
-        removed_idx = list(range(band.start)) + list(range(band.stop, band.hidden_size))
-        if removed.shape[0] == len(removed_idx):
-            self.vectors.update({i: removed[r].astype(np.float64) for r, i in enumerate(removed_idx)})
-        elif removed.shape[0] == band.start:  # randomized solver: only the top R are stored
-            self.vectors.update({i: removed[i].astype(np.float64) for i in range(band.start)})
-        kept_idx = artifact.kept_indices.tolist()
-        if artifact.reduced and len(kept_idx) == artifact.output_dim:
-            self.vectors.update({int(i): artifact.projection[r].astype(np.float64) for r, i in enumerate(kept_idx)})
-        self.sigmas = np.asarray(artifact.singular_values, dtype=np.float64)
-
-    def spectrum(self) -> Any:
-        if self._spectrum is None:
-            from embfilter_cli.console import info
-            from embfilter_cli.spectral import exact_spectrum
-
-            info("Computing the exact spectrum of W_U (float64 Gram + eigh)")
-            self._spectrum = exact_spectrum(self.matrix)
-        return self._spectrum
-
-    def get(self, indices: list[int]) -> tuple[Any, list[float]]:
-        """(len(indices), d) float32 directions and their singular values."""
-        import numpy as np
-
-        missing = [i for i in indices if i not in self.vectors]
-        if missing or self.sigmas is None or len(self.sigmas) <= max(indices, default=0):
-            spec = self.spectrum()
-            for i in missing:
-                self.vectors[i] = spec.vectors[:, i]
-            if self.sigmas is None or len(self.sigmas) < len(spec.singular_values):
-                self.sigmas = spec.singular_values
-        d = self.matrix.shape[1]
-        vecs = np.stack([self.vectors[i] for i in indices]).astype(np.float32) if indices else np.zeros((0, d), np.float32)
-        return vecs, [float(self.sigmas[i]) for i in indices]
-
-
-def _token_entry(vocab: Any, token_id: int, value: float, zipf: Callable[[str], float] | None) -> dict[str, Any]:
-    entry: dict[str, Any] = {"id": int(token_id), "token": vocab.piece(int(token_id)),
-                             "text": vocab.display(int(token_id)), "logit": round(float(value), 6)}
-    if zipf is not None:
-        word = vocab.word(int(token_id))
-        entry["zipf"] = None if word is None else round(zipf(word), 2)
-    return entry
-
-
-def _cell_pad(text: str, width: int) -> str:
-    from rich.cells import cell_len
-
-    return text + " " * max(0, width - cell_len(text))
+    return choose_band(hidden_size, artifact, rank, bottom, ratio, start, keep)
 
 
 def _echo_table(rows: list[list[str]], right: frozenset[int] | set[int] = frozenset()) -> None:
@@ -376,12 +249,20 @@ def directions(model: str | None, revision: str | None, filter_: str | None, ban
     """
     if sum([band_sel is not None, removed, kept]) > 1:
         raise click.UsageError("choose one of --band, --removed and --kept")
+    from embfilter_cli.directions import (
+        DirectionSource,
+        band_groups,
+        describe_directions,
+        parse_selection,
+        selection_indices,
+    )
+
     if band_sel is not None:
         parse_selection(band_sel)  # syntax errors before loading anything
     _check_band_conflict(filter_ is not None, rank, bottom, ratio, start, keep)
-    from embfilter_cli.console import emit_json, warn
+    from embfilter_cli.console import emit_json, info, warn
     from embfilter_cli.errors import MissingDependencyError
-    from embfilter_cli.lens import direction_tokens, evenly_spaced, summarize_directions, zipf_stats
+    from embfilter_cli.lens import direction_tokens, evenly_spaced
     from embfilter_cli.tokens import english_zipf
 
     ctx = _Context(model, revision, filter_)
@@ -391,7 +272,7 @@ def directions(model: str | None, revision: str | None, filter_: str | None, ban
         from embfilter_cli.errors import BandError
 
         raise BandError(f"the band is for a hidden size of {band.hidden_size} but W_U has {d} columns")
-    groups = _groups(band)
+    groups = band_groups(band)
     if band_sel is not None:
         shown, selection = selection_indices(band_sel, d), band_sel
     elif kept:
@@ -406,40 +287,10 @@ def directions(model: str | None, revision: str | None, filter_: str | None, ban
         warn(f"{exc}; Zipf frequencies are left out")
         zipf = None
 
-    source = _Directions(ctx.unemb.matrix, ctx.artifact, band)
+    source = DirectionSource(ctx.unemb.matrix, ctx.artifact, band, log=info)
     vecs, sigmas = source.get(needed)
     toks = direction_tokens(ctx.unemb.matrix, vecs, top, valid_rows=ctx.valid_rows)
-    row_of = {idx: r for r, idx in enumerate(needed)}
-    vocab = ctx.vocab
-
-    stats = {}
-    if zipf is not None:
-        for r in range(len(needed)):
-            stats[r] = (zipf_stats(toks.positive.indices[r], vocab.word, zipf),
-                        zipf_stats(toks.negative.indices[r], vocab.word, zipf))
-    summary = []
-    for name, idx in groups.items():
-        if not idx:
-            continue
-        rows = [row_of[i] for i in used[name]]
-        entry: dict[str, Any] = {"group": name, "first": idx[0], "last": idx[-1], "directions": len(idx),
-                                 "directions_used": len(rows)}
-        if zipf is not None:
-            entry.update(summarize_directions([stats[r] for r in rows]))
-        else:
-            entry.update({"tokens": 2 * top * len(rows), "words": None, "mean_zipf": None, "mean_zipf_frequent_sign": None})
-        summary.append(entry)
-    shown_entries = []
-    for i in shown:
-        r = row_of[i]
-        pos_stats, neg_stats = stats.get(r, (None, None))
-        shown_entries.append({
-            "index": i, "sigma": float(sigmas[r]), "group": _group_of(i, band),
-            "zipf_positive": None if pos_stats is None or pos_stats.mean_zipf is None else round(pos_stats.mean_zipf, 4),
-            "zipf_negative": None if neg_stats is None or neg_stats.mean_zipf is None else round(neg_stats.mean_zipf, 4),
-            "positive": [_token_entry(vocab, t, v, zipf) for t, v in zip(toks.positive.indices[r], toks.positive.values[r])],
-            "negative": [_token_entry(vocab, t, v, zipf) for t, v in zip(toks.negative.indices[r], toks.negative.values[r])],
-        })
+    shown_entries, summary = describe_directions(shown, groups, used, needed, sigmas, toks, ctx.vocab, zipf, band, top)
     document = {
         "model_source": ctx.location.source,
         "unembedding_sha256": ctx.unemb.sha256,
@@ -533,6 +384,7 @@ def text(texts: tuple[str, ...], model: str | None, revision: str | None, filter
     from embfilter_cli.console import emit_json, info, warn
     from embfilter_cli.errors import InputDataError
 
+    from embfilter_cli.directions import token_entries
     from embfilter_cli.embedding import check_pooling, load_encoder, resolve_recipe
     from embfilter_cli.lens import lens_embeddings
 
@@ -557,10 +409,10 @@ def text(texts: tuple[str, ...], model: str | None, revision: str | None, filter
     vocab = ctx.vocab
     entries = []
     for n, item in enumerate(items):
-        before = [_token_entry(vocab, t, v, None) for t, v in zip(result.before.indices[n], result.before.values[n])]
+        before = token_entries(vocab, result.before.indices[n], result.before.values[n])
         after = None
         if result.after is not None:
-            after = [_token_entry(vocab, t, v, None) for t, v in zip(result.after.indices[n], result.after.values[n])]
+            after = token_entries(vocab, result.after.indices[n], result.after.values[n])
         entries.append({"text": item, "before": before, "after": after})
     document = {
         "model_source": ctx.location.source,
@@ -644,6 +496,8 @@ def spectrum(model: str | None, revision: str | None, filter_: str | None, rank:
 
     from embfilter_cli.console import emit_json, info
 
+    from embfilter_cli.directions import energy_removed
+
     _check_band_conflict(filter_ is not None, rank, bottom, ratio, start, keep)
     if plot is not None:
         from embfilter_cli.files import check_writable
@@ -677,8 +531,7 @@ def spectrum(model: str | None, revision: str | None, filter_: str | None, rank:
     complete = len(sigma) == d
     energy = None
     if complete:
-        s2 = sigma**2
-        energy = float((s2[: band.start].sum() + s2[band.stop :].sum()) / s2.sum()) if s2.sum() > 0 else 0.0
+        energy = energy_removed(sigma, band)
     elif art is not None and "energy_removed" in art.metadata:
         energy = float(art.metadata["energy_removed"])
     plot_path = None
@@ -702,41 +555,9 @@ def spectrum(model: str | None, revision: str | None, filter_: str | None, rank:
     _print_spectrum(document, sigma, band, width)
 
 
-def sparkline(values: Any, width: int) -> tuple[str, list[tuple[int, int]]]:
-    """A log-scale sparkline of positive values in at most `width` columns.
-
-    Returns the line and, per column, the (first, last) value index it covers. Each column shows
-    the geometric mean of its values; the 8 block heights span the log range linearly.
-    """
-    import numpy as np
-
-    v = np.asarray(values, dtype=np.float64)
-    if v.size == 0:
-        return "", []
-    floor = max(float(v.max()) * 1e-12, np.finfo(np.float64).tiny)  # rank-deficient heads have σ = 0
-    logs = np.log(np.clip(v, floor, None))
-    cols = min(width, v.size)
-    edges = np.linspace(0, v.size, cols + 1).round().astype(int)
-    spans = [(int(edges[c]), int(edges[c + 1]) - 1) for c in range(cols)]
-    col_vals = np.array([logs[a : b + 1].mean() for a, b in spans])
-    lo, hi = float(col_vals.min()), float(col_vals.max())
-    if hi - lo < 1e-12:
-        levels = np.full(cols, 3)
-    else:
-        levels = np.clip(np.round((col_vals - lo) / (hi - lo) * 7), 0, 7).astype(int)
-    return "".join(SPARK_BLOCKS[i] for i in levels), spans
-
-
-def band_marks(spans: list[tuple[int, int]], band: Any) -> str:
-    """Under each sparkline column: `─` all kept, `×` all removed, `┼` a band edge inside it."""
-    marks = []
-    for a, b in spans:
-        removed = [i < band.start or i >= band.stop for i in range(a, b + 1)]
-        marks.append("×" if all(removed) else ("─" if not any(removed) else "┼"))
-    return "".join(marks)
-
-
 def _print_spectrum(doc: dict[str, Any], sigma: Any, band: Any, width: int) -> None:
+    from embfilter_cli.directions import band_marks, sparkline
+
     n, d = len(sigma), doc["hidden_size"]
     origin = {"filter": f"from {doc['filter']}", "default": "default", "options": "from the options"}[doc["band_source"]]
     line, spans = sparkline(sigma, width)
