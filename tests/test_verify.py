@@ -13,7 +13,7 @@ import pytest
 
 from embfilter_cli.artifact import load_artifact, save_artifact
 from embfilter_cli.cli import app
-from embfilter_cli.commands.verify import ORTHONORMAL_TOL, integrity_checks
+from embfilter_cli.checks import ORTHONORMAL_TOL, integrity_checks
 from tests.tiny_models import make_gguf, make_llama
 
 HEX64 = re.compile(r"\b[0-9a-f]{64}\b")
