@@ -390,6 +390,32 @@ def best_band_result(results: Iterable[EvalResult]) -> EvalResult | None:
     return max(bands, key=lambda r: r.spearman) if bands else None
 
 
+def best_band_artifact(results: Iterable[EvalResult], spectrum: Any, facts: Any, location: Any, data: Any,
+                       pooling: str, recipe: str) -> tuple[Any, EvalResult]:
+    """A reduced filter artifact for the best band of `results`, recording how it was chosen.
+
+    Args:
+        spectrum: the head's spectrum the bands were cut from.
+        facts: the head's facts from `head_spectrum` (tensor name, digest, sizes).
+        location: the resolved model.
+        data: the dataset the bands were scored on.
+    """
+    from embfilter_cli.band import Band
+    from embfilter_cli.fitting import build_artifact
+
+    best = best_band_result(results)
+    assert best is not None and best.band is not None  # the caller evaluated at least one band
+    band = Band(best.band["hidden_size"], best.band["start"], best.band["keep"])
+    selected = {"data": data.name, "data_sha256": data.sha256, "pooling": pooling, "recipe": recipe,
+                "spearman": best.spearman, "pearson": best.pearson, "candidate": best.name}
+    artifact = build_artifact(
+        spectrum, band, reduce=True, model_source=location.source, model_revision=location.revision,
+        tensor_name=facts.tensor_name, unembedding_sha256=facts.sha256, vocab_size=facts.vocab_size,
+        stored_rows=facts.stored_rows, extra={"selected_by_eval": json.dumps(selected)},
+    )
+    return artifact, best
+
+
 # --------------------------------------------------------------------------- cache
 
 

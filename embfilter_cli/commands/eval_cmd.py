@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -192,20 +191,9 @@ def _raw_embeddings(location: Any, data: Any, template: str, pooling: str, recip
 def _save_best(results: list[Any], spectrum: Any, facts: Any, location: Any, data: Any, pooling: str, recipe: str,
                path: str, force: bool) -> dict[str, Any]:
     from embfilter_cli.artifact import save_artifact
-    from embfilter_cli.band import Band
-    from embfilter_cli.evaluation import best_band_result
-    from embfilter_cli.fitting import build_artifact
+    from embfilter_cli.evaluation import best_band_artifact
 
-    best = best_band_result(results)
-    assert best is not None and best.band is not None  # needs_spectrum guarantees at least one band
-    band = Band(best.band["hidden_size"], best.band["start"], best.band["keep"])
-    selected = {"data": data.name, "data_sha256": data.sha256, "pooling": pooling, "recipe": recipe,
-                "spearman": best.spearman, "pearson": best.pearson, "candidate": best.name}
-    artifact = build_artifact(
-        spectrum, band, reduce=True, model_source=location.source, model_revision=location.revision,
-        tensor_name=facts.tensor_name, unembedding_sha256=facts.sha256, vocab_size=facts.vocab_size,
-        stored_rows=facts.stored_rows, extra={"selected_by_eval": json.dumps(selected)},
-    )
+    artifact, best = best_band_artifact(results, spectrum, facts, location, data, pooling, recipe)
     save_artifact(artifact, path, force=force)
     return {"path": path, **best.as_dict()}
 
