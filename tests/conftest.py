@@ -1,4 +1,9 @@
-"""Shared fixtures: a CLI runner that keeps stdout and stderr apart, and small filters."""
+"""Shared fixtures: a CLI runner that keeps stdout and stderr apart, small filters, tiny Llamas.
+
+The tiny Llama folders are built once per session and shared by every test file: tests read
+them (or fit filters from them into their own folders) and never write into them. A test that
+needs to change a model builds its own with `make_llama(tmp_path / ...)`.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+
+from tests.tiny_models import make_llama
 
 
 @pytest.fixture
@@ -46,3 +53,30 @@ def make_filter(tmp_path: Path):
         return save_artifact(art, tmp_path / name)
 
     return build
+
+
+@pytest.fixture
+def art(make_filter) -> Path:
+    """The default planted filter: d=16, top 2 and bottom 1 removed, reduced."""
+    return make_filter()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """The default tiny Llama folder (hidden 32, vocab 300, 2 layers, seed 0); read-only."""
+    return make_llama(tmp_path_factory.mktemp("tiny_llama") / "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_b(tmp_path_factory) -> Path:
+    """`tiny_llama` with seed 1: same shapes, a different W_U; read-only."""
+    return make_llama(tmp_path_factory.mktemp("tiny_llama_b") / "llama", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_sharded(tmp_path_factory) -> Path:
+    """A tiny Llama in 20 KB shards with W_U padded to 320 rows (300 real tokens); read-only.
+
+    The folder is named `llama`: default artifact names (`llama-r3-b0`) are derived from it.
+    """
+    return make_llama(tmp_path_factory.mktemp("tiny_llama_sharded") / "llama", shard_size="20KB", padded_vocab=320)

@@ -41,13 +41,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory) -> Path:
-    return make_llama(tmp_path_factory.mktemp("emb") / "llama")
-
-
-@pytest.fixture(scope="module")
-def encoder(llama) -> Encoder:
-    return load_encoder(str(llama), device="cpu")
+def encoder(tiny_llama) -> Encoder:
+    return load_encoder(str(tiny_llama), device="cpu")
 
 
 def _reference(enc: Encoder, ids: list[int]) -> np.ndarray:
@@ -60,11 +55,11 @@ def _reference(enc: Encoder, ids: list[int]) -> np.ndarray:
 # --------------------------------------------------------------------------- the model's output
 
 
-def test_last_hidden_state_is_post_final_norm(llama, encoder):
+def test_last_hidden_state_is_post_final_norm(tiny_llama, encoder):
     """The base model's last_hidden_state = final norm(last decoder layer), and the LM head reads it."""
     from transformers import LlamaForCausalLM
 
-    lm = LlamaForCausalLM.from_pretrained(str(llama)).eval()
+    lm = LlamaForCausalLM.from_pretrained(str(tiny_llama)).eval()
     captured = {}
     hook = lm.model.layers[-1].register_forward_hook(lambda mod, args, out: captured.update(h=out[0] if isinstance(out, tuple) else out))
     ids = encoder.prepare(TEXTS[1], resolve_recipe("none"), 128).ids
@@ -223,18 +218,18 @@ def test_progress_bar_goes_to_stderr_only(encoder, monkeypatch, capsys):
 # --------------------------------------------------------------------------- loading and fingerprints
 
 
-def test_single_weights_file_is_refused_with_the_folder_hint(llama):
+def test_single_weights_file_is_refused_with_the_folder_hint(tiny_llama):
     from embfilter_cli.embedding import load_encoder_at
 
-    file = next(llama.glob("*.safetensors"))
+    file = next(tiny_llama.glob("*.safetensors"))
     loc = ModelLocation(str(file), "safetensors_file", file, str(file), "local")
     with pytest.raises(ModelNotFoundError, match=r"single weights file.*config\.json and tokenizer.*--model"):
         load_encoder_at(loc, device="cpu")
 
 
-def test_bad_dtype_is_refused(llama):
+def test_bad_dtype_is_refused(tiny_llama):
     with pytest.raises(InputDataError, match="--dtype 'float8'"):
-        load_encoder(str(llama), device="cpu", dtype="float8")
+        load_encoder(str(tiny_llama), device="cpu", dtype="float8")
 
 
 def test_model_fingerprint_tracks_weight_files(tmp_path):
@@ -311,34 +306,34 @@ def _no_stray_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
 
-def test_cli_lines_to_npy_equals_core(runner, llama, encoder, tmp_path):
+def test_cli_lines_to_npy_equals_core(runner, tiny_llama, encoder, tmp_path):
     src = tmp_path / "in.txt"
     src.write_text("\n".join(TEXTS) + "\n\n")
     out = tmp_path / "raw.npy"
-    result = runner.invoke(app, ["embed", "--model", str(llama), "--device", "cpu", str(src), "-o", str(out)])
+    result = runner.invoke(app, ["embed", "--model", str(tiny_llama), "--device", "cpu", str(src), "-o", str(out)])
     assert result.exit_code == 0, result.stderr
     assert result.stdout == ""
     assert "1 empty text skipped (line 6)" in result.stderr and "Embedded 5 texts" in result.stderr
     np.testing.assert_allclose(np.load(out), encoder.embed(TEXTS), atol=1e-6)
 
 
-def test_cli_jsonl_keeps_fields_and_matches_npy(runner, llama, tmp_path):
+def test_cli_jsonl_keeps_fields_and_matches_npy(runner, tiny_llama, tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps({"id": i, "text": t, "embedding": "old"}) + "\n" for i, t in enumerate(TEXTS[:3])))
-    result = runner.invoke(app, ["embed", "-m", str(llama), "--device", "cpu", "--pooling", "last", "--recipe", "summarize",
+    result = runner.invoke(app, ["embed", "-m", str(tiny_llama), "--device", "cpu", "--pooling", "last", "--recipe", "summarize",
                                  str(src), "-o", str(tmp_path / "out.jsonl")])
     assert result.exit_code == 0, result.stderr
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == [0, 1, 2] and [r["text"] for r in rows] == TEXTS[:3]
-    result = runner.invoke(app, ["embed", "-m", str(llama), "--device", "cpu", "--pooling", "last", "--recipe", "summarize",
+    result = runner.invoke(app, ["embed", "-m", str(tiny_llama), "--device", "cpu", "--pooling", "last", "--recipe", "summarize",
                                  str(src), "-o", str(tmp_path / "out.npy")])
     assert result.exit_code == 0, result.stderr
     # %.9g text round-trips float32 exactly.
     np.testing.assert_array_equal(np.array([r["embedding"] for r in rows], dtype=np.float32), np.load(tmp_path / "out.npy"))
 
 
-def test_cli_stdin_to_stdout_with_normalize(runner, llama, encoder):
-    result = runner.invoke(app, ["embed", "-m", str(llama), "--device", "cpu", "--normalize", "-q", "-", "-o", "-"],
+def test_cli_stdin_to_stdout_with_normalize(runner, tiny_llama, encoder):
+    result = runner.invoke(app, ["embed", "-m", str(tiny_llama), "--device", "cpu", "--normalize", "-q", "-", "-o", "-"],
                            input="The cat sat on the mat.\nRain\n")
     assert result.exit_code == 0, result.stderr
     assert result.stderr == ""
@@ -349,14 +344,14 @@ def test_cli_stdin_to_stdout_with_normalize(runner, llama, encoder):
     np.testing.assert_allclose(vectors, ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-6)
 
 
-def test_cli_filter_is_applied_before_normalisation(runner, llama, encoder, tmp_path):
+def test_cli_filter_is_applied_before_normalisation(runner, tiny_llama, encoder, tmp_path):
     from embfilter_cli.artifact import load_artifact
 
     filt = tmp_path / "f.safetensors"
-    assert runner.invoke(app, ["fit", "-m", str(llama), "--rank", "3", "--bottom", "2", "-o", str(filt), "-q"]).exit_code == 0
+    assert runner.invoke(app, ["fit", "-m", str(tiny_llama), "--rank", "3", "--bottom", "2", "-o", str(filt), "-q"]).exit_code == 0
     src = tmp_path / "in.txt"
     src.write_text("\n".join(TEXTS) + "\n")
-    result = runner.invoke(app, ["embed", "-m", str(llama), "--device", "cpu", "--filter", str(filt), "--normalize",
+    result = runner.invoke(app, ["embed", "-m", str(tiny_llama), "--device", "cpu", "--filter", str(filt), "--normalize",
                                  "--json", str(src), "-o", str(tmp_path / "f.npy")])
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
@@ -366,23 +361,23 @@ def test_cli_filter_is_applied_before_normalisation(runner, llama, encoder, tmp_
     np.testing.assert_allclose(np.load(tmp_path / "f.npy"), ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-5)
 
 
-def test_cli_refuses_filter_from_another_model(runner, llama, tmp_path, make_filter):
+def test_cli_refuses_filter_from_another_model(runner, tiny_llama, tmp_path, make_filter):
     src = tmp_path / "in.txt"
     src.write_text("hello\n")
     out = tmp_path / "o.npy"
     wrong_dim = make_filter(d=16, name="d16.safetensors")
-    result = runner.invoke(app, ["embed", "-m", str(llama), "--filter", str(wrong_dim), str(src), "-o", str(out)])
+    result = runner.invoke(app, ["embed", "-m", str(tiny_llama), "--filter", str(wrong_dim), str(src), "-o", str(out)])
     assert result.exit_code == 1 and result.stdout == ""
     assert "expects hidden size 16" in result.stderr and "has 32" in result.stderr
     same_dim = make_filter(d=32, name="d32.safetensors")
-    result = runner.invoke(app, ["embed", "-m", str(llama), "--filter", str(same_dim), str(src), "-o", str(out)])
+    result = runner.invoke(app, ["embed", "-m", str(tiny_llama), "--filter", str(same_dim), str(src), "-o", str(out)])
     assert result.exit_code == 1
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("Error: ") and "W_U sha256 0000000000000000…" in line and "test/planted" in line
     from embfilter_cli.unembedding import read_unembedding
     from embfilter_cli.locate import resolve_model
 
-    assert read_unembedding(resolve_model(str(llama))).sha256[:16] in line
+    assert read_unembedding(resolve_model(str(tiny_llama))).sha256[:16] in line
     assert not out.exists() and _no_stray_files(tmp_path) == []
 
 
@@ -392,24 +387,24 @@ def test_cli_refuses_filter_from_another_model(runner, llama, tmp_path, make_fil
     (["-o", "{tmp}/o.npy", "--recipe", "no slot"], 1, "neither a known recipe"),
     (["-o", "{tmp}/o.npy", "--max-length", "0"], 2, "--max-length"),
 ])
-def test_cli_bad_options(runner, llama, tmp_path, args, code, message):
+def test_cli_bad_options(runner, tiny_llama, tmp_path, args, code, message):
     src = tmp_path / "in.txt"
     src.write_text("hello\n")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    result = runner.invoke(app, ["embed", "-m", str(llama), str(src), *args])
+    result = runner.invoke(app, ["embed", "-m", str(tiny_llama), str(src), *args])
     assert result.exit_code == code, result.stderr
     assert message in result.stderr and result.stdout == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]
 
 
-def test_cli_bad_input_line_and_existing_output(runner, llama, tmp_path):
+def test_cli_bad_input_line_and_existing_output(runner, tiny_llama, tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text('{"text": "a"}\nnot json\n')
-    result = runner.invoke(app, ["embed", "-m", str(llama), str(src), "-o", str(tmp_path / "o.npy")])
+    result = runner.invoke(app, ["embed", "-m", str(tiny_llama), str(src), "-o", str(tmp_path / "o.npy")])
     assert result.exit_code == 1 and "line 2 is not valid JSON" in result.stderr
     assert not (tmp_path / "o.npy").exists()
     existing = tmp_path / "old.npy"
     existing.write_bytes(b"keep")
-    result = runner.invoke(app, ["embed", "-m", str(llama), str(src), "-o", str(existing)])
+    result = runner.invoke(app, ["embed", "-m", str(tiny_llama), str(src), "-o", str(existing)])
     assert result.exit_code == 1 and "already exists; pass --force" in result.stderr
     assert existing.read_bytes() == b"keep"

@@ -31,7 +31,6 @@ from embfilter_cli.evaluation import (
 )
 from embfilter_cli.spectral import exact_spectrum
 from tests.conftest import planted_matrix
-from tests.tiny_models import make_llama
 
 PAIRS = [
     ("The cat sat on the mat.", "A cat sat on a mat.", 4.8),
@@ -44,11 +43,6 @@ PAIRS = [
     ("A dog ran in the park.", "The recipe needs two eggs and some flour.", 0.3),
 ]
 
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory) -> Path:
-    return make_llama(tmp_path_factory.mktemp("ev") / "llama")
 
 
 @pytest.fixture
@@ -202,11 +196,11 @@ def test_cache_round_trip_disable_and_corruption(tmp_path, planted):
     assert off.load_embeddings("k") is None and not (tmp_path / "off").exists()
 
 
-def test_head_spectrum_is_cached(llama, tmp_path):
+def test_head_spectrum_is_cached(tiny_llama, tmp_path):
     from embfilter_cli.locate import resolve_model
 
     cache = Cache(tmp_path / "c")
-    loc = resolve_model(str(llama))
+    loc = resolve_model(str(tiny_llama))
     facts, spectrum, hit = head_spectrum(loc, cache, device="cpu")
     assert not hit and facts.hidden_size == 32 and facts.tensor_name == "lm_head.weight"
     facts2, spectrum2, hit2 = head_spectrum(loc, cache, device="cpu")
@@ -217,12 +211,12 @@ def test_head_spectrum_is_cached(llama, tmp_path):
 # --------------------------------------------------------------------------- the CLI
 
 
-def _eval(runner, llama, tsv, *extra):
-    return runner.invoke(app, ["eval", "-m", str(llama), "--device", "cpu", "--data", str(tsv), *extra])
+def _eval(runner, tiny_llama, tsv, *extra):
+    return runner.invoke(app, ["eval", "-m", str(tiny_llama), "--device", "cpu", "--data", str(tsv), *extra])
 
 
-def test_cli_json_schema_and_second_run_uses_the_cache(runner, llama, tsv, monkeypatch):
-    first = _eval(runner, llama, tsv, "--sweep-top", "0,2,4", "--sweep-bottom", "0,3", "--ratio", "1,2", "--json")
+def test_cli_json_schema_and_second_run_uses_the_cache(runner, tiny_llama, tsv, monkeypatch):
+    first = _eval(runner, tiny_llama, tsv, "--sweep-top", "0,2,4", "--sweep-bottom", "0,3", "--ratio", "1,2", "--json")
     assert first.exit_code == 0, first.stderr
     doc = json.loads(first.stdout)
     assert doc["schema"] == "embfilter.eval/1" and doc["data"]["pairs"] == 8 and doc["data"]["texts"] == 11
@@ -235,44 +229,44 @@ def test_cli_json_schema_and_second_run_uses_the_cache(runner, llama, tsv, monke
     import embfilter_cli.embedding as embedding
 
     monkeypatch.setattr(embedding, "load_encoder_at", lambda *a, **k: pytest.fail("model loaded despite the cache"))
-    second = _eval(runner, llama, tsv, "--sweep-top", "0,2,4", "--sweep-bottom", "0,3", "--ratio", "1,2", "--json")
+    second = _eval(runner, tiny_llama, tsv, "--sweep-top", "0,2,4", "--sweep-bottom", "0,3", "--ratio", "1,2", "--json")
     assert second.exit_code == 0, second.stderr
     doc2 = json.loads(second.stdout)
     assert doc2["embedding"]["cached"] is True and "from cache" in second.stderr
     assert doc2["grid"] == doc["grid"] and doc2["results"] == doc["results"]
 
 
-def test_cli_no_cache_recomputes(runner, llama, tsv, tmp_path):
-    result = _eval(runner, llama, tsv, "--ratio", "2", "--no-cache", "--json")
+def test_cli_no_cache_recomputes(runner, tiny_llama, tsv, tmp_path):
+    result = _eval(runner, tiny_llama, tsv, "--ratio", "2", "--no-cache", "--json")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["embedding"]["cached"] is False
     assert not (tmp_path / "cache").exists()
 
 
-def test_cli_table_on_stdout_and_filters(runner, llama, tsv, tmp_path):
+def test_cli_table_on_stdout_and_filters(runner, tiny_llama, tsv, tmp_path):
     filt = tmp_path / "f.safetensors"
-    assert runner.invoke(app, ["fit", "-m", str(llama), "--rank", "2", "-o", str(filt)]).exit_code == 0
-    result = _eval(runner, llama, tsv, "--filter", str(filt), "--sweep-top", "0,2", "--sweep-bottom", "0")
+    assert runner.invoke(app, ["fit", "-m", str(tiny_llama), "--rank", "2", "-o", str(filt)]).exit_code == 0
+    result = _eval(runner, tiny_llama, tsv, "--filter", str(filt), "--sweep-top", "0,2", "--sweep-bottom", "0")
     assert result.exit_code == 0, result.stderr
     assert "f.safetensors" in result.stdout and "Spearman by band" in result.stdout and "★" in result.stdout
     assert "Data: pairs.tsv" in result.stderr and "Data:" not in result.stdout
     # The filter fitted with --rank 2 and the sweep cell (top 2, bottom 0) are the same map.
-    doc = json.loads(_eval(runner, llama, tsv, "--filter", str(filt), "--sweep-top", "0,2", "--sweep-bottom", "0", "--json").stdout)
+    doc = json.loads(_eval(runner, tiny_llama, tsv, "--filter", str(filt), "--sweep-top", "0,2", "--sweep-bottom", "0", "--json").stdout)
     assert doc["results"][1]["spearman"] == pytest.approx(doc["grid"]["spearman"][1][0], abs=1e-9)
 
 
-def test_cli_save_best_equals_fit_for_that_band(runner, llama, tsv, tmp_path):
+def test_cli_save_best_equals_fit_for_that_band(runner, tiny_llama, tsv, tmp_path):
     from embfilter_cli.artifact import load_artifact
 
     best = tmp_path / "best.safetensors"
-    result = _eval(runner, llama, tsv, "--sweep-top", "0,1,3", "--sweep-bottom", "0,2", "--no-auto", "--save-best", str(best), "--json")
+    result = _eval(runner, tiny_llama, tsv, "--sweep-top", "0,1,3", "--sweep-bottom", "0,2", "--no-auto", "--save-best", str(best), "--json")
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     band = doc["saved_best"]["band"]
     sweep = np.array(doc["grid"]["spearman"], dtype=float)
     assert doc["saved_best"]["spearman"] == pytest.approx(np.nanmax(sweep))
     ref = tmp_path / "ref.safetensors"
-    fitted = runner.invoke(app, ["fit", "-m", str(llama), "--rank", str(band["top"]), "--bottom", str(band["bottom"]),
+    fitted = runner.invoke(app, ["fit", "-m", str(tiny_llama), "--rank", str(band["top"]), "--bottom", str(band["bottom"]),
                                  "-o", str(ref), "-q"])
     assert fitted.exit_code == 0
     saved, reference = load_artifact(best), load_artifact(ref)
@@ -281,18 +275,18 @@ def test_cli_save_best_equals_fit_for_that_band(runner, llama, tsv, tmp_path):
     assert json.loads(saved.metadata["selected_by_eval"])["data"] == "pairs.tsv"
 
 
-def test_cli_plot_writes_a_png(runner, llama, tsv, tmp_path):
+def test_cli_plot_writes_a_png(runner, tiny_llama, tsv, tmp_path):
     png = tmp_path / "heat.png"
-    result = _eval(runner, llama, tsv, "--sweep-top", "0,2", "--sweep-bottom", "0,2", "--plot", str(png), "-q")
+    result = _eval(runner, tiny_llama, tsv, "--sweep-top", "0,2", "--sweep-bottom", "0,2", "--plot", str(png), "-q")
     assert result.exit_code == 0, result.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cli_plot_without_matplotlib_names_the_extra(runner, llama, tsv, tmp_path, monkeypatch):
+def test_cli_plot_without_matplotlib_names_the_extra(runner, tiny_llama, tsv, tmp_path, monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    result = _eval(runner, llama, tsv, "--sweep-top", "0,2", "--plot", str(tmp_path / "h.png"))
+    result = _eval(runner, tiny_llama, tsv, "--sweep-top", "0,2", "--plot", str(tmp_path / "h.png"))
     assert result.exit_code == 1 and "pip install 'embfilter[plot]'" in result.stderr
     assert result.stdout == "" and not (tmp_path / "h.png").exists()
 
@@ -304,30 +298,30 @@ def test_cli_plot_without_matplotlib_names_the_extra(runner, llama, tsv, tmp_pat
     (["--ratio", "0.5"], 2, "must be a number >= 1"),
     (["--recipe", "nope"], 1, "neither a known recipe"),
 ])
-def test_cli_bad_options_fail_before_work(runner, llama, tsv, tmp_path, monkeypatch, args, code, message):
+def test_cli_bad_options_fail_before_work(runner, tiny_llama, tsv, tmp_path, monkeypatch, args, code, message):
     monkeypatch.chdir(tmp_path)
-    result = _eval(runner, llama, tsv, *args)
+    result = _eval(runner, tiny_llama, tsv, *args)
     assert result.exit_code == code, result.stderr
     assert message in result.stderr and result.stdout == ""
     assert not (tmp_path / "h.png").exists() and not (tmp_path / "b.safetensors").exists()
 
 
-def test_cli_refuses_filter_from_another_model(runner, llama, tsv, make_filter):
-    result = _eval(runner, llama, tsv, "--filter", str(make_filter(d=32)))
+def test_cli_refuses_filter_from_another_model(runner, tiny_llama, tsv, make_filter):
+    result = _eval(runner, tiny_llama, tsv, "--filter", str(make_filter(d=32)))
     assert result.exit_code == 1 and result.stdout == ""
     assert "was fitted on test/planted (W_U sha256 0000000000000000…)" in result.stderr
 
 
-def test_cli_existing_outputs_are_refused(runner, llama, tsv, tmp_path):
+def test_cli_existing_outputs_are_refused(runner, tiny_llama, tsv, tmp_path):
     best = tmp_path / "best.safetensors"
     best.write_bytes(b"keep")
-    result = _eval(runner, llama, tsv, "--ratio", "2", "--save-best", str(best))
+    result = _eval(runner, tiny_llama, tsv, "--ratio", "2", "--save-best", str(best))
     assert result.exit_code == 1 and "already exists; pass --force" in result.stderr
     assert best.read_bytes() == b"keep"
 
 
-def test_cli_bad_tsv_names_the_line(runner, llama, tmp_path):
+def test_cli_bad_tsv_names_the_line(runner, tiny_llama, tmp_path):
     bad = tmp_path / "bad.tsv"
     bad.write_text("a\tb\t1\nc\td\tx\n")
-    result = _eval(runner, llama, bad)
+    result = _eval(runner, tiny_llama, bad)
     assert result.exit_code == 1 and "line 2: score 'x' is not a number" in result.stderr

@@ -22,11 +22,6 @@ D, K = 16, 13
 
 
 
-@pytest.fixture
-def art(make_filter) -> Path:
-    return make_filter()
-
-
 def vectors(n: int = 5, d: int = D, seed: int = 11) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
 

@@ -29,11 +29,6 @@ VOCAB = 50
 
 
 
-@pytest.fixture
-def art(make_filter) -> Path:
-    return make_filter()
-
-
 def reference(x: np.ndarray, art_path: Path, normalize: bool = False) -> np.ndarray:
     p = load_artifact(art_path).projection.astype(np.float64)
     y = x.astype(np.float64) @ p.T

@@ -9,12 +9,7 @@ import torch
 
 from embfilter_cli.artifact import load_artifact
 from embfilter_cli.cli import app
-from tests.tiny_models import make_gguf, make_llama
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return make_llama(tmp_path_factory.mktemp("m") / "llama", shard_size="20KB", padded_vocab=320)
+from tests.tiny_models import make_gguf
 
 
 def _ref_vectors(folder: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -29,25 +24,25 @@ def _ref_vectors(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     return ref.S.numpy(), ref.Vh.T.numpy()
 
 
-def test_fit_json_summary_and_artifact_match_float64_svd(runner, llama, tmp_path):
+def test_fit_json_summary_and_artifact_match_float64_svd(runner, tiny_llama_sharded, tmp_path):
     out = tmp_path / "f.safetensors"
-    result = runner.invoke(app, ["fit", "--model", str(llama), "--rank", "4", "--bottom", "2", "-o", str(out), "--json"])
+    result = runner.invoke(app, ["fit", "--model", str(tiny_llama_sharded), "--rank", "4", "--bottom", "2", "-o", str(out), "--json"])
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["output"] == str(out) and summary["output_dim"] == 26 and summary["band"]["bottom"] == 2
     assert summary["vocab_rows_used"] == 300 and summary["solver"] == "exact"
     assert "dropped 20 padding rows" in result.stderr
-    s, v = _ref_vectors(llama)
+    s, v = _ref_vectors(tiny_llama_sharded)
     art = load_artifact(out)
     np.testing.assert_allclose(art.singular_values, s, rtol=1e-6)
     np.testing.assert_allclose(np.abs(np.sum(art.projection * v[:, 4:30].T, axis=1)), 1.0, atol=1e-5)
     assert summary["energy_removed"] == pytest.approx(((s[:4] ** 2).sum() + (s[-2:] ** 2).sum()) / (s**2).sum(), rel=1e-5)
-    assert art.metadata["model_source"] == str(llama.resolve())
+    assert art.metadata["model_source"] == str(tiny_llama_sharded.resolve())
     assert art.metadata["tensor_name"] == "lm_head.weight"
 
 
-def test_fit_table_goes_to_stdout_logs_to_stderr(runner, llama, tmp_path):
-    result = runner.invoke(app, ["fit", "-m", str(llama), "--ratio", "2", "--no-reduce", "-o", str(tmp_path / "p.safetensors")])
+def test_fit_table_goes_to_stdout_logs_to_stderr(runner, tiny_llama_sharded, tmp_path):
+    result = runner.invoke(app, ["fit", "-m", str(tiny_llama_sharded), "--ratio", "2", "--no-reduce", "-o", str(tmp_path / "p.safetensors")])
     assert result.exit_code == 0, result.stderr
     assert "energy removed" in result.stdout and "Model:" in result.stderr and "Model:" not in result.stdout
     art = load_artifact(tmp_path / "p.safetensors")
@@ -55,34 +50,34 @@ def test_fit_table_goes_to_stdout_logs_to_stderr(runner, llama, tmp_path):
     assert art.band == {"hidden_size": 32, "start": 8, "keep": 16, "top": 8, "bottom": 8}
 
 
-def test_quiet_hides_info(runner, llama, tmp_path):
-    result = runner.invoke(app, ["fit", "-m", str(llama), "--rank", "2", "-q", "--json", "-o", str(tmp_path / "q.safetensors")])
+def test_quiet_hides_info(runner, tiny_llama_sharded, tmp_path):
+    result = runner.invoke(app, ["fit", "-m", str(tiny_llama_sharded), "--rank", "2", "-q", "--json", "-o", str(tmp_path / "q.safetensors")])
     assert result.exit_code == 0 and result.stderr == ""
 
 
-def test_default_output_path_and_force(runner, llama, tmp_path, monkeypatch):
+def test_default_output_path_and_force(runner, tiny_llama_sharded, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    first = runner.invoke(app, ["fit", "-m", str(llama), "--rank", "3"])
+    first = runner.invoke(app, ["fit", "-m", str(tiny_llama_sharded), "--rank", "3"])
     assert first.exit_code == 0, first.stderr
     path = tmp_path / "artifacts" / "llama-r3-b0.safetensors"
     assert path.exists()
     before = path.read_bytes()
-    again = runner.invoke(app, ["fit", "-m", str(llama), "--rank", "3"])
+    again = runner.invoke(app, ["fit", "-m", str(tiny_llama_sharded), "--rank", "3"])
     assert again.exit_code == 1
     assert again.stderr.strip().splitlines()[-1].startswith("Error: artifacts/llama-r3-b0.safetensors already exists")
     assert path.read_bytes() == before
-    forced = runner.invoke(app, ["fit", "-m", str(llama), "--rank", "3", "--force"])
+    forced = runner.invoke(app, ["fit", "-m", str(tiny_llama_sharded), "--rank", "3", "--force"])
     assert forced.exit_code == 0
 
 
-def test_randomized_solver_on_tiny_model(runner, llama, tmp_path):
+def test_randomized_solver_on_tiny_model(runner, tiny_llama_sharded, tmp_path):
     out = tmp_path / "r.safetensors"
-    result = runner.invoke(app, ["fit", "-m", str(llama), "--rank", "3", "--solver", "randomized", "--tol", "1e-5",
+    result = runner.invoke(app, ["fit", "-m", str(tiny_llama_sharded), "--rank", "3", "--solver", "randomized", "--tol", "1e-5",
                                  "--seed", "1", "-o", str(out), "--json"])
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["certificate"]["passed"] and summary["certificate"]["max_relative_residual"] <= 1e-5
-    s, v = _ref_vectors(llama)
+    s, v = _ref_vectors(tiny_llama_sharded)
     art = load_artifact(out)
     assert np.abs(art.projection @ v[:, :3]).max() < 1e-3  # top-3 removed to solver accuracy
 
@@ -100,9 +95,9 @@ def test_randomized_solver_on_tiny_model(runner, llama, tmp_path):
         (["--rank", "2", "--tensor", "nope"], 1, "--tensor 'nope' is not in"),
     ],
 )
-def test_fit_errors(runner, llama, tmp_path, args, status, needle):
+def test_fit_errors(runner, tiny_llama_sharded, tmp_path, args, status, needle):
     out = tmp_path / "never.safetensors"
-    result = runner.invoke(app, ["fit", "-m", str(llama), "-o", str(out), *args])
+    result = runner.invoke(app, ["fit", "-m", str(tiny_llama_sharded), "-o", str(out), *args])
     assert result.exit_code == status, (result.stdout, result.stderr)
     assert needle in " ".join(result.stderr.split())
     assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
@@ -184,11 +179,11 @@ def test_real_smollm2_gguf_end_to_end(runner, tmp_path):
     assert abs(mean @ top) / np.linalg.norm(mean) > 0.998
 
 
-def test_float32_precision_is_recorded(runner, llama, tmp_path):
+def test_float32_precision_is_recorded(runner, tiny_llama_sharded, tmp_path):
     out = tmp_path / "f32.safetensors"
-    result = runner.invoke(app, ["fit", "-m", str(llama), "--rank", "2", "--precision", "float32", "-o", str(out), "--json"])
+    result = runner.invoke(app, ["fit", "-m", str(tiny_llama_sharded), "--rank", "2", "--precision", "float32", "-o", str(out), "--json"])
     assert result.exit_code == 0, result.stderr
     params = json.loads(load_artifact(out).metadata["solver_params"])
     assert params["precision"] == "float32" and params["method"] == "gram-float32+eigh-float64"
-    s, _ = _ref_vectors(llama)
+    s, _ = _ref_vectors(tiny_llama_sharded)
     np.testing.assert_allclose(load_artifact(out).singular_values, s, rtol=1e-4)

@@ -20,7 +20,6 @@ from embfilter_cli.lens import (
     top_tokens,
     zipf_stats,
 )
-from tests.tiny_models import make_llama
 
 
 # --------------------------------------------------------------------------- lens math
@@ -184,13 +183,12 @@ def test_selection_errors(value, needle):
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, tiny_llama, tiny_llama_b):
     """Two tiny Llama folders (different seeds) and filters fitted on the first via `embfilter fit`."""
     from click.testing import CliRunner
 
     root = tmp_path_factory.mktemp("inspect")
-    a = make_llama(root / "llama_a", seed=0)
-    b = make_llama(root / "llama_b", seed=1)
+    a, b = tiny_llama, tiny_llama_b
     runner = CliRunner()
     filters = {}
     for name, args in {"r2": ["--rank", "2"], "r2b1": ["--rank", "2", "--bottom", "1"],

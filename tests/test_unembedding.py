@@ -14,10 +14,10 @@ from tests.tiny_models import make_gguf, make_gpt2, make_llama
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, tiny_llama_sharded):
     root = tmp_path_factory.mktemp("models")
     return {
-        "sharded": make_llama(root / "sharded", shard_size="20KB", padded_vocab=320),
+        "sharded": tiny_llama_sharded,
         "tied": make_llama(root / "tied", tie=True),
         "gpt2": make_gpt2(root / "gpt2"),
         "bf16": make_llama(root / "bf16", dtype=torch.bfloat16),

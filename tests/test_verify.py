@@ -14,20 +14,19 @@ import pytest
 from embfilter_cli.artifact import load_artifact, save_artifact
 from embfilter_cli.cli import app
 from embfilter_cli.checks import ORTHONORMAL_TOL, integrity_checks
-from tests.tiny_models import make_gguf, make_llama
+from tests.tiny_models import make_gguf
 
 HEX64 = re.compile(r"\b[0-9a-f]{64}\b")
 
 
 
 @pytest.fixture(scope="module")
-def llamas(tmp_path_factory):
+def llamas(tmp_path_factory, tiny_llama, tiny_llama_b):
     """Two tiny Llama folders that differ only in their seed, and a filter fitted on the first."""
     from click.testing import CliRunner
 
     root = tmp_path_factory.mktemp("verify_models")
-    a = make_llama(root / "a", seed=0)
-    b = make_llama(root / "b", seed=1)
+    a, b = tiny_llama, tiny_llama_b
     filt = root / "a.safetensors"
     result = CliRunner().invoke(app, ["fit", "--model", str(a), "--rank", "4", "-o", str(filt), "-q"])
     assert result.exit_code == 0, result.stderr
