@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -43,6 +42,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `python bench/x.py` puts only bench/ on the path
+
+from bench._common import describe_machine, load_average  # noqa: E402
 
 # Every child prints its own peak resident memory (kB) as the last stderr line.
 PEAK_FOOTER = (
@@ -122,26 +124,14 @@ def evict(path: Path) -> None:
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     try:
         blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
         blas_s = f"{blas.get('name')} {blas.get('version')}"
     except Exception:  # older numpy: no dict mode
         blas_s = "unknown BLAS"
-    try:
-        load = "load avg %.2f %.2f %.2f" % os.getloadavg()
-    except OSError:
-        load = ""
-    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, Python {platform.python_version()}, "
-            f"numpy {np.__version__} ({blas_s}); {load} at start")
+    avg = load_average()
+    load = "load avg %.2f %.2f %.2f" % avg if avg is not None else ""
+    return describe_machine(f"numpy {np.__version__} ({blas_s})") + f"; {load} at start"
 
 
 def main() -> None:

@@ -29,6 +29,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `python bench/x.py` puts only bench/ on the path
+
+from bench._common import load_average  # noqa: E402
+
 SWEEP = ["--sweep-top", "0,4,16,64,128", "--sweep-bottom", "0,4,8,16,32,64", "--ratio", "2,4,8"]
 
 CHILD_EMBED = r"""
@@ -117,9 +121,10 @@ def main() -> None:
         finally:
             shutil.rmtree(cache, ignore_errors=True)
 
-    load = os.getloadavg()
+    avg = load_average()
+    load = "%.1f/%.1f/%.1f" % avg if avg is not None else "n/a"
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
-          f"{result['threads']}, load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}; "
+          f"{result['threads']}, load average {load}; "
           f"model: {args.model or 'built-in SmolLM2-135M-Instruct GGUF (Q4_1 weights, Q8_0 W_U), float32'}\n")
     print("| step | wall | notes |\n|---|---|---|")
     print("\n".join(rows))
