@@ -53,6 +53,12 @@ class EmbfilterGroup(click.Group):
         module_name, attr = target.split(":")
         return getattr(importlib.import_module(module_name), attr)
 
+    def _subcommand_context(self, ctx: click.Context) -> click.Context:
+        """A context for the failed subcommand, so usage errors print `embfilter fit [OPTIONS]`."""
+        name = ctx.invoked_subcommand
+        command = self.get_command(ctx, name) if name else None
+        return click.Context(command, info_name=name, parent=ctx) if command else ctx
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -64,7 +70,7 @@ class EmbfilterGroup(click.Group):
             for exc_type, status in _known_errors().items():
                 if isinstance(exc, exc_type):
                     if status == 2:
-                        raise click.UsageError(_one_line(str(exc)), ctx=click.get_current_context(silent=True)) from exc
+                        raise click.UsageError(_one_line(str(exc)), ctx=self._subcommand_context(ctx)) from exc
                     raise click.ClickException(_one_line(str(exc))) from exc
             if isinstance(exc, KeyboardInterrupt):
                 raise

@@ -100,6 +100,8 @@ def test_fit_errors(runner, tiny_llama_sharded, tmp_path, args, status, needle):
     result = runner.invoke(app, ["fit", "-m", str(tiny_llama_sharded), "-o", str(out), *args])
     assert result.exit_code == status, (result.stdout, result.stderr)
     assert needle in " ".join(result.stderr.split())
+    if status == 2:
+        assert " fit [OPTIONS]" in result.stderr  # usage of the subcommand, not of the group
     assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
 
 
