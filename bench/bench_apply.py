@@ -56,7 +56,7 @@ PEAK_FOOTER = (
 BASELINE = """
 import json, sys, time
 import numpy as np
-from embfilter_cli.artifact import load_artifact
+from embfilter_cli.filters.artifact import load_artifact
 p = load_artifact(sys.argv[2]).projection
 t0 = time.perf_counter()
 x = np.load(sys.argv[1])          # the whole file into memory
@@ -69,10 +69,7 @@ print(json.dumps({"load_s": t1 - t0, "matmul_s": t2 - t1, "checksum": float(y[:4
 
 def apply_child(argv: list[str]) -> str:
     """Python code that runs the embfilter CLI in-process with argv, then prints its peak memory."""
-    return (
-        "from embfilter_cli.cli import app\n"
-        f"app.main(args={argv!r}, standalone_mode=False)\n"
-    ) + PEAK_FOOTER
+    return (f"from embfilter_cli.cli import app\napp.main(args={argv!r}, standalone_mode=False)\n") + PEAK_FOOTER
 
 
 def run_measured(code: str, args: list[str] | None = None) -> tuple[float, float, str]:
@@ -88,7 +85,7 @@ def run_measured(code: str, args: list[str] | None = None) -> tuple[float, float
 
 def write_input(path: Path, rows: int, dim: int, seed: int = 0, chunk: int = 8192) -> None:
     """A float32 (rows, dim) .npy written chunk by chunk (never whole in memory)."""
-    from embfilter_cli.vectors import npy_header
+    from embfilter_cli.vectors.stream import npy_header
 
     rng = np.random.default_rng(seed)
     with path.open("wb") as fh:
@@ -99,18 +96,26 @@ def write_input(path: Path, rows: int, dim: int, seed: int = 0, chunk: int = 819
 
 def make_filter(path: Path, dim: int, remove_top: int, seed: int = 0) -> None:
     """A real artifact from a random orthonormal basis and a decaying spectrum (what `fit` would save)."""
-    from embfilter_cli.artifact import save_artifact
-    from embfilter_cli.band import band_from_rank
-    from embfilter_cli.fitting import build_artifact
-    from embfilter_cli.spectral import Spectrum
+    from embfilter_cli.filters.artifact import save_artifact
+    from embfilter_cli.filters.band import band_from_rank
+    from embfilter_cli.filters.fitting import build_artifact
+    from embfilter_cli.filters.spectral import Spectrum
 
     rng = np.random.default_rng(seed)
     q, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
     sigma = 100.0 * np.arange(1, dim + 1, dtype=np.float64) ** -0.35
     spectrum = Spectrum(singular_values=sigma, vectors=q, solver="synthetic", frobenius_sq=float((sigma**2).sum()))
     band = band_from_rank(dim, remove_top, 0)
-    artifact = build_artifact(spectrum, band, reduce=True, model_source="bench/synthetic", model_revision="local",
-                              tensor_name="lm_head.weight", unembedding_sha256="0" * 64, vocab_size=dim)
+    artifact = build_artifact(
+        spectrum,
+        band,
+        reduce=True,
+        model_source="bench/synthetic",
+        model_revision="local",
+        tensor_name="lm_head.weight",
+        unembedding_sha256="0" * 64,
+        vocab_size=dim,
+    )
     save_artifact(artifact, path, force=True)
 
 
@@ -130,7 +135,7 @@ def machine() -> str:
     except Exception:  # older numpy: no dict mode
         blas_s = "unknown BLAS"
     avg = load_average()
-    load = "load avg %.2f %.2f %.2f" % avg if avg is not None else ""
+    load = "load avg {:.2f} {:.2f} {:.2f}".format(*avg) if avg is not None else ""
     return describe_machine(f"numpy {np.__version__} ({blas_s})") + f"; {load} at start"
 
 
@@ -140,7 +145,9 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=3584)
     parser.add_argument("--remove-top", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8192)
-    parser.add_argument("--work", type=Path, default=None, help="parent folder for the temporary data [default: system temp]")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="parent folder for the temporary data [default: system temp]"
+    )
     parser.add_argument("--cold", action="store_true", help="evict the input from the page cache before each run")
     parser.add_argument("--repeat", type=int, default=1, help="interleaved runs of each; times are best of N")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
@@ -156,13 +163,25 @@ def main() -> None:
         print(f"prepared filter and {rows}×{d} input in {time.perf_counter() - t0:.1f}s under {work}", file=sys.stderr)
         in_mib = (work / "x.npy").stat().st_size / 2**20
 
-        argv = ["apply", str(work / "filter.safetensors"), str(work / "x.npy"), "-o", str(work / "y.npy"),
-                "--batch-size", str(args.batch_size), "--json", "-q", "--force"]
+        argv = [
+            "apply",
+            str(work / "filter.safetensors"),
+            str(work / "x.npy"),
+            "-o",
+            str(work / "y.npy"),
+            "--batch-size",
+            str(args.batch_size),
+            "--json",
+            "-q",
+            "--force",
+        ]
         runs: dict[str, list[tuple[float, float, dict]]] = {"baseline": [], "apply": []}
         for _ in range(args.repeat):  # interleaved, so a burst of load elsewhere hits both sides alike
             if args.cold:
                 evict(work / "x.npy")
-            wall, peak, out = run_measured(BASELINE + PEAK_FOOTER, [str(work / "x.npy"), str(work / "filter.safetensors")])
+            wall, peak, out = run_measured(
+                BASELINE + PEAK_FOOTER, [str(work / "x.npy"), str(work / "filter.safetensors")]
+            )
             runs["baseline"].append((wall, peak, json.loads(out)))
             if args.cold:
                 evict(work / "x.npy")
@@ -171,8 +190,10 @@ def main() -> None:
         # best of N for times (the least disturbed run), worst of N for memory
         base_wall = min(r[0] for r in runs["baseline"])
         base_peak = max(r[1] for r in runs["baseline"])
-        base = {"matmul_s": min(r[2]["matmul_s"] for r in runs["baseline"]),
-                "load_s": min(r[2]["load_s"] for r in runs["baseline"])}
+        base = {
+            "matmul_s": min(r[2]["matmul_s"] for r in runs["baseline"]),
+            "load_s": min(r[2]["load_s"] for r in runs["baseline"]),
+        }
         base["load_matmul_s"] = min(r[2]["load_s"] + r[2]["matmul_s"] for r in runs["baseline"])
         app_wall = min(r[0] for r in runs["apply"])
         app_peak = max(r[1] for r in runs["apply"])
@@ -180,7 +201,7 @@ def main() -> None:
         spread = {name: [round(r[0], 1) for r in rs] for name, rs in runs.items()}
 
         # correctness: a sample of rows against float64
-        from embfilter_cli.artifact import load_artifact
+        from embfilter_cli.filters.artifact import load_artifact
 
         p64 = load_artifact(work / "filter.safetensors").projection.astype(np.float64)
         x = np.load(work / "x.npy", mmap_mode="r")
@@ -197,22 +218,34 @@ def main() -> None:
     batch_mib = (args.batch_size * (d + k) * 4 + k * d * 4) / 2**20
     cache = "evicted before each run (--cold)" if args.cold else "warm (the input was just written)"
     print(f"Machine: {header}\n")
-    print(f"Input: {rows} × {d} float32 .npy ({in_mib:,.0f} MiB); filter {d} → {k} (top {args.remove_top} removed); "
-          f"batch {args.batch_size} rows (≈ {batch_mib:,.0f} MiB of batch buffers + P); page cache {cache}.\n")
+    print(
+        f"Input: {rows} × {d} float32 .npy ({in_mib:,.0f} MiB); filter {d} → {k} (top {args.remove_top} removed); "
+        f"batch {args.batch_size} rows (≈ {batch_mib:,.0f} MiB of batch buffers + P); page cache {cache}.\n"
+    )
     print("| run | seconds | rows/s | vs in-memory matmul | peak RSS MiB | RSS / input size |")
     print("|---|---|---|---|---|---|")
-    print(f"| baseline: x @ P.T in memory (matmul only) | {base['matmul_s']:.2f} | {matmul_rate:,.0f} | 1.00× | "
-          f"{base_peak:,.0f} | {base_peak / in_mib:.2f} |")
-    print(f"| baseline: np.load + matmul | {base['load_matmul_s']:.2f} | {rows / base['load_matmul_s']:,.0f} | "
-          f"{rows / base['load_matmul_s'] / matmul_rate:.2f}× | — | — |")
-    print(f"| embfilter apply, whole process (start-up, read, write) | {app_wall:.2f} | {rows / app_wall:,.0f} | "
-          f"{rows / app_wall / matmul_rate:.2f}× | {app_peak:,.0f} | {app_peak / in_mib:.2f} |")
-    print(f"| embfilter apply, streaming loop only | {summary['seconds']:.2f} | {summary['rows_per_second']:,.0f} | "
-          f"{summary['rows_per_second'] / matmul_rate:.2f}× | — | — |")
-    print(f"\nTargets: apply ≥ 0.7× the in-memory matmul's rows/s; peak RSS bounded by the batch, not the file. "
-          f"Output checked on {len(idx)} rows against float64: max error {max_rel:.1e} relative to the largest value. "
-          f"Baseline process wall {base_wall:.1f}s (load {base['load_s']:.2f}s). "
-          f"Times are the best of {args.repeat} interleaved run(s); process walls per run: {spread}.")
+    print(
+        f"| baseline: x @ P.T in memory (matmul only) | {base['matmul_s']:.2f} | {matmul_rate:,.0f} | 1.00× | "
+        f"{base_peak:,.0f} | {base_peak / in_mib:.2f} |"
+    )
+    print(
+        f"| baseline: np.load + matmul | {base['load_matmul_s']:.2f} | {rows / base['load_matmul_s']:,.0f} | "
+        f"{rows / base['load_matmul_s'] / matmul_rate:.2f}× | — | — |"
+    )
+    print(
+        f"| embfilter apply, whole process (start-up, read, write) | {app_wall:.2f} | {rows / app_wall:,.0f} | "
+        f"{rows / app_wall / matmul_rate:.2f}× | {app_peak:,.0f} | {app_peak / in_mib:.2f} |"
+    )
+    print(
+        f"| embfilter apply, streaming loop only | {summary['seconds']:.2f} | {summary['rows_per_second']:,.0f} | "
+        f"{summary['rows_per_second'] / matmul_rate:.2f}× | — | — |"
+    )
+    print(
+        f"\nTargets: apply ≥ 0.7× the in-memory matmul's rows/s; peak RSS bounded by the batch, not the file. "
+        f"Output checked on {len(idx)} rows against float64: max error {max_rel:.1e} relative to the largest value. "
+        f"Baseline process wall {base_wall:.1f}s (load {base['load_s']:.2f}s). "
+        f"Times are the best of {args.repeat} interleaved run(s); process walls per run: {spread}."
+    )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,8 @@ CHILD_EMBED = r"""
 import json, sys, time
 spec, n, batch_sizes = json.loads(sys.argv[1])
 import torch
-from embfilter_cli.embedding import load_encoder, resolve_recipe
-from embfilter_cli.evaluation import load_lee
+from embfilter_cli.text.embedding import load_encoder, resolve_recipe
+from embfilter_cli.text.evaluation import load_lee
 texts = load_lee().texts[:n]
 t0 = time.perf_counter()
 enc = load_encoder(spec, device="cpu", dtype="float32")
@@ -90,9 +90,13 @@ def main() -> None:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
     rows: list[str] = []
-    _, rss, out, _ = run_measured([sys.executable, "-c", CHILD_EMBED, json.dumps([args.model, args.texts, batch_sizes])])
+    _, rss, out, _ = run_measured(
+        [sys.executable, "-c", CHILD_EMBED, json.dumps([args.model, args.texts, batch_sizes])]
+    )
     result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
-    rows.append(f"| model load (tokenizer + config + weights) | {result['load_s']:.1f} s | peak RSS of the embed process {rss:.2f} GiB |")
+    rows.append(
+        f"| model load (tokenizer + config + weights) | {result['load_s']:.1f} s | peak RSS of the embed process {rss:.2f} GiB |"
+    )
     for run in result["runs"]:
         saved = 1 - run["padded_tokens_sorted"] / max(run["padded_tokens_input_order"], 1)
         rows.append(
@@ -105,27 +109,46 @@ def main() -> None:
         cache = Path(tempfile.mkdtemp(prefix="embfilter-bench-cache-"))
         try:
             model = ["--model", args.model] if args.model else []
-            cmd = [sys.executable, "-m", "embfilter_cli", "eval", *model, "--data", "lee", *SWEEP, "--json",
-                   "--cache-dir", str(cache), "--device", "cpu"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "embfilter_cli",
+                "eval",
+                *model,
+                "--data",
+                "lee",
+                *SWEEP,
+                "--json",
+                "--cache-dir",
+                str(cache),
+                "--device",
+                "cpu",
+            ]
             cold, rss_cold, out_cold, _ = run_measured(cmd)
             warm, rss_warm, out_warm, _ = run_measured(cmd)
             doc_cold, doc_warm = json.loads(out_cold), json.loads(out_warm)
             assert doc_warm["embedding"]["cached"] and doc_warm["grid"] == doc_cold["grid"]
             cells = sum(v is not None for row in doc_cold["grid"]["spearman"] for v in row)
-            rows.append(f"| eval sweep, empty cache ({cells} bands + {len(doc_cold['results'])} rows) | {cold:.1f} s | "
-                        f"model load {doc_cold['embedding']['load_seconds']:.1f} s + embedding "
-                        f"{doc_cold['embedding']['seconds']:.1f} s + W_U read/decompose + imports; "
-                        f"peak RSS {rss_cold:.2f} GiB |")
-            rows.append(f"| eval sweep, cached (same command again) | {warm:.1f} s | no model load, no forward pass, "
-                        f"no decomposition; peak RSS {rss_warm:.2f} GiB |")
+            rows.append(
+                f"| eval sweep, empty cache ({cells} bands + {len(doc_cold['results'])} rows) | {cold:.1f} s | "
+                f"model load {doc_cold['embedding']['load_seconds']:.1f} s + embedding "
+                f"{doc_cold['embedding']['seconds']:.1f} s + W_U read/decompose + imports; "
+                f"peak RSS {rss_cold:.2f} GiB |"
+            )
+            rows.append(
+                f"| eval sweep, cached (same command again) | {warm:.1f} s | no model load, no forward pass, "
+                f"no decomposition; peak RSS {rss_warm:.2f} GiB |"
+            )
         finally:
             shutil.rmtree(cache, ignore_errors=True)
 
     avg = load_average()
-    load = "%.1f/%.1f/%.1f" % avg if avg is not None else "n/a"
-    print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
-          f"{result['threads']}, load average {load}; "
-          f"model: {args.model or 'built-in SmolLM2-135M-Instruct GGUF (Q4_1 weights, Q8_0 W_U), float32'}\n")
+    load = "{:.1f}/{:.1f}/{:.1f}".format(*avg) if avg is not None else "n/a"
+    print(
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
+        f"{result['threads']}, load average {load}; "
+        f"model: {args.model or 'built-in SmolLM2-135M-Instruct GGUF (Q4_1 weights, Q8_0 W_U), float32'}\n"
+    )
     print("| step | wall | notes |\n|---|---|---|")
     print("\n".join(rows))
 

@@ -87,15 +87,28 @@ def noise_chunks(rows: int, d: int, chunk: int = 16384):
 
 def make_checkpoint(folder: Path, rows: int, d: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": d, "vocab_size": rows,
-              "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+    config = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": d,
+        "vocab_size": rows,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
     (folder / "config.json").write_text(json.dumps(config))
     shard1, shard2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
-    write_safetensors_streaming(folder / shard1, {"model.embed_tokens.weight": ("BF16", (rows, d), noise_chunks(rows, d)),
-                                                  "model.norm.weight": ("F32", (d,), [np.ones(d, np.float32).tobytes()])})
+    write_safetensors_streaming(
+        folder / shard1,
+        {
+            "model.embed_tokens.weight": ("BF16", (rows, d), noise_chunks(rows, d)),
+            "model.norm.weight": ("F32", (d,), [np.ones(d, np.float32).tobytes()]),
+        },
+    )
     write_safetensors_streaming(folder / shard2, {"lm_head.weight": ("BF16", (rows, d), head_chunks(rows, d, seed=0))})
-    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": shard1, "model.norm.weight": shard1,
-                                            "lm_head.weight": shard2}}
+    index = {
+        "metadata": {},
+        "weight_map": {"model.embed_tokens.weight": shard1, "model.norm.weight": shard1, "lm_head.weight": shard2},
+    }
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
@@ -153,7 +166,7 @@ print(f"load {t1 - t0:.2f} svd {t2 - t1:.2f}")
 def measure_floor(folder: Path, rows: int, d: int) -> dict[str, float]:
     from scipy.linalg.blas import dsyrk
 
-    from embfilter_cli.unembedding import _file_range_sha256, _safetensors_entries
+    from embfilter_cli.model.unembedding import _file_range_sha256, _safetensors_entries
 
     chunk = np.random.default_rng(0).standard_normal((8192, d))
     gram = np.zeros((d, d), order="F")
@@ -195,15 +208,38 @@ def main() -> None:
     results: dict[str, tuple[float, float, str]] = {}
     if not args.skip_baseline:
         results["baseline: torch.linalg.svd(float32 head)"] = run_measured(
-            [sys.executable, "-c", BASELINE + PEAK_FOOTER, str(folder), "model-00002-of-00002.safetensors"])
-    common = ["embfilter_cli", "fit", "--model", str(folder), "--rank", str(args.rank), "--json", "-q", "--force",
-              "--padding-rows", "keep"]
+            [sys.executable, "-c", BASELINE + PEAK_FOOTER, str(folder), "model-00002-of-00002.safetensors"]
+        )
+    common = [
+        "embfilter_cli",
+        "fit",
+        "--model",
+        str(folder),
+        "--rank",
+        str(args.rank),
+        "--json",
+        "-q",
+        "--force",
+        "--padding-rows",
+        "keep",
+    ]
     results["embfilter fit --solver exact"] = run_measured(
-        _wrap(common + ["--solver", "exact", "-o", str(args.work / "exact.safetensors")]))
+        _wrap([*common, "--solver", "exact", "-o", str(args.work / "exact.safetensors")])
+    )
     if not args.skip_randomized:
         results[f"embfilter fit --solver randomized (oversample {args.oversample})"] = run_measured(
-            _wrap(common + ["--solver", "randomized", "--oversample", str(args.oversample),
-                            "-o", str(args.work / "randomized.safetensors")]))
+            _wrap(
+                [
+                    *common,
+                    "--solver",
+                    "randomized",
+                    "--oversample",
+                    str(args.oversample),
+                    "-o",
+                    str(args.work / "randomized.safetensors"),
+                ]
+            )
+        )
     floor = measure_floor(folder, rows, d)
 
     base = results.get("baseline: torch.linalg.svd(float32 head)")
@@ -215,14 +251,18 @@ def main() -> None:
         ratio = f"{base[0] / wall:.2f}×" if base else "—"
         print(f"| {name} | {wall:.1f} | {ratio} | {peak:.2f} | {peak / head_f32_gib:.2f} |")
     exact_wall = results["embfilter fit --solver exact"][0]
-    print(f"\nFloor for the exact solver: Gram V·d² at the measured dsyrk rate "
-          f"({floor['syrk_gflops']:.0f} GFLOP/s effective) = {floor['gram_s']:.1f} s, plus reading the tensor "
-          f"{floor['read_s']:.1f} s = {floor['floor_s']:.1f} s; the exact fit takes {exact_wall / floor['floor_s']:.2f}× the floor "
-          "(the rest: interpreter and library start-up, bf16→float64 conversion, hashing, eigh of the d×d Gram, writing).")
+    print(
+        f"\nFloor for the exact solver: Gram V·d² at the measured dsyrk rate "
+        f"({floor['syrk_gflops']:.0f} GFLOP/s effective) = {floor['gram_s']:.1f} s, plus reading the tensor "
+        f"{floor['read_s']:.1f} s = {floor['floor_s']:.1f} s; the exact fit takes {exact_wall / floor['floor_s']:.2f}× the floor "
+        "(the rest: interpreter and library start-up, bf16→float64 conversion, hashing, eigh of the d×d Gram, writing)."
+    )
     for name, (_, _, out) in results.items():
         if name.startswith("embfilter") and out.strip():
             summary = json.loads(out)
-            print(f"\n{name}: solve {summary['solve_seconds']} s, certificate {json.dumps({k: v for k, v in summary['certificate'].items() if k != 'residual_history'})}")
+            print(
+                f"\n{name}: solve {summary['solve_seconds']} s, certificate {json.dumps({k: v for k, v in summary['certificate'].items() if k != 'residual_history'})}"
+            )
     if base:
         print(f"\nbaseline detail: {base[2].strip()}")
     if not args.keep:

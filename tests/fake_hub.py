@@ -97,13 +97,13 @@ class FakeHub:
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_HEAD(self) -> None:  # noqa: N802 - http.server naming
+            def do_HEAD(self) -> None:
                 hub._serve(self, body=False)
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 hub._serve(self, body=True)
 
-            def log_message(self, format: str, *args: Any) -> None:  # keep test output clean
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class names it; keep test output clean
                 pass
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -189,8 +189,13 @@ class FakeHub:
             handler.wfile.write(data)
 
     @staticmethod
-    def _error(handler: BaseHTTPRequestHandler, status: int, code: str | None, message: str,
-               extra: dict[str, str] | None = None) -> None:
+    def _error(
+        handler: BaseHTTPRequestHandler,
+        status: int,
+        code: str | None,
+        message: str,
+        extra: dict[str, str] | None = None,
+    ) -> None:
         payload = f'{{"error": "{message}"}}'.encode()
         handler.send_response(status)
         if code is not None:

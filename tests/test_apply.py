@@ -1,4 +1,4 @@
-"""`embfilter apply` and the streaming readers/writers in `embfilter_cli.vectors`.
+"""`embfilter apply` and the streaming readers/writers in `embfilter_cli.vectors.stream`.
 
 Every numeric result is compared with a float64 numpy reference x @ Pᵀ; every bad input is checked
 for its one-line message, exit status, and that no output (or temp file) was left behind.
@@ -19,13 +19,12 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from embfilter_cli.artifact import load_artifact
 from embfilter_cli.cli import app
 from embfilter_cli.commands import apply as apply_cmd
-from embfilter_cli import vectors
+from embfilter_cli.filters.artifact import load_artifact
+from embfilter_cli.vectors import stream as vectors
 
 D, K = 16, 13  # make_filter's default: d=16, top 2 and bottom 1 removed
-
 
 
 @pytest.fixture
@@ -93,7 +92,9 @@ def test_npy_file_to_file_matches_float64_reference_across_batches(runner, filt,
 def test_dtypes_default_to_the_input_and_can_be_overridden(runner, filt, tmp_path, in_dtype, flag, out_dtype, tol):
     x = _x(20).astype(in_dtype)
     np.save(tmp_path / "x.npy", x)
-    args = ["apply", str(filt), str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy")] + (["--dtype", flag] if flag else [])
+    args = ["apply", str(filt), str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy")] + (
+        ["--dtype", flag] if flag else []
+    )
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.stderr
     y = np.load(tmp_path / "y.npy")
@@ -105,8 +106,14 @@ def test_any_rank_filters_the_last_axis_and_fortran_order_works(runner, filt, tm
     x = _x(12).reshape(3, 4, D)
     np.save(tmp_path / "x3.npy", x)
     np.save(tmp_path / "xf.npy", np.asfortranarray(x[0]))
-    assert runner.invoke(app, ["apply", str(filt), str(tmp_path / "x3.npy"), "-o", str(tmp_path / "y3.npy")]).exit_code == 0
-    assert runner.invoke(app, ["apply", str(filt), str(tmp_path / "xf.npy"), "-o", str(tmp_path / "yf.npy")]).exit_code == 0
+    assert (
+        runner.invoke(app, ["apply", str(filt), str(tmp_path / "x3.npy"), "-o", str(tmp_path / "y3.npy")]).exit_code
+        == 0
+    )
+    assert (
+        runner.invoke(app, ["apply", str(filt), str(tmp_path / "xf.npy"), "-o", str(tmp_path / "yf.npy")]).exit_code
+        == 0
+    )
     y3 = np.load(tmp_path / "y3.npy")
     assert y3.shape == (3, 4, K)
     np.testing.assert_allclose(y3, _ref(x.reshape(-1, D), filt).reshape(3, 4, K), rtol=1e-5, atol=1e-5)
@@ -117,7 +124,9 @@ def test_normalize_gives_unit_vectors_and_keeps_zero_rows_zero(runner, filt, tmp
     x = _x(10)
     x[3] = 0
     np.save(tmp_path / "x.npy", x)
-    result = runner.invoke(app, ["apply", str(filt), str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy"), "--normalize"])
+    result = runner.invoke(
+        app, ["apply", str(filt), str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy"), "--normalize"]
+    )
     assert result.exit_code == 0 and "L2-normalised" in result.stderr
     y = np.load(tmp_path / "y.npy")
     ref = _ref(x, filt)
@@ -131,7 +140,9 @@ def test_normalize_gives_unit_vectors_and_keeps_zero_rows_zero(runner, filt, tmp
 def test_stdin_npy_is_sniffed_and_stdout_gets_the_same_bytes_as_a_file(runner, filt, tmp_path):
     x = _x(30)
     np.save(tmp_path / "x.npy", x)
-    assert runner.invoke(app, ["apply", str(filt), str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy")]).exit_code == 0
+    assert (
+        runner.invoke(app, ["apply", str(filt), str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy")]).exit_code == 0
+    )
     result = runner.invoke(app, ["apply", str(filt), "-"], input=(tmp_path / "x.npy").read_bytes())
     assert result.exit_code == 0, result.stderr
     assert result.stdout_bytes == (tmp_path / "y.npy").read_bytes()
@@ -141,7 +152,9 @@ def test_empty_npy_inputs_give_empty_outputs(runner, filt, tmp_path):
     np.save(tmp_path / "e2.npy", np.zeros((0, D), np.float32))
     np.save(tmp_path / "e1.npy", np.array([], dtype=np.float32))
     for name in ("e2", "e1"):
-        result = runner.invoke(app, ["apply", str(filt), str(tmp_path / f"{name}.npy"), "-o", str(tmp_path / f"{name}.out.npy")])
+        result = runner.invoke(
+            app, ["apply", str(filt), str(tmp_path / f"{name}.npy"), "-o", str(tmp_path / f"{name}.out.npy")]
+        )
         assert result.exit_code == 0, result.stderr
         y = np.load(tmp_path / f"{name}.out.npy")
         assert y.shape == (0, K) and y.dtype == np.float32
@@ -152,7 +165,9 @@ def test_empty_npy_inputs_give_empty_outputs(runner, filt, tmp_path):
 
 def test_jsonl_keeps_other_fields_and_order_and_skips_blank_lines(runner, filt, tmp_path):
     x = _x(5, dtype=np.float64)
-    records = [{"id": i, "text": f"tëxt {i} ✓", "embedding": x[i].tolist(), "meta": {"a": [1, None, True]}} for i in range(5)]
+    records = [
+        {"id": i, "text": f"tëxt {i} ✓", "embedding": x[i].tolist(), "meta": {"a": [1, None, True]}} for i in range(5)
+    ]
     path = _write_jsonl(tmp_path / "x.jsonl", records)
     path.write_text(path.read_text(encoding="utf-8").replace("\n", "\n\n", 1), encoding="utf-8")  # a blank line 2
     result = runner.invoke(app, ["apply", str(filt), str(path)])
@@ -211,7 +226,9 @@ def test_jsonl_to_npy_with_unknown_row_count(runner, filt, tmp_path, to_file):
         result = runner.invoke(app, ["apply", str(filt), str(path), "-o", str(tmp_path / "y.npy"), "--batch-size", "5"])
         y = np.load(tmp_path / "y.npy")
     else:
-        result = runner.invoke(app, ["apply", str(filt), str(path), "--to", "npy", "--dtype", "float32", "--batch-size", "5"])
+        result = runner.invoke(
+            app, ["apply", str(filt), str(path), "--to", "npy", "--dtype", "float32", "--batch-size", "5"]
+        )
         y = np.load(io.BytesIO(result.stdout_bytes))
     assert result.exit_code == 0, result.stderr
     assert y.shape == (23, K) and y.dtype == (np.float64 if to_file else np.float32)
@@ -226,7 +243,9 @@ def test_npy_to_jsonl_by_extension_and_jsonl_to_safetensors(runner, filt, tmp_pa
     rows = [json.loads(line) for line in (tmp_path / "y.jsonl").read_text().splitlines()]
     assert [list(r) for r in rows] == [["embedding"]] * 4
     np.testing.assert_allclose([r["embedding"] for r in rows], _ref(x, filt), rtol=1e-6, atol=1e-6)
-    path = _write_jsonl(tmp_path / "x.jsonl", [{"embedding": r.tolist(), "id": i} for i, r in enumerate(x.astype(np.float64))])
+    path = _write_jsonl(
+        tmp_path / "x.jsonl", [{"embedding": r.tolist(), "id": i} for i, r in enumerate(x.astype(np.float64))]
+    )
     result = runner.invoke(app, ["apply", str(filt), str(path), "--to", "safetensors", "--tensor", "vecs"])
     assert result.exit_code == 0, result.stderr
     (tmp_path / "z.safetensors").write_bytes(result.stdout_bytes)
@@ -243,9 +262,15 @@ def test_npy_to_jsonl_by_extension_and_jsonl_to_safetensors(runner, filt, tmp_pa
 def test_safetensors_keeps_other_tensors_and_metadata_and_records_the_filter(runner, filt, tmp_path):
     x = _x(9)
     ids = np.arange(9, dtype=np.int64)
-    save_file({"ids": ids, "emb": x, "scale": np.ones(3, np.float32)}, str(tmp_path / "x.safetensors"), metadata={"src": "unit"})
+    save_file(
+        {"ids": ids, "emb": x, "scale": np.ones(3, np.float32)},
+        str(tmp_path / "x.safetensors"),
+        metadata={"src": "unit"},
+    )
     out = tmp_path / "y.safetensors"
-    result = runner.invoke(app, ["apply", str(filt), str(tmp_path / "x.safetensors"), "-o", str(out), "--batch-size", "4"])
+    result = runner.invoke(
+        app, ["apply", str(filt), str(tmp_path / "x.safetensors"), "-o", str(out), "--batch-size", "4"]
+    )
     assert result.exit_code == 0, result.stderr
     with safe_open(str(out), "numpy") as fh:
         meta = fh.metadata()
@@ -258,7 +283,9 @@ def test_safetensors_keeps_other_tensors_and_metadata_and_records_the_filter(run
     assert meta["embfilter.projection_sha256"] == art.metadata["projection_sha256"]
     assert meta["embfilter.unembedding_sha256"] == art.unembedding_sha256
     # the same through a pipe (tensors must be read strictly in file order)
-    result = runner.invoke(app, ["apply", str(filt), "-", "--batch-size", "4"], input=(tmp_path / "x.safetensors").read_bytes())
+    result = runner.invoke(
+        app, ["apply", str(filt), "-", "--batch-size", "4"], input=(tmp_path / "x.safetensors").read_bytes()
+    )
     assert result.exit_code == 0, result.stderr
     assert result.stdout_bytes == out.read_bytes()
 
@@ -274,7 +301,7 @@ def test_safetensors_bfloat16_in_and_out_match_torch_rounding(runner, filt, tmp_
     with safe_open(str(out), "pt") as fh:
         y = fh.get_tensor("emb")
     assert y.dtype == torch.bfloat16
-    expected = torch.from_numpy((x.float().numpy() @ load_artifact(filt).projection.T)).to(torch.bfloat16)
+    expected = torch.from_numpy(x.float().numpy() @ load_artifact(filt).projection.T).to(torch.bfloat16)
     assert torch.equal(y, expected)
     # bfloat16 into .npy becomes float32 (numpy has no bfloat16), said on stderr
     result = runner.invoke(app, ["apply", str(filt), str(tmp_path / "x.safetensors"), "-o", str(tmp_path / "y.npy")])
@@ -287,21 +314,39 @@ def test_bfloat16_conversions_match_torch():
     values = np.concatenate([special, np.random.default_rng(0).standard_normal(1000).astype(np.float32) * 100])
     bits = vectors.float32_to_bfloat16(values)
     assert np.array_equal(bits, torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16))
-    np.testing.assert_array_equal(vectors.bfloat16_to_float32(bits), torch.from_numpy(values).to(torch.bfloat16).float().numpy())
+    np.testing.assert_array_equal(
+        vectors.bfloat16_to_float32(bits), torch.from_numpy(values).to(torch.bfloat16).float().numpy()
+    )
     nan_bits = vectors.float32_to_bfloat16(np.array([np.nan, np.uint32(0x7F800001).view(np.float32)], np.float32))
     assert np.isnan(vectors.bfloat16_to_float32(nan_bits)).all()
 
 
 def test_safetensors_tensor_choice(runner, filt, tmp_path):
     save_file({"a": _x(3), "b": _x(3, seed=2)}, str(tmp_path / "two.safetensors"))
-    result = runner.invoke(app, ["apply", str(filt), str(tmp_path / "two.safetensors"), "-o", str(tmp_path / "o.safetensors")])
+    result = runner.invoke(
+        app, ["apply", str(filt), str(tmp_path / "two.safetensors"), "-o", str(tmp_path / "o.safetensors")]
+    )
     assert result.exit_code == 1
     _one_line_error(result, "holds several 2-D float tensors (a F32 [3, 16], b F32 [3, 16]); pass --tensor NAME")
-    result = runner.invoke(app, ["apply", str(filt), str(tmp_path / "two.safetensors"), "--tensor", "zz", "-o", str(tmp_path / "o.safetensors")])
+    result = runner.invoke(
+        app,
+        [
+            "apply",
+            str(filt),
+            str(tmp_path / "two.safetensors"),
+            "--tensor",
+            "zz",
+            "-o",
+            str(tmp_path / "o.safetensors"),
+        ],
+    )
     assert result.exit_code == 1
     _one_line_error(result, "has no tensor 'zz'; it holds a, b")
     assert _files(tmp_path) == ["f.safetensors", "two.safetensors"]
-    result = runner.invoke(app, ["apply", str(filt), str(tmp_path / "two.safetensors"), "--tensor", "b", "-o", str(tmp_path / "o.safetensors")])
+    result = runner.invoke(
+        app,
+        ["apply", str(filt), str(tmp_path / "two.safetensors"), "--tensor", "b", "-o", str(tmp_path / "o.safetensors")],
+    )
     assert result.exit_code == 0, result.stderr
     with safe_open(str(tmp_path / "o.safetensors"), "numpy") as fh:
         np.testing.assert_allclose(fh.get_tensor("b"), _ref(_x(3, seed=2), filt), rtol=1e-5, atol=1e-5)
@@ -330,7 +375,9 @@ def test_nan_is_an_error_naming_the_row_and_nothing_is_left_behind(runner, filt,
 
 def test_allow_nonfinite_passes_rows_through_with_a_warning(runner, filt, tmp_path):
     path = _npy_with_nan(tmp_path)
-    result = runner.invoke(app, ["apply", str(filt), str(path), "-o", str(tmp_path / "y.npy"), "--allow-nonfinite", "-q"])
+    result = runner.invoke(
+        app, ["apply", str(filt), str(path), "-o", str(tmp_path / "y.npy"), "--allow-nonfinite", "-q"]
+    )
     assert result.exit_code == 0, result.stderr
     assert "1 input vectors held NaN/Inf" in result.stderr
     y = np.load(tmp_path / "y.npy")
@@ -348,13 +395,22 @@ def test_nonfinite_jsonl_names_the_line(runner, filt, tmp_path):
 @pytest.mark.parametrize(
     "content, needle",
     [
-        ('{"embedding": [1, 2]\n', "line 1 is not valid JSON (Expecting ',' delimiter at column 21); fix or remove that line"),
+        (
+            '{"embedding": [1, 2]\n',
+            "line 1 is not valid JSON (Expecting ',' delimiter at column 21); fix or remove that line",
+        ),
         ('{"id": 1}\n', "line 1 has no field 'embedding' (its fields: id); pass --field NAME"),
-        ('[1, 2]\n', "line 1 is a JSON list, not an object"),
+        ("[1, 2]\n", "line 1 is a JSON list, not an object"),
         ('{"embedding": "1 2"}\n', "field 'embedding' is a JSON string, expected a list of numbers"),
-        ('{"embedding": [1, "a"' + ", 0" * (D - 2) + "]}\n", "holds \"a\" at position 1; vectors must be flat lists of numbers"),
+        (
+            '{"embedding": [1, "a"' + ", 0" * (D - 2) + "]}\n",
+            'holds "a" at position 1; vectors must be flat lists of numbers',
+        ),
         ('{"embedding": [1, null' + ", 0" * (D - 2) + "]}\n", "holds null at position 1"),
-        ('{"embedding": [' + ", ".join(["1"] * 8) + "]}\n", "line 1: field 'embedding' has 8 numbers but earlier lines have 16"),
+        (
+            '{"embedding": [' + ", ".join(["1"] * 8) + "]}\n",
+            "line 1: field 'embedding' has 8 numbers but earlier lines have 16",
+        ),
         (b'{"embedding": "\xff"}\n', "line 1 is not valid UTF-8"),
     ],
 )
@@ -371,8 +427,11 @@ def test_bad_jsonl_lines_are_named(runner, filt, tmp_path, content, needle):
 def test_jsonl_dimension_mismatch_and_ragged_lines(runner, filt):
     result = runner.invoke(app, ["apply", str(filt), "-"], input=json.dumps({"embedding": [0.5] * 8}) + "\n")
     assert result.exit_code == 1
-    _one_line_error(result, "stdin line 1: field 'embedding' has 8 numbers but the filter expects 16 (fitted on test/planted); "
-                            "use a filter fitted on the model that produced these vectors")
+    _one_line_error(
+        result,
+        "stdin line 1: field 'embedding' has 8 numbers but the filter expects 16 (fitted on test/planted); "
+        "use a filter fitted on the model that produced these vectors",
+    )
     data = json.dumps({"embedding": [0.5] * D}) + "\n" + json.dumps({"embedding": [0.5] * (D - 1)}) + "\n"
     result = runner.invoke(app, ["apply", str(filt), "-"], input=data)
     assert result.exit_code == 1
@@ -382,11 +441,17 @@ def test_jsonl_dimension_mismatch_and_ragged_lines(runner, filt):
 @pytest.mark.parametrize(
     "make, needle",
     [
-        (lambda p: np.save(p, _x(4, d=8)), "holds 8-dimensional vectors but the filter expects 16 (fitted on test/planted); "
-                                           "use a filter fitted on the model that produced these vectors"),
+        (
+            lambda p: np.save(p, _x(4, d=8)),
+            "holds 8-dimensional vectors but the filter expects 16 (fitted on test/planted); "
+            "use a filter fitted on the model that produced these vectors",
+        ),
         (lambda p: p.write_bytes(b"hello, not numpy"), "is not a .npy file"),
         (lambda p: np.save(p, np.arange(4 * D).reshape(4, D)), "holds int64 values"),
-        (lambda p: (np.save(p, _x(40)), p.write_bytes(p.read_bytes()[:-100])), "is truncated: its .npy header promises 40×16"),
+        (
+            lambda p: (np.save(p, _x(40)), p.write_bytes(p.read_bytes()[:-100])),
+            "is truncated: its .npy header promises 40×16",
+        ),
         (lambda p: np.save(p, np.float32(3)), "holds a single number"),
     ],
 )
@@ -449,7 +514,9 @@ def test_usage_errors_exit_2(runner, filt, tmp_path, args, needle):
 def test_not_a_filter_is_refused_before_reading_input(runner, tmp_path):
     np.save(tmp_path / "x.npy", _x(3))
     (tmp_path / "f.safetensors").write_bytes(b"junk")
-    result = runner.invoke(app, ["apply", str(tmp_path / "f.safetensors"), str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy")])
+    result = runner.invoke(
+        app, ["apply", str(tmp_path / "f.safetensors"), str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy")]
+    )
     assert result.exit_code == 1
     _one_line_error(result, "is not a readable safetensors file")
     assert not (tmp_path / "y.npy").exists()
@@ -463,8 +530,16 @@ def test_json_summary(runner, filt, tmp_path):
     result = runner.invoke(app, ["apply", str(filt), str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy"), "--json"])
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
-    assert {k: doc[k] for k in ("rows", "input_dim", "output_dim", "input_format", "output_format", "output_dtype")} == {
-        "rows": 11, "input_dim": D, "output_dim": K, "input_format": "npy", "output_format": "npy", "output_dtype": "float32"}
+    assert {
+        k: doc[k] for k in ("rows", "input_dim", "output_dim", "input_format", "output_format", "output_dtype")
+    } == {
+        "rows": 11,
+        "input_dim": D,
+        "output_dim": K,
+        "input_format": "npy",
+        "output_format": "npy",
+        "output_dtype": "float32",
+    }
     assert doc["projection_sha256"] == load_artifact(filt).metadata["projection_sha256"]
 
 
@@ -484,8 +559,13 @@ def test_filter_stream_reports_progress_to_the_total(filt, tmp_path):
     with open(tmp_path / "x.npy", "rb") as fp:
         source = vectors.open_source(fp, "npy", "x.npy", path=tmp_path / "x.npy", expected_dim=D)
         sink = vectors.NpySink(io.BytesIO(), seekable=True)
-        stats = vectors.filter_stream(source, sink, load_artifact(filt).projection, batch_rows=6,
-                                      progress=lambda done, total: calls.append((done, total)))
+        stats = vectors.filter_stream(
+            source,
+            sink,
+            load_artifact(filt).projection,
+            batch_rows=6,
+            progress=lambda done, total: calls.append((done, total)),
+        )
         source.close()
     assert calls == [(6, 20), (12, 20), (18, 20), (20, 20)]
     assert (stats.rows, stats.input_dim, stats.output_dim) == (20, D, K)
@@ -514,7 +594,9 @@ def test_cli_choices_mirror_the_core():
 def test_npy_header_patch_keeps_alignment():
     for rows in (0, 7, 10**12):
         short = vectors.npy_header(np.dtype(np.float32), (rows, 3))
-        padded = vectors.npy_header(np.dtype(np.float32), (rows, 3), min_len=len(vectors.npy_header(np.dtype(np.float32), (10**19 - 1, 3))))
+        padded = vectors.npy_header(
+            np.dtype(np.float32), (rows, 3), min_len=len(vectors.npy_header(np.dtype(np.float32), (10**19 - 1, 3)))
+        )
         for header in (short, padded):
             assert len(header) % 64 == 0
             fp = io.BytesIO(header)
@@ -529,13 +611,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cli(args: list[str], data: bytes) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "embfilter_cli", *args], input=data, capture_output=True, cwd=ROOT,
-                          env=dict(os.environ, EMBFILTER_DEBUG=""), timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "embfilter_cli", *args],
+        input=data,
+        capture_output=True,
+        cwd=ROOT,
+        env=dict(os.environ, EMBFILTER_DEBUG=""),
+        timeout=120,
+    )
 
 
 def test_real_pipes_jsonl_and_npy(filt, tmp_path):
     x = _x(12)
-    data = "".join(json.dumps({"i": i, "embedding": r.tolist()}) + "\n" for i, r in enumerate(x.astype(np.float64))).encode()
+    data = "".join(
+        json.dumps({"i": i, "embedding": r.tolist()}) + "\n" for i, r in enumerate(x.astype(np.float64))
+    ).encode()
     out = _cli(["apply", str(filt), "-", "--format", "jsonl"], data)
     assert out.returncode == 0, out.stderr
     got = [json.loads(line) for line in out.stdout.decode().splitlines()]
@@ -561,9 +651,11 @@ def test_resident_memory_is_bounded_by_the_batch_not_the_file(filt, tmp_path):
     # VmHWM is the peak of the process's own address space. ru_maxrss is not usable here: Linux carries
     # the (large) pytest parent's RSS over fork/exec into the child's ru_maxrss.
     args = ["apply", str(filt), str(path), "-o", str(tmp_path / "out.npy"), "-q", "--batch-size", "65536"]
-    code = ("import re\nfrom embfilter_cli.cli import app\n"
-            f"app.main(args={args!r}, standalone_mode=False)\n"
-            "print(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1))\n")
+    code = (
+        "import re\nfrom embfilter_cli.cli import app\n"
+        f"app.main(args={args!r}, standalone_mode=False)\n"
+        "print(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
     peak_mb = int(out.stdout.split()[-1]) / 1024

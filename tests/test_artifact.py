@@ -6,8 +6,8 @@ import struct
 import numpy as np
 import pytest
 
-from embfilter_cli.artifact import FORMAT_VERSION, load_artifact, newest_artifact, save_artifact
 from embfilter_cli.errors import ArtifactError, OutputExistsError
+from embfilter_cli.filters.artifact import FORMAT_VERSION, load_artifact, newest_artifact, save_artifact
 
 
 def _header(path):
@@ -31,14 +31,31 @@ def test_round_trip_keeps_tensors_and_metadata(make_filter):
 def test_header_layout_is_stable(make_filter):
     header = _header(make_filter(d=8, top=1, bottom=1))
     assert sorted(k for k in header if k != "__metadata__") == [
-        "kept_indices", "projection", "removed_directions", "singular_values"]
+        "kept_indices",
+        "projection",
+        "removed_directions",
+        "singular_values",
+    ]
     assert header["projection"]["dtype"] == "F32" and header["projection"]["shape"] == [6, 8]
     assert header["singular_values"]["dtype"] == "F64"
     assert header["kept_indices"]["dtype"] == "I64"
     meta = header["__metadata__"]
     assert meta["format"] == "embfilter.filter" and meta["format_version"] == "1"
-    for key in ("model_source", "model_revision", "tensor_name", "unembedding_sha256", "vocab_size", "hidden_size",
-                "band", "solver", "solver_params", "certificate", "tool_version", "created_utc", "projection_sha256"):
+    for key in (
+        "model_source",
+        "model_revision",
+        "tensor_name",
+        "unembedding_sha256",
+        "vocab_size",
+        "hidden_size",
+        "band",
+        "solver",
+        "solver_params",
+        "certificate",
+        "tool_version",
+        "created_utc",
+        "projection_sha256",
+    ):
         assert key in meta
 
 
@@ -69,8 +86,9 @@ def test_failed_write_leaves_nothing(make_filter, tmp_path, monkeypatch):
     assert not target.exists() and not list(tmp_path.glob(".*.tmp"))
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "flip_projection", "other_safetensors", "missing", "dir",
-                                    "version"])
+@pytest.mark.parametrize(
+    "damage", ["truncate", "garbage", "flip_projection", "other_safetensors", "missing", "dir", "version"]
+)
 def test_bad_files_are_explained(make_filter, tmp_path, damage):
     path = make_filter()
     if damage == "truncate":
@@ -99,8 +117,8 @@ def test_bad_files_are_explained(make_filter, tmp_path, damage):
         path = tmp_path
         needle = "is a directory"
     else:
-        from safetensors.numpy import load_file, save_file
         from safetensors import safe_open
+        from safetensors.numpy import load_file, save_file
 
         with safe_open(str(path), "numpy") as fh:
             meta = dict(fh.metadata())

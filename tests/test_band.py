@@ -1,7 +1,7 @@
 import pytest
 
-from embfilter_cli.band import Band, band_from_rank, band_from_ratio, band_from_window, resolve_band
 from embfilter_cli.errors import BandError
+from embfilter_cli.filters.band import Band, band_from_rank, band_from_ratio, band_from_window, resolve_band
 
 
 def test_rank_and_bottom_window():

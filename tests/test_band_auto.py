@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from embfilter_cli.band_auto import auto_band
 from embfilter_cli.cli import app
 from embfilter_cli.errors import BandError
+from embfilter_cli.filters.band_auto import auto_band
 from tests.conftest import planted_matrix
 
 
@@ -29,7 +29,7 @@ def test_planted_spikes_and_tail_are_found(top, bottom):
     d = 96
     s = _bulk(d)
     s[:top] *= np.linspace(20.0, 2.0, top) if top else 1  # σ_1 far above, the last spike 2× above the trend
-    s[d - bottom:] /= np.linspace(2.0, 8.0, bottom) if bottom else 1  # a tail falling 2× .. 8× below it
+    s[d - bottom :] /= np.linspace(2.0, 8.0, bottom) if bottom else 1  # a tail falling 2× .. 8× below it
     s = np.sort(s)[::-1]
     chosen = auto_band(s)
     assert (chosen.band.top, chosen.band.bottom) == (top, bottom)
@@ -87,12 +87,15 @@ def test_smollm2_shaped_spectrum_matches_the_documented_answer():
     assert chosen.as_dict()["sigma_first_removed_bottom"] == pytest.approx(10.5)
 
 
-@pytest.mark.parametrize(("values", "factor", "message"), [
-    (np.geomspace(5, 1, 7), 1.5, "at least 8 singular values"),
-    (np.linspace(1, 5, 10), 1.5, "descending"),
-    (np.array([3.0, np.nan] + [1.0] * 8), 1.5, "finite"),
-    (np.geomspace(5, 1, 10), 1.0, "factor must be > 1"),
-])
+@pytest.mark.parametrize(
+    ("values", "factor", "message"),
+    [
+        (np.geomspace(5, 1, 7), 1.5, "at least 8 singular values"),
+        (np.linspace(1, 5, 10), 1.5, "descending"),
+        (np.array([3.0, np.nan] + [1.0] * 8), 1.5, "finite"),
+        (np.geomspace(5, 1, 10), 1.0, "factor must be > 1"),
+    ],
+)
 def test_bad_spectra_are_refused(values, factor, message):
     with pytest.raises(BandError, match=message):
         auto_band(values, factor=factor)
@@ -117,7 +120,7 @@ def planted_head(tmp_path):
 
 
 def test_fit_band_auto_saves_the_rule_s_band(runner, planted_head, tmp_path):
-    from embfilter_cli.artifact import load_artifact
+    from embfilter_cli.filters.artifact import load_artifact
 
     path, v = planted_head
     out = tmp_path / "auto.safetensors"

@@ -24,13 +24,18 @@ def _modules_after(argv: list[str], env: dict[str, str] | None = None) -> set[st
         "print('\\nMODULES', ' '.join(sorted(m.split('.')[0] for m in sys.modules)))\n"
     )
     run_env = dict(os.environ, **(env or {}))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=run_env, cwd=ROOT, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=run_env, cwd=ROOT, check=True
+    )
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("MODULES")][-1]
     return set(line.split()[1:])
 
 
-@pytest.mark.parametrize("argv", [["embfilter", "--help"], ["embfilter", "--version"]]
-                         + [["embfilter", name, "--help"] for name in sorted(COMMANDS)])
+@pytest.mark.parametrize(
+    "argv",
+    [["embfilter", "--help"], ["embfilter", "--version"]]
+    + [["embfilter", name, "--help"] for name in sorted(COMMANDS)],
+)
 def test_help_and_version_do_not_import_heavy_libraries(argv):
     loaded = _modules_after(argv)
     assert not loaded & set(HEAVY), f"{argv} imported {sorted(loaded & set(HEAVY))}"
@@ -52,7 +57,8 @@ def test_completion_lists_commands_and_options():
 def test_checked_in_completions_match_the_app(shell):
     checked_in = (ROOT / "completions" / SHELLS[shell]).read_text()
     assert checked_in == completion_source(shell), (
-        f"completions/{SHELLS[shell]} drifted; run `python -m embfilter_cli.completion completions`")
+        f"completions/{SHELLS[shell]} drifted; run `python -m embfilter_cli.completion completions`"
+    )
 
 
 def test_version(runner):

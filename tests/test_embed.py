@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from embfilter_cli.cli import app
-from embfilter_cli.embedding import (
+from embfilter_cli.errors import ArtifactError, InputDataError, ModelNotFoundError
+from embfilter_cli.model.location import ModelLocation
+from embfilter_cli.text.embedding import (
     Encoder,
     Prepared,
     check_filter_matches,
@@ -25,9 +27,7 @@ from embfilter_cli.embedding import (
     pool_hidden,
     resolve_recipe,
 )
-from embfilter_cli.errors import ArtifactError, InputDataError, ModelNotFoundError
-from embfilter_cli.locate import ModelLocation
-from embfilter_cli.texts import describe_skipped, read_texts
+from embfilter_cli.text.texts import describe_skipped, read_texts
 from tests.tiny_models import make_gpt2, make_llama
 
 TEXTS = [
@@ -37,7 +37,6 @@ TEXTS = [
     "Stock markets fell sharply on Monday.",
     "The recipe needs two eggs and some flour.",
 ]
-
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +60,9 @@ def test_last_hidden_state_is_post_final_norm(tiny_llama, encoder):
 
     lm = LlamaForCausalLM.from_pretrained(str(tiny_llama)).eval()
     captured = {}
-    hook = lm.model.layers[-1].register_forward_hook(lambda mod, args, out: captured.update(h=out[0] if isinstance(out, tuple) else out))
+    hook = lm.model.layers[-1].register_forward_hook(
+        lambda mod, args, out: captured.update(h=out[0] if isinstance(out, tuple) else out)
+    )
     ids = encoder.prepare(TEXTS[1], resolve_recipe("none"), 128).ids
     with torch.inference_mode():
         logits = lm(input_ids=torch.tensor([ids])).logits[0]
@@ -83,7 +84,9 @@ def test_pooling_matches_unpadded_reference_and_input_order(encoder, pooling):
         np.testing.assert_allclose(got[i], expected, atol=2e-5, err_msg=f"text {i}")
     # Length batching reorders internally; the result must follow the input order.
     perm = [3, 0, 4, 2, 1]
-    np.testing.assert_allclose(encoder.embed([TEXTS[i] for i in perm], pooling=pooling, batch_size=3), got[perm], atol=2e-5)
+    np.testing.assert_allclose(
+        encoder.embed([TEXTS[i] for i in perm], pooling=pooling, batch_size=3), got[perm], atol=2e-5
+    )
 
 
 def test_left_padding_with_absolute_positions_is_padding_invariant(tmp_path):
@@ -125,7 +128,7 @@ def test_recipes_render_with_literal_braces_and_reject_missing_slot():
     assert resolve_recipe("summarize").render("hi")[0] == 'Summarize the sentence: "hi" in one word:"'
     custom = resolve_recipe("{json} Query: {text}!")
     prompt, span = custom.render("ab")
-    assert custom.name == "custom" and prompt == "{json} Query: ab!" and prompt[span[0]:span[1]] == "ab"
+    assert custom.name == "custom" and prompt == "{json} Query: ab!" and prompt[span[0] : span[1]] == "ab"
     with pytest.raises(InputDataError, match=r"neither a known recipe .* containing \{text\}"):
         resolve_recipe("summarise")
 
@@ -134,7 +137,7 @@ def test_echo_span_is_exactly_the_second_copy(encoder):
     echo = resolve_recipe("echo")
     for text in ["The cat sat on the mat.", "the quick brown fox", "Rain"]:
         prep = encoder.prepare(text, echo, 128)
-        span_text = encoder.tokenizer.decode(prep.ids[prep.span[0]:prep.span[1]])
+        span_text = encoder.tokenizer.decode(prep.ids[prep.span[0] : prep.span[1]])
         assert span_text.strip() == text
         assert prep.span[1] == len(prep.ids)  # the second copy ends the prompt
         prompt, chars = echo.render(text)
@@ -147,7 +150,7 @@ def test_echo_mean_pools_over_second_copy_only(encoder):
     prep = encoder.prepare(text, resolve_recipe("echo"), 128)
     hidden = _reference(encoder, prep.ids)
     got = encoder.embed([text, "Rain"], recipe="echo", batch_size=2)[0]
-    np.testing.assert_allclose(got, hidden[prep.span[0]:prep.span[1]].mean(0), atol=2e-5)
+    np.testing.assert_allclose(got, hidden[prep.span[0] : prep.span[1]].mean(0), atol=2e-5)
     assert not np.allclose(got, hidden.mean(0), atol=1e-3)
 
 
@@ -177,7 +180,7 @@ def test_truncation_cuts_both_echo_copies_alike(encoder):
     assert prep.truncated and len(prep.ids) <= 60
     first, second = decoded.split(". The rewritten paragraph: ")
     assert first.removeprefix("Rewrite the following paragraph: ") == second
-    assert encoder.tokenizer.decode(prep.ids[prep.span[0]:prep.span[1]]).strip() == second.strip()
+    assert encoder.tokenizer.decode(prep.ids[prep.span[0] : prep.span[1]]).strip() == second.strip()
 
 
 def test_template_longer_than_max_length_is_an_error(encoder):
@@ -219,7 +222,7 @@ def test_progress_bar_goes_to_stderr_only(encoder, monkeypatch, capsys):
 
 
 def test_single_weights_file_is_refused_with_the_folder_hint(tiny_llama):
-    from embfilter_cli.embedding import load_encoder_at
+    from embfilter_cli.text.embedding import load_encoder_at
 
     file = next(tiny_llama.glob("*.safetensors"))
     loc = ModelLocation(str(file), "safetensors_file", file, str(file), "local")
@@ -234,7 +237,7 @@ def test_bad_dtype_is_refused(tiny_llama):
 
 def test_model_fingerprint_tracks_weight_files(tmp_path):
     folder = make_llama(tmp_path / "m")
-    from embfilter_cli.locate import resolve_model
+    from embfilter_cli.model.locate import resolve_model
 
     first = model_fingerprint(resolve_model(str(folder)))
     assert model_fingerprint(resolve_model(str(folder))) == first
@@ -247,12 +250,14 @@ def test_model_fingerprint_tracks_weight_files(tmp_path):
 
 
 def test_check_filter_matches_names_both_fingerprints(make_filter):
-    from embfilter_cli.artifact import load_artifact
+    from embfilter_cli.filters.artifact import load_artifact
 
     art = load_artifact(make_filter(d=16))
     with pytest.raises(ArtifactError, match=r"expects hidden size 16 .*test/planted.* has 32"):
         check_filter_matches(art, hidden_size=32, unembedding_sha256="a" * 64, model_source="tiny")
-    with pytest.raises(ArtifactError, match=r"W_U sha256 0000000000000000…\) but tiny has W_U sha256 aaaaaaaaaaaaaaaa…"):
+    with pytest.raises(
+        ArtifactError, match=r"W_U sha256 0000000000000000…\) but tiny has W_U sha256 aaaaaaaaaaaaaaaa…"
+    ):
         check_filter_matches(art, hidden_size=16, unembedding_sha256="a" * 64, model_source="tiny")
     check_filter_matches(art, hidden_size=16, unembedding_sha256="0" * 64, model_source="tiny")
 
@@ -264,8 +269,12 @@ def test_read_lines_skips_blank_lines_and_keeps_order(tmp_path):
     f = tmp_path / "t.txt"
     f.write_bytes("\ufeffone\r\n\r\ntwo  \n   \nthree\n".encode())
     got = read_texts(f)
-    assert got.texts == ["one", "two  ", "three"] and got.records is None and got.skipped == [2, 4] and got.fmt == "lines"
-    assert describe_skipped(got.skipped) == "2 empty texts skipped (lines 2, 4); the output has one row per non-empty text"
+    assert (
+        got.texts == ["one", "two  ", "three"] and got.records is None and got.skipped == [2, 4] and got.fmt == "lines"
+    )
+    assert (
+        describe_skipped(got.skipped) == "2 empty texts skipped (lines 2, 4); the output has one row per non-empty text"
+    )
 
 
 def test_read_jsonl_keeps_records_and_detects_format(tmp_path):
@@ -278,13 +287,16 @@ def test_read_jsonl_keeps_records_and_detects_format(tmp_path):
     assert read_texts(f, fmt="lines").texts[0] == '{"id": 1, "text": "a b"}'
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    ('{"text": "a"}\n{"text": \n', r"line 2 is not valid JSON"),
-    ('{"text": "a"}\n["a"]\n', r"line 2 is a JSON list, not an object"),
-    ('{"text": "a"}\n{"body": "b"}\n', r"line 2 has no 'text' field.*fields seen: body"),
-    ('{"text": 3}\n', r"line 1 has a int 'text' field"),
-    ("\n  \n", r"holds no non-empty text"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"text": "a"}\n{"text": \n', r"line 2 is not valid JSON"),
+        ('{"text": "a"}\n["a"]\n', r"line 2 is a JSON list, not an object"),
+        ('{"text": "a"}\n{"body": "b"}\n', r"line 2 has no 'text' field.*fields seen: body"),
+        ('{"text": 3}\n', r"line 1 has a int 'text' field"),
+        ("\n  \n", r"holds no non-empty text"),
+    ],
+)
 def test_bad_text_input_names_the_line(tmp_path, content, message):
     f = tmp_path / "bad.jsonl"
     f.write_text(content)
@@ -319,22 +331,59 @@ def test_cli_lines_to_npy_equals_core(runner, tiny_llama, encoder, tmp_path):
 
 def test_cli_jsonl_keeps_fields_and_matches_npy(runner, tiny_llama, tmp_path):
     src = tmp_path / "in.jsonl"
-    src.write_text("".join(json.dumps({"id": i, "text": t, "embedding": "old"}) + "\n" for i, t in enumerate(TEXTS[:3])))
-    result = runner.invoke(app, ["embed", "-m", str(tiny_llama), "--device", "cpu", "--pooling", "last", "--recipe", "summarize",
-                                 str(src), "-o", str(tmp_path / "out.jsonl")])
+    src.write_text(
+        "".join(json.dumps({"id": i, "text": t, "embedding": "old"}) + "\n" for i, t in enumerate(TEXTS[:3]))
+    )
+    result = runner.invoke(
+        app,
+        [
+            "embed",
+            "-m",
+            str(tiny_llama),
+            "--device",
+            "cpu",
+            "--pooling",
+            "last",
+            "--recipe",
+            "summarize",
+            str(src),
+            "-o",
+            str(tmp_path / "out.jsonl"),
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == [0, 1, 2] and [r["text"] for r in rows] == TEXTS[:3]
-    result = runner.invoke(app, ["embed", "-m", str(tiny_llama), "--device", "cpu", "--pooling", "last", "--recipe", "summarize",
-                                 str(src), "-o", str(tmp_path / "out.npy")])
+    result = runner.invoke(
+        app,
+        [
+            "embed",
+            "-m",
+            str(tiny_llama),
+            "--device",
+            "cpu",
+            "--pooling",
+            "last",
+            "--recipe",
+            "summarize",
+            str(src),
+            "-o",
+            str(tmp_path / "out.npy"),
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     # %.9g text round-trips float32 exactly.
-    np.testing.assert_array_equal(np.array([r["embedding"] for r in rows], dtype=np.float32), np.load(tmp_path / "out.npy"))
+    np.testing.assert_array_equal(
+        np.array([r["embedding"] for r in rows], dtype=np.float32), np.load(tmp_path / "out.npy")
+    )
 
 
 def test_cli_stdin_to_stdout_with_normalize(runner, tiny_llama, encoder):
-    result = runner.invoke(app, ["embed", "-m", str(tiny_llama), "--device", "cpu", "--normalize", "-q", "-", "-o", "-"],
-                           input="The cat sat on the mat.\nRain\n")
+    result = runner.invoke(
+        app,
+        ["embed", "-m", str(tiny_llama), "--device", "cpu", "--normalize", "-q", "-", "-o", "-"],
+        input="The cat sat on the mat.\nRain\n",
+    )
     assert result.exit_code == 0, result.stderr
     assert result.stderr == ""
     rows = [json.loads(line) for line in result.stdout.splitlines()]
@@ -345,14 +394,34 @@ def test_cli_stdin_to_stdout_with_normalize(runner, tiny_llama, encoder):
 
 
 def test_cli_filter_is_applied_before_normalisation(runner, tiny_llama, encoder, tmp_path):
-    from embfilter_cli.artifact import load_artifact
+    from embfilter_cli.filters.artifact import load_artifact
 
     filt = tmp_path / "f.safetensors"
-    assert runner.invoke(app, ["fit", "-m", str(tiny_llama), "--rank", "3", "--bottom", "2", "-o", str(filt), "-q"]).exit_code == 0
+    assert (
+        runner.invoke(
+            app, ["fit", "-m", str(tiny_llama), "--rank", "3", "--bottom", "2", "-o", str(filt), "-q"]
+        ).exit_code
+        == 0
+    )
     src = tmp_path / "in.txt"
     src.write_text("\n".join(TEXTS) + "\n")
-    result = runner.invoke(app, ["embed", "-m", str(tiny_llama), "--device", "cpu", "--filter", str(filt), "--normalize",
-                                 "--json", str(src), "-o", str(tmp_path / "f.npy")])
+    result = runner.invoke(
+        app,
+        [
+            "embed",
+            "-m",
+            str(tiny_llama),
+            "--device",
+            "cpu",
+            "--filter",
+            str(filt),
+            "--normalize",
+            "--json",
+            str(src),
+            "-o",
+            str(tmp_path / "f.npy"),
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["rows"] == 5 and summary["dim"] == 27 and summary["normalized"] and summary["filter"] == str(filt)
@@ -374,19 +443,22 @@ def test_cli_refuses_filter_from_another_model(runner, tiny_llama, tmp_path, mak
     assert result.exit_code == 1
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("Error: ") and "W_U sha256 0000000000000000…" in line and "test/planted" in line
-    from embfilter_cli.unembedding import read_unembedding
-    from embfilter_cli.locate import resolve_model
+    from embfilter_cli.model.locate import resolve_model
+    from embfilter_cli.model.unembedding import read_unembedding
 
     assert read_unembedding(resolve_model(str(tiny_llama))).sha256[:16] in line
     assert not out.exists() and _no_stray_files(tmp_path) == []
 
 
-@pytest.mark.parametrize(("args", "code", "message"), [
-    (["-o", "{tmp}/o.txt"], 2, "must end in .npy or .jsonl"),
-    (["-o", "-", "--json"], 2, "--json prints a summary"),
-    (["-o", "{tmp}/o.npy", "--recipe", "no slot"], 1, "neither a known recipe"),
-    (["-o", "{tmp}/o.npy", "--max-length", "0"], 2, "--max-length"),
-])
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["-o", "{tmp}/o.txt"], 2, "must end in .npy or .jsonl"),
+        (["-o", "-", "--json"], 2, "--json prints a summary"),
+        (["-o", "{tmp}/o.npy", "--recipe", "no slot"], 1, "neither a known recipe"),
+        (["-o", "{tmp}/o.npy", "--max-length", "0"], 2, "--max-length"),
+    ],
+)
 def test_cli_bad_options(runner, tiny_llama, tmp_path, args, code, message):
     src = tmp_path / "in.txt"
     src.write_text("hello\n")

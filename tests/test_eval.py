@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from embfilter_cli.band import Band, band_from_rank, band_from_ratio
 from embfilter_cli.cli import app
 from embfilter_cli.errors import BandError, InputDataError, MissingDependencyError
-from embfilter_cli.evaluation import (
+from embfilter_cli.filters.band import Band, band_from_rank, band_from_ratio
+from embfilter_cli.filters.spectral import exact_spectrum
+from embfilter_cli.text.evaluation import (
     BandScorer,
     Cache,
     PairData,
@@ -29,7 +30,6 @@ from embfilter_cli.evaluation import (
     score_vectors,
     spearman,
 )
-from embfilter_cli.spectral import exact_spectrum
 from tests.conftest import planted_matrix
 
 PAIRS = [
@@ -42,7 +42,6 @@ PAIRS = [
     ("The cat sat on the mat.", "Rain is expected over the weekend.", 0.4),
     ("A dog ran in the park.", "The recipe needs two eggs and some flour.", 0.3),
 ]
-
 
 
 @pytest.fixture
@@ -85,7 +84,7 @@ def test_lee_has_50_documents_and_1225_pairs():
     data = load_lee()
     assert len(data.texts) == 50 and data.pairs.shape == (1225, 2) and data.name == "lee"
     assert data.texts[0].startswith("The national executive of the strife-torn Democrats")
-    assert np.all(data.pairs[:, 0] < data.pairs[:, 1]) and 0 < data.scores.min() and data.scores.max() <= 1
+    assert np.all(data.pairs[:, 0] < data.pairs[:, 1]) and data.scores.min() > 0 and data.scores.max() <= 1
     assert data.sha256 == load_dataset("lee").sha256
 
 
@@ -109,14 +108,17 @@ def test_tsv_header_dedup_and_blank_lines(tsv):
     np.testing.assert_allclose(data.scores, [p[2] for p in PAIRS])
 
 
-@pytest.mark.parametrize(("body", "message"), [
-    ("a\tb\t1\nc\td\n", r"line 2 has 2 tab-separated field\(s\)"),
-    ("a\tb\t1\nc\td\thigh\n", r"line 2: score 'high' is not a number"),
-    ("a\tb\t1\nc\td\tnan\n", r"line 2: score 'nan' is not finite"),
-    ("a\tb\t1\n\t d\t2\n", r"line 2 has an empty text"),
-    ("a\tb\t1\nc\td\t2\n", r"2 scored pair\(s\); a correlation needs at least 3"),
-    ("a\tb\t1\nc\td\t1\ne\tf\t1\n", r"every score is 1.0"),
-])
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("a\tb\t1\nc\td\n", r"line 2 has 2 tab-separated field\(s\)"),
+        ("a\tb\t1\nc\td\thigh\n", r"line 2: score 'high' is not a number"),
+        ("a\tb\t1\nc\td\tnan\n", r"line 2: score 'nan' is not finite"),
+        ("a\tb\t1\n\t d\t2\n", r"line 2 has an empty text"),
+        ("a\tb\t1\nc\td\t2\n", r"2 scored pair\(s\); a correlation needs at least 3"),
+        ("a\tb\t1\nc\td\t1\ne\tf\t1\n", r"every score is 1.0"),
+    ],
+)
 def test_bad_tsv_rows_name_the_line(tmp_path, body, message):
     path = tmp_path / "bad.tsv"
     path.write_text(body)
@@ -160,16 +162,18 @@ def test_band_scores_equal_explicit_projection_with_the_planted_basis(planted):
     raw, spectrum, data, v = planted
     scorer = BandScorer(raw, spectrum, data)
     for band in [Band(12, 0, 12), band_from_rank(12, 3, 2), band_from_ratio(12, 2), Band(12, 5, 1)]:
-        reference = raw.astype(np.float64) @ v[:, band.start:band.stop]  # the float64 planted directions
+        reference = raw.astype(np.float64) @ v[:, band.start : band.stop]  # the float64 planted directions
         assert scorer.score(band) == pytest.approx(score_vectors(reference, data), abs=1e-9), band
 
 
 def test_evaluate_all_grid_filters_and_best(planted, make_filter):
     raw, spectrum, data, _ = planted
-    from embfilter_cli.artifact import load_artifact
+    from embfilter_cli.filters.artifact import load_artifact
 
     art = load_artifact(make_filter(d=12, top=2, bottom=1))
-    results, grid = evaluate_all(raw, data, spectrum=spectrum, filters=[art], ratios=[2.0], tops=[0, 4, 10], bottoms=[0, 2])
+    results, grid = evaluate_all(
+        raw, data, spectrum=spectrum, filters=[art], ratios=[2.0], tops=[0, 4, 10], bottoms=[0, 2]
+    )
     kinds = [r.kind for r in results]
     assert kinds[:4] == ["raw", "filter", "ratio", "auto"] and kinds.count("sweep") == 5
     assert np.isnan(grid.spearman[2, 1]) and grid.as_dict()["spearman"][2][1] is None  # 10 + 2 removes everything
@@ -197,7 +201,7 @@ def test_cache_round_trip_disable_and_corruption(tmp_path, planted):
 
 
 def test_head_spectrum_is_cached(tiny_llama, tmp_path):
-    from embfilter_cli.locate import resolve_model
+    from embfilter_cli.model.locate import resolve_model
 
     cache = Cache(tmp_path / "c")
     loc = resolve_model(str(tiny_llama))
@@ -226,7 +230,7 @@ def test_cli_json_schema_and_second_run_uses_the_cache(runner, tiny_llama, tsv, 
     assert doc["grid"]["top"] == [0, 2, 4] and len(doc["grid"]["spearman"][0]) == 2
     assert doc["best"]["best"] is True
     # Second run: the model must not be loaded at all.
-    import embfilter_cli.embedding as embedding
+    import embfilter_cli.text.embedding as embedding
 
     monkeypatch.setattr(embedding, "load_encoder_at", lambda *a, **k: pytest.fail("model loaded despite the cache"))
     second = _eval(runner, tiny_llama, tsv, "--sweep-top", "0,2,4", "--sweep-bottom", "0,3", "--ratio", "1,2", "--json")
@@ -251,23 +255,52 @@ def test_cli_table_on_stdout_and_filters(runner, tiny_llama, tsv, tmp_path):
     assert "f.safetensors" in result.stdout and "Spearman by band" in result.stdout and "★" in result.stdout
     assert "Data: pairs.tsv" in result.stderr and "Data:" not in result.stdout
     # The filter fitted with --rank 2 and the sweep cell (top 2, bottom 0) are the same map.
-    doc = json.loads(_eval(runner, tiny_llama, tsv, "--filter", str(filt), "--sweep-top", "0,2", "--sweep-bottom", "0", "--json").stdout)
+    doc = json.loads(
+        _eval(
+            runner, tiny_llama, tsv, "--filter", str(filt), "--sweep-top", "0,2", "--sweep-bottom", "0", "--json"
+        ).stdout
+    )
     assert doc["results"][1]["spearman"] == pytest.approx(doc["grid"]["spearman"][1][0], abs=1e-9)
 
 
 def test_cli_save_best_equals_fit_for_that_band(runner, tiny_llama, tsv, tmp_path):
-    from embfilter_cli.artifact import load_artifact
+    from embfilter_cli.filters.artifact import load_artifact
 
     best = tmp_path / "best.safetensors"
-    result = _eval(runner, tiny_llama, tsv, "--sweep-top", "0,1,3", "--sweep-bottom", "0,2", "--no-auto", "--save-best", str(best), "--json")
+    result = _eval(
+        runner,
+        tiny_llama,
+        tsv,
+        "--sweep-top",
+        "0,1,3",
+        "--sweep-bottom",
+        "0,2",
+        "--no-auto",
+        "--save-best",
+        str(best),
+        "--json",
+    )
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     band = doc["saved_best"]["band"]
     sweep = np.array(doc["grid"]["spearman"], dtype=float)
     assert doc["saved_best"]["spearman"] == pytest.approx(np.nanmax(sweep))
     ref = tmp_path / "ref.safetensors"
-    fitted = runner.invoke(app, ["fit", "-m", str(tiny_llama), "--rank", str(band["top"]), "--bottom", str(band["bottom"]),
-                                 "-o", str(ref), "-q"])
+    fitted = runner.invoke(
+        app,
+        [
+            "fit",
+            "-m",
+            str(tiny_llama),
+            "--rank",
+            str(band["top"]),
+            "--bottom",
+            str(band["bottom"]),
+            "-o",
+            str(ref),
+            "-q",
+        ],
+    )
     assert fitted.exit_code == 0
     saved, reference = load_artifact(best), load_artifact(ref)
     np.testing.assert_allclose(saved.projection, reference.projection, atol=1e-6)
@@ -291,13 +324,16 @@ def test_cli_plot_without_matplotlib_names_the_extra(runner, tiny_llama, tsv, tm
     assert result.stdout == "" and not (tmp_path / "h.png").exists()
 
 
-@pytest.mark.parametrize(("args", "code", "message"), [
-    (["--plot", "h.png", "--filter", "x"], 2, "--plot draws the sweep heatmap"),
-    (["--save-best", "b.safetensors", "--filter", "x"], 2, "--save-best saves the best band"),
-    (["--sweep-top", "0,a"], 2, "'a' is not a whole number"),
-    (["--ratio", "0.5"], 2, "must be a number >= 1"),
-    (["--recipe", "nope"], 1, "neither a known recipe"),
-])
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--plot", "h.png", "--filter", "x"], 2, "--plot draws the sweep heatmap"),
+        (["--save-best", "b.safetensors", "--filter", "x"], 2, "--save-best saves the best band"),
+        (["--sweep-top", "0,a"], 2, "'a' is not a whole number"),
+        (["--ratio", "0.5"], 2, "must be a number >= 1"),
+        (["--recipe", "nope"], 1, "neither a known recipe"),
+    ],
+)
 def test_cli_bad_options_fail_before_work(runner, tiny_llama, tsv, tmp_path, monkeypatch, args, code, message):
     monkeypatch.chdir(tmp_path)
     result = _eval(runner, tiny_llama, tsv, *args)

@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from embfilter_cli import formats
-from embfilter_cli.artifact import load_artifact
 from embfilter_cli.cli import app
+from embfilter_cli.export import formats
+from embfilter_cli.filters.artifact import load_artifact
 
 D, K = 16, 13
-
 
 
 def vectors(n: int = 5, d: int = D, seed: int = 11) -> np.ndarray:
@@ -41,7 +40,9 @@ def listing(folder: Path) -> list[str]:
 @pytest.mark.parametrize("fp16", [False, True])
 def test_npy_is_the_projection_matrix(runner, art, tmp_path, fp16):
     out = tmp_path / "P.npy"
-    result = runner.invoke(app, ["export", str(art), "--format", "npy", "-o", str(out), "--json"] + (["--fp16"] if fp16 else []))
+    result = runner.invoke(
+        app, ["export", str(art), "--format", "npy", "-o", str(out), "--json"] + (["--fp16"] if fp16 else [])
+    )
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     assert (doc["kind"], doc["input_dim"], doc["output_dim"]) == ("npy", D, K)
@@ -114,8 +115,12 @@ def test_sentence_transformers_folder_layout(runner, art, tmp_path):
     assert listing(out.parent) == ["2_Dense"]  # no temp folder left beside it
     config = json.loads((out / "config.json").read_text())
     # bias off and the identity written out: the library's default activation is Tanh
-    assert config == {"in_features": D, "out_features": K, "bias": False,
-                      "activation_function": "torch.nn.modules.linear.Identity"}
+    assert config == {
+        "in_features": D,
+        "out_features": K,
+        "bias": False,
+        "activation_function": "torch.nn.modules.linear.Identity",
+    }
     with safe_open(str(out / "model.safetensors"), framework="numpy") as handle:
         assert list(handle.keys()) == ["linear.weight"]
         w = handle.get_tensor("linear.weight")
@@ -145,8 +150,9 @@ def test_sentence_transformers_loader_gives_the_same_vectors_as_apply(runner, ar
     # ...and as a module of a SentenceTransformer model folder, through modules.json
     from sentence_transformers import SentenceTransformer
 
-    (out.parent / "modules.json").write_text(json.dumps(
-        [{"idx": 0, "name": "0", "path": "1_Dense", "type": "sentence_transformers.models.Dense"}]))
+    (out.parent / "modules.json").write_text(
+        json.dumps([{"idx": 0, "name": "0", "path": "1_Dense", "type": "sentence_transformers.models.Dense"}])
+    )
     model = SentenceTransformer(str(out.parent), device="cpu")
     with torch.no_grad():
         via_model = model.forward({"sentence_embedding": torch.from_numpy(x)})["sentence_embedding"].numpy()
@@ -169,7 +175,10 @@ def test_sentence_transformers_existing_folder(runner, art, tmp_path):
     (out / "config.json").write_text("{}")
     result = runner.invoke(app, ["export", str(art), "--format", "sentence-transformers", "-o", str(out)])
     assert result.exit_code == 1 and result.stdout == ""
-    assert result.stderr == f"Error: {out} already exists and is not empty; pass --force to overwrite its files or choose another -o folder\n"
+    assert (
+        result.stderr
+        == f"Error: {out} already exists and is not empty; pass --force to overwrite its files or choose another -o folder\n"
+    )
     assert (out / "config.json").read_text() == "{}" and listing(tmp_path) == ["d", "f.safetensors"]
     result = runner.invoke(app, ["export", str(art), "--format", "sentence-transformers", "-o", str(out), "--force"])
     assert result.exit_code == 0, result.stderr
@@ -179,7 +188,9 @@ def test_sentence_transformers_existing_folder(runner, art, tmp_path):
     # an empty folder is fine without --force; a file is not a folder
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert runner.invoke(app, ["export", str(art), "--format", "sentence-transformers", "-o", str(empty)]).exit_code == 0
+    assert (
+        runner.invoke(app, ["export", str(art), "--format", "sentence-transformers", "-o", str(empty)]).exit_code == 0
+    )
     assert listing(empty) == ["config.json", "model.safetensors"]
     result = runner.invoke(app, ["export", str(art), "--format", "sentence-transformers", "-o", str(art)])
     assert result.exit_code == 1 and "is a file; --format sentence-transformers writes a folder" in result.stderr
@@ -189,8 +200,9 @@ def test_sentence_transformers_existing_folder(runner, art, tmp_path):
 # Failures leave nothing
 
 
-@pytest.mark.parametrize("fmt, name", [("npy", "P.npy"), ("safetensors", "c.safetensors"),
-                                       ("sentence-transformers", "dense")])
+@pytest.mark.parametrize(
+    "fmt, name", [("npy", "P.npy"), ("safetensors", "c.safetensors"), ("sentence-transformers", "dense")]
+)
 def test_failed_check_leaves_nothing(runner, art, tmp_path, monkeypatch, fmt, name):
     # a reference the written matrix cannot match: every writer's check must fail and clean up
     monkeypatch.setattr(formats, "_reference", lambda a, x: x.astype(np.float64)[:, :K] + 1.0)
@@ -208,18 +220,27 @@ def test_existing_file_needs_force(runner, art, tmp_path):
     out = tmp_path / "P.npy"
     out.write_bytes(b"keep")
     result = runner.invoke(app, ["export", str(art), "--format", "npy", "-o", str(out)])
-    assert result.exit_code == 1 and result.stderr == f"Error: {out} already exists; pass --force to overwrite it or choose another -o path\n"
+    assert (
+        result.exit_code == 1
+        and result.stderr == f"Error: {out} already exists; pass --force to overwrite it or choose another -o path\n"
+    )
     assert out.read_bytes() == b"keep"
     assert runner.invoke(app, ["export", str(art), "--format", "npy", "-o", str(out), "--force"]).exit_code == 0
     assert np.load(out).shape == (K, D)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--format", "sentence-transformers", "--normalize"], "add a sentence-transformers Normalize module after the Dense one"),
-    (["--format", "sentence-transformers", "--fp16"], "--fp16 is not available for sentence-transformers"),
-    (["--format", "safetensors", "--per-token"], "--per-token applies to --onnx only"),
-    (["--format", "npy", "--opset", "13"], "--opset applies to --onnx only"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--format", "sentence-transformers", "--normalize"],
+            "add a sentence-transformers Normalize module after the Dense one",
+        ),
+        (["--format", "sentence-transformers", "--fp16"], "--fp16 is not available for sentence-transformers"),
+        (["--format", "safetensors", "--per-token"], "--per-token applies to --onnx only"),
+        (["--format", "npy", "--opset", "13"], "--opset applies to --onnx only"),
+    ],
+)
 def test_format_flag_errors(runner, art, tmp_path, args, message):
     result = runner.invoke(app, ["export", str(art), *args, "-o", str(tmp_path / "x")])
     assert result.exit_code == 2 and message in result.stderr and result.stdout == ""
@@ -233,9 +254,11 @@ def test_outputs_get_normal_permissions(runner, art, tmp_path):
 
     umask = os.umask(0o022)
     try:
-        for args, path in [(["--format", "safetensors", "--fp16"], tmp_path / "h.safetensors"),
-                           (["--format", "safetensors"], tmp_path / "c.safetensors"),
-                           (["--format", "sentence-transformers"], tmp_path / "dense")]:
+        for args, path in [
+            (["--format", "safetensors", "--fp16"], tmp_path / "h.safetensors"),
+            (["--format", "safetensors"], tmp_path / "c.safetensors"),
+            (["--format", "sentence-transformers"], tmp_path / "dense"),
+        ]:
             assert runner.invoke(app, ["export", str(art), *args, "-o", str(path), "--no-check"]).exit_code == 0
             mode = stat.S_IMODE(path.stat().st_mode)
             assert mode == (0o755 if path.is_dir() else 0o644), (path, oct(mode))

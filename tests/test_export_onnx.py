@@ -20,13 +20,12 @@ import pytest
 from onnx import TensorProto as TP
 from onnx import helper, numpy_helper
 
-from embfilter_cli import onnx_export
-from embfilter_cli.artifact import load_artifact
 from embfilter_cli.cli import app
+from embfilter_cli.export import onnx_export
+from embfilter_cli.filters.artifact import load_artifact
 
 D, K = 16, 13  # make_filter's default: d=16, top 2 and bottom 1 removed
 VOCAB = 50
-
 
 
 def reference(x: np.ndarray, art_path: Path, normalize: bool = False) -> np.ndarray:
@@ -53,9 +52,19 @@ def listing(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
-def gather_host(path: Path, *, d: int = D, vocab: int = VOCAB, dtype=np.float32, opset: int = 13, ir: int = 7,
-                external: str | None = None, token_output: bool = True, pooled_name: str = "sentence_embedding",
-                metadata: dict[str, str] | None = None) -> Path:
+def gather_host(
+    path: Path,
+    *,
+    d: int = D,
+    vocab: int = VOCAB,
+    dtype=np.float32,
+    opset: int = 13,
+    ir: int = 7,
+    external: str | None = None,
+    token_output: bool = True,
+    pooled_name: str = "sentence_embedding",
+    metadata: dict[str, str] | None = None,
+) -> Path:
     """ids [batch, seq] → Gather(E) → tokens [batch, seq, d] → ReduceMean → pooled [batch, d]."""
     etype = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     table = np.random.default_rng(1).standard_normal((vocab, d)).astype(dtype)
@@ -72,16 +81,23 @@ def gather_host(path: Path, *, d: int = D, vocab: int = VOCAB, dtype=np.float32,
     if token_output:
         outputs.insert(0, helper.make_tensor_value_info("tokens", etype, ["batch", "seq", d]))
     graph = helper.make_graph(nodes, "host", inputs, outputs, [numpy_helper.from_array(table, "E")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir,
-                              producer_name="test-host")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir, producer_name="test-host"
+    )
     if metadata:
         helper.set_model_props(model, metadata)
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     if external:
         (path.parent / external).parent.mkdir(parents=True, exist_ok=True)
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=external, size_threshold=0)
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=external,
+            size_threshold=0,
+        )
     else:
         onnx.save_model(model, str(path))
     return path
@@ -99,7 +115,9 @@ def ids(batch: int = 3, seq: int = 6, vocab: int = VOCAB, seed: int = 5) -> np.n
 @pytest.mark.parametrize("opset", [11, 17, 18])
 def test_standalone_graph_matches_float64_reference(runner, art, tmp_path, normalize, opset):
     out = tmp_path / "filter.onnx"
-    args = ["export", str(art), "--onnx", "-o", str(out), "--opset", str(opset)] + (["--normalize"] if normalize else [])
+    args = ["export", str(art), "--onnx", "-o", str(out), "--opset", str(opset)] + (
+        ["--normalize"] if normalize else []
+    )
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.stderr
     assert result.stdout == ""
@@ -140,7 +158,10 @@ def test_standalone_metadata_records_the_filter(runner, art, tmp_path):
     assert meta["embfilter.projection_sha256"] == a.metadata["projection_sha256"]
     assert meta["embfilter.normalize"] == "true"
     # ...and onnxruntime exposes it to serving code
-    assert session(out).get_modelmeta().custom_metadata_map["embfilter.projection_sha256"] == a.metadata["projection_sha256"]
+    assert (
+        session(out).get_modelmeta().custom_metadata_map["embfilter.projection_sha256"]
+        == a.metadata["projection_sha256"]
+    )
 
 
 def test_per_token_graph_filters_each_token_and_default_graph_is_rank_2(runner, art, tmp_path):
@@ -161,7 +182,9 @@ def test_per_token_graph_filters_each_token_and_default_graph_is_rank_2(runner, 
 @pytest.mark.parametrize("fp16", [False, True])
 def test_normalize_keeps_zero_vectors_zero(runner, art, tmp_path, fp16):
     out = tmp_path / "n.onnx"
-    result = runner.invoke(app, ["export", str(art), "--onnx", "--normalize", "-o", str(out)] + (["--fp16"] if fp16 else []))
+    result = runner.invoke(
+        app, ["export", str(art), "--onnx", "--normalize", "-o", str(out)] + (["--fp16"] if fp16 else [])
+    )
     assert result.exit_code == 0, result.stderr
     dtype = np.float16 if fp16 else np.float32
     x = np.zeros((2, D), dtype=dtype)
@@ -239,7 +262,9 @@ def test_failed_check_is_an_error_and_leaves_nothing(runner, art, tmp_path, monk
         assert result.exit_code == 1
         assert result.stdout == ""
         err = result.stderr.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("Error: the exported graph differs from the filter: max relative error")
+        assert len(err) == 1 and err[0].startswith(
+            "Error: the exported graph differs from the filter: max relative error"
+        )
         assert listing(outdir) == []
 
 
@@ -258,8 +283,10 @@ def test_existing_output_needs_force(runner, art, tmp_path):
 def test_filter_that_is_not_an_artifact(runner, art, tmp_path):
     host = gather_host(tmp_path / "host.onnx")
     missing = tmp_path / "missing.safetensors"
-    for bad, message in [(host, f"Error: {host} is not a readable safetensors file"),
-                         (missing, f"Error: filter file {missing} does not exist; run `embfilter fit`")]:
+    for bad, message in [
+        (host, f"Error: {host} is not a readable safetensors file"),
+        (missing, f"Error: filter file {missing} does not exist; run `embfilter fit`"),
+    ]:
         result = runner.invoke(app, ["export", str(bad), "--onnx", "-o", str(tmp_path / "x.onnx")])
         assert result.exit_code == 1 and result.stdout == ""
         assert result.stderr.startswith(message) and result.stderr.count("\n") == 1
@@ -288,18 +315,21 @@ def test_without_filter_and_no_artifacts_says_fit_first(runner, tmp_path, monkey
     assert listing(tmp_path) == []
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--format", "npy", "--onnx"], "--onnx and --format npy contradict each other"),
-    ([], "say what to export"),
-    (["--onnx", "--output", "x"], "--output names the host output to filter and needs --append-to"),
-    (["--onnx", "--filtered-name", "x"], "--filtered-name needs --append-to"),
-    (["--onnx", "--append-to", "h.onnx", "--opset", "13"], "with --append-to the host's opset is kept"),
-    (["--onnx", "--append-to", "h.onnx", "--fp16"], "with --append-to the host output's dtype decides"),
-    (["--onnx", "--append-to", "h.onnx", "--per-token"], "filtered per token automatically"),
-    (["--format", "npy", "--normalize"], "--normalize applies to --onnx only"),
-    (["--format", "npy", "--append-to", "h.onnx"], "--append-to applies to --onnx only"),
-    (["--onnx", "--opset", "3"], "Invalid value for --opset: 3 is outside 8.."),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--format", "npy", "--onnx"], "--onnx and --format npy contradict each other"),
+        ([], "say what to export"),
+        (["--onnx", "--output", "x"], "--output names the host output to filter and needs --append-to"),
+        (["--onnx", "--filtered-name", "x"], "--filtered-name needs --append-to"),
+        (["--onnx", "--append-to", "h.onnx", "--opset", "13"], "with --append-to the host's opset is kept"),
+        (["--onnx", "--append-to", "h.onnx", "--fp16"], "with --append-to the host output's dtype decides"),
+        (["--onnx", "--append-to", "h.onnx", "--per-token"], "filtered per token automatically"),
+        (["--format", "npy", "--normalize"], "--normalize applies to --onnx only"),
+        (["--format", "npy", "--append-to", "h.onnx"], "--append-to applies to --onnx only"),
+        (["--onnx", "--opset", "3"], "Invalid value for --opset: 3 is outside 8.."),
+    ],
+)
 def test_flag_combinations_are_usage_errors(runner, art, tmp_path, args, message):
     result = runner.invoke(app, ["export", str(art), *args, "-o", str(tmp_path / "x.onnx")])
     assert result.exit_code == 2, result.stderr
@@ -321,12 +351,16 @@ def run_host(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def test_append_to_pooled_host(runner, art, tmp_path, normalize, opset, ir):
     host = gather_host(tmp_path / "host" / "model.onnx", opset=opset, ir=ir, metadata={"owner": "host"})
     out = tmp_path / "host" / "model.filtered.onnx"
-    args = ["export", str(art), "--onnx", "--append-to", str(host), "-o", str(out)] + (["--normalize"] if normalize else [])
+    args = ["export", str(art), "--onnx", "--append-to", str(host), "-o", str(out)] + (
+        ["--normalize"] if normalize else []
+    )
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.stderr
     assert result.stdout == ""
-    assert ("Filtering output 'sentence_embedding' of model.onnx (the host's 'sentence_embedding' output); "
-            "the result is output 0 sentence_embedding [batch, 13] float32") in result.stderr
+    assert (
+        "Filtering output 'sentence_embedding' of model.onnx (the host's 'sentence_embedding' output); "
+        "the result is output 0 sentence_embedding [batch, 13] float32"
+    ) in result.stderr
 
     model, before = onnx.load(str(out)), onnx.load(str(host))
     onnx.checker.check_model(model)
@@ -349,11 +383,28 @@ def test_append_to_pooled_host(runner, art, tmp_path, normalize, opset, ir):
 def test_append_with_filtered_name_leaves_host_output_alone(runner, art, tmp_path):
     host = gather_host(tmp_path / "model.onnx")
     out = tmp_path / "f.onnx"
-    result = runner.invoke(app, ["export", str(art), "--onnx", "--append-to", str(host), "-o", str(out),
-                                 "--filtered-name", "filtered", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "export",
+            str(art),
+            "--onnx",
+            "--append-to",
+            str(host),
+            "-o",
+            str(out),
+            "--filtered-name",
+            "filtered",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
-    assert (doc["filtered_output"], doc["unfiltered_output"], doc["host_output"]) == ("filtered", "sentence_embedding", "sentence_embedding")
+    assert (doc["filtered_output"], doc["unfiltered_output"], doc["host_output"]) == (
+        "filtered",
+        "sentence_embedding",
+        "sentence_embedding",
+    )
     assert [o.name for o in onnx.load(str(out)).graph.output] == ["filtered", "tokens", "sentence_embedding"]
     got = run_host(out, {"input_ids": ids()})
     assert rel_err(got["filtered"], reference(got["sentence_embedding"], art)) <= 1e-5
@@ -362,8 +413,22 @@ def test_append_with_filtered_name_leaves_host_output_alone(runner, art, tmp_pat
 def test_append_after_token_level_output_filters_each_token(runner, art, tmp_path):
     host = gather_host(tmp_path / "model.onnx")
     out = tmp_path / "f.onnx"
-    result = runner.invoke(app, ["export", str(art), "--onnx", "--append-to", str(host), "-o", str(out),
-                                 "--output", "tokens", "--normalize", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "export",
+            str(art),
+            "--onnx",
+            "--append-to",
+            str(host),
+            "-o",
+            str(out),
+            "--output",
+            "tokens",
+            "--normalize",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["per_token"] is True
     assert "output 0 tokens [batch, seq, 13] float32" in result.stderr
@@ -380,11 +445,26 @@ def _vi(name: str, shape: list) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, TP.FLOAT, shape)
 
 
-@pytest.mark.parametrize("outputs, expected, reason", [
-    ([_vi("last_hidden_state", ["b", "s", D]), _vi("pooler_output", ["b", D])], "pooler_output", "its only pooled (rank-2) output; not last_hidden_state"),
-    ([_vi("last_hidden_state", ["b", "s", D])], "last_hidden_state", "its only output (rank 3, filtered per token)"),
-    ([_vi("a", ["b", D]), _vi("sentence_embedding", ["b", D])], "sentence_embedding", "the host's 'sentence_embedding' output"),
-])
+@pytest.mark.parametrize(
+    "outputs, expected, reason",
+    [
+        (
+            [_vi("last_hidden_state", ["b", "s", D]), _vi("pooler_output", ["b", D])],
+            "pooler_output",
+            "its only pooled (rank-2) output; not last_hidden_state",
+        ),
+        (
+            [_vi("last_hidden_state", ["b", "s", D])],
+            "last_hidden_state",
+            "its only output (rank 3, filtered per token)",
+        ),
+        (
+            [_vi("a", ["b", D]), _vi("sentence_embedding", ["b", D])],
+            "sentence_embedding",
+            "the host's 'sentence_embedding' output",
+        ),
+    ],
+)
 def test_output_choice_rules(outputs, expected, reason):
     model = helper.make_model(helper.make_graph([], "g", [], outputs))
     choice = onnx_export.choose_output(model, None)
@@ -393,7 +473,9 @@ def test_output_choice_rules(outputs, expected, reason):
 
 def test_output_choice_ambiguous_lists_outputs():
     model = helper.make_model(helper.make_graph([], "g", [], [_vi("a", ["b", D]), _vi("c", ["b", 8])]))
-    with pytest.raises(onnx_export.ExportError, match=r"pass --output NAME, one of: a \[b, 16\] float32, c \[b, 8\] float32"):
+    with pytest.raises(
+        onnx_export.ExportError, match=r"pass --output NAME, one of: a \[b, 16\] float32, c \[b, 8\] float32"
+    ):
         onnx_export.choose_output(model, None)
 
 
@@ -412,9 +494,16 @@ def test_append_errors_are_one_line_and_leave_nothing(runner, art, make_filter, 
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     out = folder / "out.onnx"
     cases = [
-        ([str(host), "--output", "nope"], out,
-         "Error: the host has no output 'nope'; its outputs are: tokens [batch, seq, 16] float32, sentence_embedding [batch, 16] float32"),
-        ([str(small)], out, f"Error: output 'sentence_embedding' of {small} has dimension 8 but the filter expects 16 (fitted on test/planted)"),
+        (
+            [str(host), "--output", "nope"],
+            out,
+            "Error: the host has no output 'nope'; its outputs are: tokens [batch, seq, 16] float32, sentence_embedding [batch, 16] float32",
+        ),
+        (
+            [str(small)],
+            out,
+            f"Error: output 'sentence_embedding' of {small} has dimension 8 but the filter expects 16 (fitted on test/planted)",
+        ),
         ([str(text)], out, f"Error: {text} is not an ONNX model"),
         ([str(empty)], out, f"Error: {empty} is not an ONNX model"),
         ([str(art)], out, f"Error: {art} is not an ONNX model"),
@@ -436,7 +525,9 @@ def test_append_errors_are_one_line_and_leave_nothing(runner, art, make_filter, 
     m.graph.node.append(helper.make_node("Identity", ["pooled"], ["other"]))
     onnx.save(m, str(ambiguous2))
     result = runner.invoke(app, ["export", str(art), "--onnx", "--append-to", str(ambiguous2), "-o", str(out)])
-    assert result.exit_code == 1 and "pass --output NAME, one of: tokens [batch, seq, 16] float32, pooled" in result.stderr
+    assert (
+        result.exit_code == 1 and "pass --output NAME, one of: tokens [batch, seq, 16] float32, pooled" in result.stderr
+    )
     assert not out.exists()
 
 
@@ -445,11 +536,14 @@ def test_append_failed_check_leaves_nothing(runner, art, tmp_path, monkeypatch):
     host = gather_host(tmp_path / "h" / "model.onnx", external="model.data")
     outdir = tmp_path / "out"
     outdir.mkdir()
-    result = runner.invoke(app, ["export", str(art), "--onnx", "--append-to", str(host), "-o", str(outdir / "f.onnx"),
-                                 "--external-data"])
+    result = runner.invoke(
+        app, ["export", str(art), "--onnx", "--append-to", str(host), "-o", str(outdir / "f.onnx"), "--external-data"]
+    )
     assert result.exit_code == 1
     assert result.stdout == ""
-    assert result.stderr.splitlines()[-1].startswith("Error: the filtered output differs from host-output·Pᵀ: max relative error")
+    assert result.stderr.splitlines()[-1].startswith(
+        "Error: the filtered output differs from host-output·Pᵀ: max relative error"
+    )
     assert listing(outdir) == []  # no graph, no filter data, no links to the host's data
     assert listing(host.parent) == ["model.data", "model.onnx"]
 
@@ -463,8 +557,11 @@ def _spy_onnx_load(monkeypatch) -> list[dict]:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(onnx, "load", spy)
-    monkeypatch.setattr(onnx.external_data_helper, "load_external_data_for_model",
-                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("pulled external data into memory")))
+    monkeypatch.setattr(
+        onnx.external_data_helper,
+        "load_external_data_for_model",
+        lambda *a, **k: (_ for _ in ()).throw(AssertionError("pulled external data into memory")),
+    )
     return calls
 
 
@@ -488,7 +585,7 @@ def test_append_to_external_data_host_next_to_it(runner, art, tmp_path, monkeypa
         expected.append("model.filtered.onnx.data")
     else:
         assert doc["external_data"] is None  # a tiny filter stays inline
-    assert listing(tmp_path) == sorted(expected + ["f.safetensors"])
+    assert listing(tmp_path) == sorted([*expected, "f.safetensors"])
     assert data.read_bytes() == data_bytes and data.stat().st_mtime_ns == data_stat.st_mtime_ns
     model = onnx.load(str(out), load_external_data=False)
     table = next(t for t in model.graph.initializer if t.name == "E")
@@ -529,8 +626,10 @@ def test_append_across_filesystems_refuses_clearly(runner, art, tmp_path, monkey
     monkeypatch.setattr(os, "link", no_link)
     result = runner.invoke(app, ["export", str(art), "--onnx", "--append-to", str(host), "-o", str(out)])
     assert result.exit_code == 1
-    assert "(another filesystem); onnxruntime only reads external data from the model's own folder, so write the " \
-           f"output next to the host: -o {(tmp_path / 'hub').resolve()}/NAME.onnx" in result.stderr
+    assert (
+        "(another filesystem); onnxruntime only reads external data from the model's own folder, so write the "
+        f"output next to the host: -o {(tmp_path / 'hub').resolve()}/NAME.onnx" in result.stderr
+    )
     assert result.stderr.splitlines()[-1].startswith("Error: cannot hard-link the host's external data")
     assert listing(out.parent) == []
 
@@ -539,7 +638,9 @@ def test_append_across_filesystems_refuses_clearly(runner, art, tmp_path, monkey
 def test_append_to_fp16_host_casts_around_a_float32_filter(runner, art, tmp_path, normalize):
     host = gather_host(tmp_path / "model16.onnx", dtype=np.float16)
     out = tmp_path / "f16.onnx"
-    args = ["export", str(art), "--onnx", "--append-to", str(host), "-o", str(out), "--json"] + (["--normalize"] if normalize else [])
+    args = ["export", str(art), "--onnx", "--append-to", str(host), "-o", str(out), "--json"] + (
+        ["--normalize"] if normalize else []
+    )
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
@@ -601,10 +702,20 @@ def _export_tiny_llama(tmp_path: Path) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # dynamo=False: the TorchScript exporter works offline without onnxscript (torch 2.13's default needs it)
-        torch.onnx.export(LastHidden(model), (example, torch.ones_like(example)), str(path), dynamo=False,
-                          input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
-                          dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
-                                        "last_hidden_state": {0: "batch", 1: "seq"}}, opset_version=17)
+        torch.onnx.export(
+            LastHidden(model),
+            (example, torch.ones_like(example)),
+            str(path),
+            dynamo=False,
+            input_names=["input_ids", "attention_mask"],
+            output_names=["last_hidden_state"],
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "seq"},
+                "attention_mask": {0: "batch", 1: "seq"},
+                "last_hidden_state": {0: "batch", 1: "seq"},
+            },
+            opset_version=17,
+        )
     return path
 
 
@@ -614,7 +725,10 @@ def test_append_to_transformers_exported_host(runner, make_filter, tmp_path):
     out = tmp_path / "llama.filtered.onnx"
     result = runner.invoke(app, ["export", str(art32), "--onnx", "--append-to", str(host), "-o", str(out), "--json"])
     assert result.exit_code == 0, result.stderr
-    assert "Filtering output 'last_hidden_state' of llama.onnx (its only output (rank 3, filtered per token))" in result.stderr
+    assert (
+        "Filtering output 'last_hidden_state' of llama.onnx (its only output (rank 3, filtered per token))"
+        in result.stderr
+    )
     doc = json.loads(result.stdout)
     assert doc["per_token"] is True and doc["max_rel_error"] <= 1e-5
     assert doc["check"]["inputs"] == {"input_ids": [2, 5], "attention_mask": [2, 5]}
@@ -644,11 +758,15 @@ def test_failed_forced_reexport_keeps_the_previous_output(runner, art, tmp_path,
 def test_bfloat16_host_needs_no_check_and_computes_in_float32(runner, art, tmp_path):
     table = np.random.default_rng(1).standard_normal((VOCAB, D)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("Gather", ["E", "ids"], ["e32"]),
-         helper.make_node("Cast", ["e32"], ["sentence_embedding"], to=TP.BFLOAT16)], "bf16",
+        [
+            helper.make_node("Gather", ["E", "ids"], ["e32"]),
+            helper.make_node("Cast", ["e32"], ["sentence_embedding"], to=TP.BFLOAT16),
+        ],
+        "bf16",
         [helper.make_tensor_value_info("ids", TP.INT64, ["batch"])],
         [helper.make_tensor_value_info("sentence_embedding", TP.BFLOAT16, ["batch", D])],
-        [numpy_helper.from_array(table, "E")])
+        [numpy_helper.from_array(table, "E")],
+    )
     host = tmp_path / "bf16.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(host))
     out = tmp_path / "bf16.f.onnx"
@@ -664,7 +782,9 @@ def test_bfloat16_host_needs_no_check_and_computes_in_float32(runner, art, tmp_p
         model.graph.node.append(helper.make_node("Cast", [name], [f"{name}_f32"], to=TP.FLOAT))
         model.graph.output.append(helper.make_tensor_value_info(f"{name}_f32", TP.FLOAT, None))
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    filtered, unfiltered = sess.run(["sentence_embedding_f32", "sentence_embedding_unfiltered_f32"], {"ids": np.arange(5)})
+    filtered, unfiltered = sess.run(
+        ["sentence_embedding_f32", "sentence_embedding_unfiltered_f32"], {"ids": np.arange(5)}
+    )
     assert np.abs(unfiltered - table[:5]).max() <= 2**-8 * np.abs(table[:5]).max()  # bf16 rounding of the host
     assert rel_err(filtered, reference(unfiltered, art)) <= onnx_export.REL_BOUNDS["bfloat16"]
 
@@ -688,4 +808,7 @@ def test_append_default_output_is_beside_the_host(runner, art, tmp_path):
     assert f"Writing {out}" in result.stderr
     assert listing(out.parent) == ["model.data", "model.filtered.onnx", "model.onnx"]  # no links needed
     feeds = {"input_ids": ids()}
-    assert rel_err(run_host(out, feeds)["sentence_embedding"], reference(run_host(host, feeds)["sentence_embedding"], art)) <= 1e-5
+    assert (
+        rel_err(run_host(out, feeds)["sentence_embedding"], reference(run_host(host, feeds)["sentence_embedding"], art))
+        <= 1e-5
+    )

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from embfilter_cli.artifact import load_artifact
 from embfilter_cli.cli import app
+from embfilter_cli.filters.artifact import load_artifact
 from tests.tiny_models import make_gguf
 
 
@@ -26,7 +26,9 @@ def _ref_vectors(folder: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def test_fit_json_summary_and_artifact_match_float64_svd(runner, tiny_llama_sharded, tmp_path):
     out = tmp_path / "f.safetensors"
-    result = runner.invoke(app, ["fit", "--model", str(tiny_llama_sharded), "--rank", "4", "--bottom", "2", "-o", str(out), "--json"])
+    result = runner.invoke(
+        app, ["fit", "--model", str(tiny_llama_sharded), "--rank", "4", "--bottom", "2", "-o", str(out), "--json"]
+    )
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["output"] == str(out) and summary["output_dim"] == 26 and summary["band"]["bottom"] == 2
@@ -36,13 +38,18 @@ def test_fit_json_summary_and_artifact_match_float64_svd(runner, tiny_llama_shar
     art = load_artifact(out)
     np.testing.assert_allclose(art.singular_values, s, rtol=1e-6)
     np.testing.assert_allclose(np.abs(np.sum(art.projection * v[:, 4:30].T, axis=1)), 1.0, atol=1e-5)
-    assert summary["energy_removed"] == pytest.approx(((s[:4] ** 2).sum() + (s[-2:] ** 2).sum()) / (s**2).sum(), rel=1e-5)
+    assert summary["energy_removed"] == pytest.approx(
+        ((s[:4] ** 2).sum() + (s[-2:] ** 2).sum()) / (s**2).sum(), rel=1e-5
+    )
     assert art.metadata["model_source"] == str(tiny_llama_sharded.resolve())
     assert art.metadata["tensor_name"] == "lm_head.weight"
 
 
 def test_fit_table_goes_to_stdout_logs_to_stderr(runner, tiny_llama_sharded, tmp_path):
-    result = runner.invoke(app, ["fit", "-m", str(tiny_llama_sharded), "--ratio", "2", "--no-reduce", "-o", str(tmp_path / "p.safetensors")])
+    result = runner.invoke(
+        app,
+        ["fit", "-m", str(tiny_llama_sharded), "--ratio", "2", "--no-reduce", "-o", str(tmp_path / "p.safetensors")],
+    )
     assert result.exit_code == 0, result.stderr
     assert "energy removed" in result.stdout and "Model:" in result.stderr and "Model:" not in result.stdout
     art = load_artifact(tmp_path / "p.safetensors")
@@ -51,7 +58,10 @@ def test_fit_table_goes_to_stdout_logs_to_stderr(runner, tiny_llama_sharded, tmp
 
 
 def test_quiet_hides_info(runner, tiny_llama_sharded, tmp_path):
-    result = runner.invoke(app, ["fit", "-m", str(tiny_llama_sharded), "--rank", "2", "-q", "--json", "-o", str(tmp_path / "q.safetensors")])
+    result = runner.invoke(
+        app,
+        ["fit", "-m", str(tiny_llama_sharded), "--rank", "2", "-q", "--json", "-o", str(tmp_path / "q.safetensors")],
+    )
     assert result.exit_code == 0 and result.stderr == ""
 
 
@@ -72,12 +82,29 @@ def test_default_output_path_and_force(runner, tiny_llama_sharded, tmp_path, mon
 
 def test_randomized_solver_on_tiny_model(runner, tiny_llama_sharded, tmp_path):
     out = tmp_path / "r.safetensors"
-    result = runner.invoke(app, ["fit", "-m", str(tiny_llama_sharded), "--rank", "3", "--solver", "randomized", "--tol", "1e-5",
-                                 "--seed", "1", "-o", str(out), "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "fit",
+            "-m",
+            str(tiny_llama_sharded),
+            "--rank",
+            "3",
+            "--solver",
+            "randomized",
+            "--tol",
+            "1e-5",
+            "--seed",
+            "1",
+            "-o",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["certificate"]["passed"] and summary["certificate"]["max_relative_residual"] <= 1e-5
-    s, v = _ref_vectors(tiny_llama_sharded)
+    _s, v = _ref_vectors(tiny_llama_sharded)
     art = load_artifact(out)
     assert np.abs(art.projection @ v[:, :3]).max() < 1e-3  # top-3 removed to solver accuracy
 
@@ -85,7 +112,11 @@ def test_randomized_solver_on_tiny_model(runner, tiny_llama_sharded, tmp_path):
 @pytest.mark.parametrize(
     "args, status, needle",
     [
-        (["--rank", "30", "--bottom", "2"], 2, "--rank 30 + --bottom 2 = 32 removes every direction of a hidden size of 32"),
+        (
+            ["--rank", "30", "--bottom", "2"],
+            2,
+            "--rank 30 + --bottom 2 = 32 removes every direction of a hidden size of 32",
+        ),
         (["--ratio", "2", "--rank", "1"], 2, "cannot be combined"),
         (["--keep", "40"], 2, "--keep 40 must be between 1 and the hidden size 32"),
         (["--rank", "2", "--bottom", "1", "--solver", "randomized"], 2, "--solver randomized computes only the top"),
@@ -128,14 +159,18 @@ def test_nonfinite_head_is_a_clear_error(runner, tmp_path):
     w = torch.randn(50, 8)
     w[7, 3] = float("nan")
     save_file({"lm_head.weight": w}, str(tmp_path / "nan.safetensors"))
-    result = runner.invoke(app, ["fit", "-m", str(tmp_path / "nan.safetensors"), "--rank", "1", "-o", str(tmp_path / "o.safetensors")])
+    result = runner.invoke(
+        app, ["fit", "-m", str(tmp_path / "nan.safetensors"), "--rank", "1", "-o", str(tmp_path / "o.safetensors")]
+    )
     assert result.exit_code == 1 and "non-finite value (NaN or Inf) at row 7, column 3" in result.stderr
     assert not (tmp_path / "o.safetensors").exists()
 
 
 def test_gguf_quantized_fit(runner, tmp_path):
     path, expected = make_gguf(tmp_path / "m.gguf", rows=80, hidden=32, tokens=80)
-    result = runner.invoke(app, ["fit", "-m", str(path), "--rank", "2", "-o", str(tmp_path / "g.safetensors"), "--json"])
+    result = runner.invoke(
+        app, ["fit", "-m", str(path), "--rank", "2", "-o", str(tmp_path / "g.safetensors"), "--json"]
+    )
     assert result.exit_code == 0, result.stderr
     ref = np.linalg.svd(expected.astype(np.float64), compute_uv=False)
     np.testing.assert_allclose(load_artifact(tmp_path / "g.safetensors").singular_values, ref, rtol=1e-10)
@@ -145,7 +180,7 @@ def test_gguf_quantized_fit(runner, tmp_path):
 def test_real_smollm2_gguf_end_to_end(runner, tmp_path):
     """The built-in default model: σ figures from ../shared/EMBEDFILTER.md."""
     from embfilter_cli.errors import ModelNotFoundError
-    from embfilter_cli.locate import default_model_path
+    from embfilter_cli.model.locate import default_model_path
 
     try:
         default_model_path()
@@ -162,8 +197,8 @@ def test_real_smollm2_gguf_end_to_end(runner, tmp_path):
     # Slow decay through the bulk, then a sharp fall over the last ~16 values down to ≈ 5.6.
     assert s[-1] == pytest.approx(5.59, abs=0.05) and s[-16] / s[-1] > 1.9 and s[64] / s[-17] < 2.5
     # The top direction is almost exactly the mean row (cos 0.999 in our notes).
-    from embfilter_cli.locate import resolve_model
-    from embfilter_cli.unembedding import read_unembedding
+    from embfilter_cli.model.locate import resolve_model
+    from embfilter_cli.model.unembedding import read_unembedding
 
     w = read_unembedding(resolve_model(None)).matrix.double().numpy()
     mean = w.mean(axis=0)
@@ -173,7 +208,9 @@ def test_real_smollm2_gguf_end_to_end(runner, tmp_path):
 
 def test_float32_precision_is_recorded(runner, tiny_llama_sharded, tmp_path):
     out = tmp_path / "f32.safetensors"
-    result = runner.invoke(app, ["fit", "-m", str(tiny_llama_sharded), "--rank", "2", "--precision", "float32", "-o", str(out), "--json"])
+    result = runner.invoke(
+        app, ["fit", "-m", str(tiny_llama_sharded), "--rank", "2", "--precision", "float32", "-o", str(out), "--json"]
+    )
     assert result.exit_code == 0, result.stderr
     params = json.loads(load_artifact(out).metadata["solver_params"])
     assert params["precision"] == "float32" and params["method"] == "gram-float32+eigh-float64"

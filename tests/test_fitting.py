@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from embfilter_cli.band import band_from_rank
 from embfilter_cli.errors import BandError
-from embfilter_cli.fitting import build_artifact, energy_removed, projection_from_spectrum
-from embfilter_cli.spectral import exact_spectrum, randomized_spectrum
+from embfilter_cli.filters.band import band_from_rank
+from embfilter_cli.filters.fitting import build_artifact, energy_removed, projection_from_spectrum
+from embfilter_cli.filters.spectral import exact_spectrum, randomized_spectrum
 from tests.conftest import planted_matrix
 
 D = 20
@@ -60,7 +60,15 @@ def test_partial_spectrum_removes_top_and_keeps_the_complement():
 
 def test_artifact_metadata_is_all_strings(spectrum_and_v):
     spec, _ = spectrum_and_v
-    art = build_artifact(spec, band_from_rank(D, 2, 0), reduce=True, model_source="m", model_revision="local",
-                         tensor_name="lm_head.weight", unembedding_sha256="ab" * 32, vocab_size=400)
+    art = build_artifact(
+        spec,
+        band_from_rank(D, 2, 0),
+        reduce=True,
+        model_source="m",
+        model_revision="local",
+        tensor_name="lm_head.weight",
+        unembedding_sha256="ab" * 32,
+        vocab_size=400,
+    )
     assert all(isinstance(v, str) for v in art.metadata.values())
     assert art.projection.dtype == np.float32 and art.output_dim == 18

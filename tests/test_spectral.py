@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from embfilter_cli.errors import BadTensorError, SolverAccuracyError
-from embfilter_cli.spectral import canonical_signs, exact_spectrum, randomized_spectrum
+from embfilter_cli.filters.spectral import canonical_signs, exact_spectrum, randomized_spectrum
 from tests.conftest import planted_matrix
 
 
@@ -96,7 +96,7 @@ def test_nonfinite_values_are_reported_with_their_position():
 def test_float32_precision_is_float32_accurate_and_labelled():
     d = 32
     sig = np.geomspace(200.0, 1.0, d)
-    w, v = planted_matrix(4000, d, sig, seed=6)
+    w, _v = planted_matrix(4000, d, sig, seed=6)
     w32 = torch.from_numpy(w).float()
     ref = exact_spectrum(w32)  # float64 Gram of the same float32 input
     fast = exact_spectrum(w32, precision="float32", chunk_rows=512)

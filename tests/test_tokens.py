@@ -1,4 +1,4 @@
-"""Vocabulary loading and token rendering (`embfilter_cli.tokens`)."""
+"""Vocabulary loading and token rendering (`embfilter_cli.text.tokens`)."""
 
 import json
 import sys
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from embfilter_cli.errors import MissingDependencyError, ModelNotFoundError
-from embfilter_cli.tokens import (
+from embfilter_cli.text.tokens import (
     Vocabulary,
     bytes_to_unicode,
     decode_bytes,
@@ -84,8 +84,17 @@ def test_special_unknown_and_added_tokens():
 
 @pytest.mark.parametrize(
     "piece, word",
-    [("Ġthe", "the"), ("the", "the"), (",", None), ("Ġ123", None), ("Ġ", None), ("Ċ", None),
-     (_bl(b"\xc3"), None), (_bl(" café".encode()), "café"), ("ĠU.S", "U.S")],
+    [
+        ("Ġthe", "the"),
+        ("the", "the"),
+        (",", None),
+        ("Ġ123", None),
+        ("Ġ", None),
+        ("Ċ", None),
+        (_bl(b"\xc3"), None),
+        (_bl(" café".encode()), "café"),
+        ("ĠU.S", "U.S"),
+    ],
 )
 def test_word_form_for_frequency_lookup(piece, word):
     assert Vocabulary([piece], "byte_level").word(0) == word
@@ -130,9 +139,12 @@ def test_vocab_json_and_unigram_tokenizer_json(tmp_path):
     vocab = load_vocabulary_from_folder(tmp_path / "a")
     assert vocab.scheme == "byte_level" and vocab.pieces == ["Ġthe", "cat", None, "<pad>"] and vocab.special == {3}
     (tmp_path / "b").mkdir()
-    spec = {"model": {"type": "Unigram", "vocab": [["<unk>", 0.0], ["▁the", -1.0], ["<0x0A>", -2.0]]},
-            "added_tokens": [{"id": 0, "content": "<unk>", "special": True}],
-            "pre_tokenizer": {"type": "Metaspace", "replacement": "▁"}, "decoder": None}
+    spec = {
+        "model": {"type": "Unigram", "vocab": [["<unk>", 0.0], ["▁the", -1.0], ["<0x0A>", -2.0]]},
+        "added_tokens": [{"id": 0, "content": "<unk>", "special": True}],
+        "pre_tokenizer": {"type": "Metaspace", "replacement": "▁"},
+        "decoder": None,
+    }
     (tmp_path / "b" / "tokenizer.json").write_text(json.dumps(spec))
     vocab = load_vocabulary_from_folder(tmp_path / "b")
     assert vocab.scheme == "sentencepiece" and [vocab.display(i) for i in range(3)] == ["<unk>", "·the", "⏎"]
@@ -141,7 +153,7 @@ def test_vocab_json_and_unigram_tokenizer_json(tmp_path):
 def test_folder_without_tokenizer_and_broken_json(tmp_path):
     assert load_vocabulary_from_folder(tmp_path) is None
     (tmp_path / "tokenizer.json").write_text("{not json")
-    with pytest.raises(ModelNotFoundError, match="tokenizer.json is not valid JSON"):
+    with pytest.raises(ModelNotFoundError, match=r"tokenizer\.json is not valid JSON"):
         load_vocabulary_from_folder(tmp_path)
 
 
@@ -165,8 +177,8 @@ def _write_gguf(path, tokens, types, model="gpt2"):
 
 
 def test_gguf_vocabulary_fast_reader_agrees_with_gguf_reader(tmp_path, monkeypatch):
-    from embfilter_cli import tokens as tokens_mod
-    from embfilter_cli.locate import ModelLocation
+    from embfilter_cli.model.location import ModelLocation
+    from embfilter_cli.text import tokens as tokens_mod
 
     pieces = ["<|endoftext|>", "Ġthe", "Ċ", "caf" + bytes_to_unicode()[0xC3] + bytes_to_unicode()[0xA9], "ñ"]
     path = _write_gguf(tmp_path / "t.gguf", pieces, [3, 1, 1, 1, 6])
@@ -185,7 +197,7 @@ def test_gguf_vocabulary_fast_reader_agrees_with_gguf_reader(tmp_path, monkeypat
 
 
 def test_gguf_sentencepiece_model_and_missing_token_list(tmp_path):
-    from embfilter_cli.locate import ModelLocation
+    from embfilter_cli.model.location import ModelLocation
     from tests.tiny_models import make_gguf
 
     path = _write_gguf(tmp_path / "sp.gguf", ["<unk>", "▁the", "<0x0A>"], [2, 1, 6], model="llama")
@@ -201,7 +213,7 @@ def test_gguf_sentencepiece_model_and_missing_token_list(tmp_path):
 
 
 def test_single_weights_file_uses_tokenizer_beside_it(tmp_path):
-    from embfilter_cli.locate import ModelLocation
+    from embfilter_cli.model.location import ModelLocation
 
     (tmp_path / "vocab.json").write_text(json.dumps({"Ġa": 0}))
     loc = ModelLocation("", "safetensors_file", tmp_path / "w.safetensors", "x", "local")

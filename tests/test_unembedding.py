@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from embfilter_cli.errors import BadTensorError, ModelNotFoundError, UnembeddingNotFoundError
-from embfilter_cli.locate import resolve_model
-from embfilter_cli.unembedding import choose_unembedding, read_unembedding, tokenizer_vocab_size
+from embfilter_cli.model.locate import resolve_model
+from embfilter_cli.model.unembedding import choose_unembedding, read_unembedding, tokenizer_vocab_size
 from tests.tiny_models import make_gguf, make_gpt2, make_llama
 
 
@@ -104,8 +104,13 @@ def test_gguf_quantized_tied_and_f16_head(tmp_path):
 
 
 def test_choose_unembedding_rules():
-    assert choose_unembedding(["a", "lm_head.weight", "model.embed_tokens.weight"], {}, None, "x") == ("lm_head.weight", False)
-    assert choose_unembedding(["language_model.lm_head.weight", "b"], {}, None, "x")[0] == "language_model.lm_head.weight"
+    assert choose_unembedding(["a", "lm_head.weight", "model.embed_tokens.weight"], {}, None, "x") == (
+        "lm_head.weight",
+        False,
+    )
+    assert (
+        choose_unembedding(["language_model.lm_head.weight", "b"], {}, None, "x")[0] == "language_model.lm_head.weight"
+    )
     with pytest.raises(UnembeddingNotFoundError, match="tie_word_embeddings=false"):
         choose_unembedding(["model.embed_tokens.weight"], {"tie_word_embeddings": False}, None, "x")
     with pytest.raises(UnembeddingNotFoundError, match="tensors there include a, b"):
@@ -142,20 +147,26 @@ def test_truncated_and_garbled_files(tmp_path):
 
 
 def test_tokenizer_vocab_size_counts_added_tokens(tmp_path):
-    (tmp_path / "tokenizer.json").write_text(json.dumps(
-        {"model": {"vocab": {"a": 0, "b": 1}}, "added_tokens": [{"id": 5, "content": "<x>"}]}))
+    (tmp_path / "tokenizer.json").write_text(
+        json.dumps({"model": {"vocab": {"a": 0, "b": 1}}, "added_tokens": [{"id": 5, "content": "<x>"}]})
+    )
     assert tokenizer_vocab_size(tmp_path) == 6
 
 
 def test_fast_gguf_header_walk_matches_gguf_reader(tmp_path):
-    from embfilter_cli.unembedding import _read_gguf_with_reader
+    from embfilter_cli.model.unembedding import _read_gguf_with_reader
 
     for head in ("quantized", "f16"):
         path, _ = make_gguf(tmp_path / f"{head}.gguf", rows=64, hidden=32, tokens=60, head=head)
         fast = read_unembedding(resolve_model(str(path)), drop_padding_rows=False)
         slow = _read_gguf_with_reader(path, None)
         assert (fast.tensor_name, fast.sha256, fast.stored_rows, fast.tokenizer_vocab, fast.stored_dtype) == (
-            slow.tensor_name, slow.sha256, slow.stored_rows, slow.tokenizer_vocab, slow.stored_dtype)
+            slow.tensor_name,
+            slow.sha256,
+            slow.stored_rows,
+            slow.tokenizer_vocab,
+            slow.stored_dtype,
+        )
         torch.testing.assert_close(fast.matrix, slow.matrix, rtol=0, atol=0)
 
 

@@ -11,13 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embfilter_cli.artifact import load_artifact, save_artifact
 from embfilter_cli.cli import app
-from embfilter_cli.checks import ORTHONORMAL_TOL, integrity_checks
+from embfilter_cli.filters.artifact import load_artifact, save_artifact
+from embfilter_cli.filters.checks import ORTHONORMAL_TOL, integrity_checks
 from tests.tiny_models import make_gguf
 
 HEX64 = re.compile(r"\b[0-9a-f]{64}\b")
-
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +67,15 @@ def test_json_report_holds_the_numbers(runner, make_filter):
     checks = {c["name"]: c for c in doc["checks"]}
     assert list(checks) == ["format", "digest", "orthonormal", "complement"]
     art = load_artifact(path)
-    assert checks["digest"]["values"]["stored"] == checks["digest"]["values"]["actual"] == art.metadata["projection_sha256"]
+    assert (
+        checks["digest"]["values"]["stored"]
+        == checks["digest"]["values"]["actual"]
+        == art.metadata["projection_sha256"]
+    )
     p = art.projection.astype(np.float64)
-    assert checks["orthonormal"]["values"]["max_error"] == pytest.approx(np.abs(p @ p.T - np.eye(len(p))).max(), abs=1e-12)
+    assert checks["orthonormal"]["values"]["max_error"] == pytest.approx(
+        np.abs(p @ p.T - np.eye(len(p))).max(), abs=1e-12
+    )
     assert checks["orthonormal"]["values"]["max_error"] < ORTHONORMAL_TOL
     assert doc["artifact"]["output_dim"] == 13
 
@@ -126,8 +131,10 @@ def test_removed_directions_that_overlap_the_kept_space_fail(make_filter):
     [
         (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "is not a readable safetensors file"),
         (lambda p: p.write_text("just some text, not a filter\n"), "is not a readable safetensors file"),
-        (lambda p: __import__("safetensors.numpy").numpy.save_file({"w": np.ones((2, 2), np.float32)}, str(p)),
-         "is a safetensors file but not an embfilter filter"),
+        (
+            lambda p: __import__("safetensors.numpy").numpy.save_file({"w": np.ones((2, 2), np.float32)}, str(p)),
+            "is a safetensors file but not an embfilter filter",
+        ),
     ],
     ids=["truncated", "not-safetensors", "plain-safetensors"],
 )

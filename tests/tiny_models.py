@@ -90,15 +90,23 @@ def make_llama(
     return path
 
 
-def make_gpt2(path: Path, *, hidden: int = 32, vocab: int = 300, layers: int = 2, seed: int = 0,
-              max_params: int = 200_000) -> Path:
+def make_gpt2(
+    path: Path, *, hidden: int = 32, vocab: int = 300, layers: int = 2, seed: int = 0, max_params: int = 200_000
+) -> Path:
     """A GPT-2-style checkpoint: tied, no lm_head.weight key, head is transformer.wte.weight."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer(vocab)
-    config = GPT2Config(vocab_size=len(tokenizer), n_embd=hidden, n_layer=layers, n_head=4, n_positions=128,
-                        bos_token_id=1, eos_token_id=2)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=4,
+        n_positions=128,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     model = GPT2LMHeadModel(config)
     n = _count(model)
     assert n <= max_params, f"tiny GPT-2 has {n} parameters, more than the promised {max_params}"
@@ -111,8 +119,9 @@ def read_config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
 
 
-def make_gguf(path: Path, *, rows: int = 64, hidden: int = 32, tokens: int | None = None, head: str = "quantized",
-              seed: int = 0):
+def make_gguf(
+    path: Path, *, rows: int = 64, hidden: int = 32, tokens: int | None = None, head: str = "quantized", seed: int = 0
+):
     """A minimal GGUF file with a W_U and a token list, written by gguf's own writer.
 
     head: "quantized" -> only token_embd.weight in Q8_0 (tied, like SmolLM2's file);

@@ -20,9 +20,16 @@ def _set_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
 
 def output_options(func: F) -> F:
     """`--json` (one JSON document on stdout) and `-q` (no progress/info on stderr)."""
-    func = click.option("--json", "json_", is_flag=True, help="Print one JSON document on stdout instead of a table.")(func)
+    func = click.option("--json", "json_", is_flag=True, help="Print one JSON document on stdout instead of a table.")(
+        func
+    )
     func = click.option(
-        "-q", "--quiet", is_flag=True, expose_value=False, callback=_set_quiet, is_eager=True,
+        "-q",
+        "--quiet",
+        is_flag=True,
+        expose_value=False,
+        callback=_set_quiet,
+        is_eager=True,
         help="No progress bars or info lines on stderr.",
     )(func)
     return func
@@ -34,6 +41,8 @@ def force_option(func: F) -> F:
 
 def device_option(func: F) -> F:
     return click.option(
-        "--device", default="auto", show_default=True,
+        "--device",
+        default="auto",
+        show_default=True,
         help="cpu, cuda, cuda:N, mps or auto (cuda when available, else cpu).",
     )(func)

@@ -11,7 +11,7 @@ import click
 
 from embfilter_cli.commands._options import force_option, output_options
 
-# Mirrors embfilter_cli.vectors (kept here so `--help` never imports numpy; a test checks they agree).
+# Mirrors embfilter_cli.vectors.stream (kept here so `--help` never imports numpy; a test checks they agree).
 FORMATS = ("npy", "jsonl", "safetensors")
 DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
 _EXTENSIONS = {".npy": "npy", ".jsonl": "jsonl", ".ndjson": "jsonl", ".safetensors": "safetensors"}
@@ -20,29 +20,71 @@ _EXTENSIONS = {".npy": "npy", ".jsonl": "jsonl", ".ndjson": "jsonl", ".safetenso
 @click.command()
 @click.argument("filter_path", metavar="FILTER")
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, allow_dash=True, exists=True))
-@click.option("-o", "--output", default="-", show_default=True, type=click.Path(dir_okay=False, allow_dash=True),
-              help="Output file, or - for stdout.")
-@click.option("--format", "input_format", type=click.Choice(FORMATS), default=None,
-              help="Input format. [default: from the file extension, else sniffed from the first bytes; "
-                   "empty stdin counts as empty JSONL]")
-@click.option("--to", "output_format", type=click.Choice(FORMATS), default=None,
-              help="Output format. [default: from -o's extension, else the input's]")
+@click.option(
+    "-o",
+    "--output",
+    default="-",
+    show_default=True,
+    type=click.Path(dir_okay=False, allow_dash=True),
+    help="Output file, or - for stdout.",
+)
+@click.option(
+    "--format",
+    "input_format",
+    type=click.Choice(FORMATS),
+    default=None,
+    help="Input format. [default: from the file extension, else sniffed from the first bytes; "
+    "empty stdin counts as empty JSONL]",
+)
+@click.option(
+    "--to",
+    "output_format",
+    type=click.Choice(FORMATS),
+    default=None,
+    help="Output format. [default: from -o's extension, else the input's]",
+)
 @click.option("--field", default="embedding", show_default=True, help="JSONL: the field that holds the vector.")
-@click.option("--tensor", default=None, metavar="NAME",
-              help="safetensors: the tensor to filter [default: the only 2-D float tensor]; when only the output is "
-                   "safetensors, the name to write [default: embeddings].")
-@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=None,
-              help="Output dtype. [default: the input's; JSONL numbers are float64; bfloat16 only in safetensors]")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="Rows per batch; memory is about batch × (d + k) × 4 bytes. [default: 8192; 1024 for JSONL]")
+@click.option(
+    "--tensor",
+    default=None,
+    metavar="NAME",
+    help="safetensors: the tensor to filter [default: the only 2-D float tensor]; when only the output is "
+    "safetensors, the name to write [default: embeddings].",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(DTYPE_NAMES),
+    default=None,
+    help="Output dtype. [default: the input's; JSONL numbers are float64; bfloat16 only in safetensors]",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Rows per batch; memory is about batch × (d + k) × 4 bytes. [default: 8192; 1024 for JSONL]",
+)
 @click.option("--normalize", is_flag=True, help="L2-normalise each filtered vector.")
-@click.option("--allow-nonfinite", is_flag=True, help="Pass NaN/Inf vectors through (their results are NaN/Inf) instead of failing.")
+@click.option(
+    "--allow-nonfinite",
+    is_flag=True,
+    help="Pass NaN/Inf vectors through (their results are NaN/Inf) instead of failing.",
+)
 @force_option
 @output_options
 def apply(
-    filter_path: str, input_path: str, output: str, input_format: str | None, output_format: str | None, field: str,
-    tensor: str | None, dtype: str | None, batch_size: int | None, normalize: bool, allow_nonfinite: bool,
-    force: bool, json_: bool,
+    filter_path: str,
+    input_path: str,
+    output: str,
+    input_format: str | None,
+    output_format: str | None,
+    field: str,
+    tensor: str | None,
+    dtype: str | None,
+    batch_size: int | None,
+    normalize: bool,
+    allow_nonfinite: bool,
+    force: bool,
+    json_: bool,
 ) -> None:
     """Filter stored embedding vectors: each d-dim vector x becomes the k-dim P·x.
 
@@ -71,7 +113,7 @@ def apply(
 
         check_writable(output, force)  # before reading anything
 
-    from embfilter_cli.artifact import load_artifact
+    from embfilter_cli.filters.artifact import load_artifact
 
     artifact = load_artifact(filter_path)
     with contextlib.ExitStack() as stack:
@@ -79,16 +121,37 @@ def apply(
         out_format = output_format or out_ext_format or source.format
         out_dtype = _output_dtype(dtype, source.dtype, out_format)
         if to_stdout and out_format != "jsonl" and sys.stdout.isatty():
-            raise click.UsageError(f"refusing to write binary {out_format} data to a terminal; add -o FILE or redirect stdout")
-        stats = _run(stack, source, artifact, output, to_stdout, out_format, out_dtype, field, tensor, batch_size,
-                     normalize, allow_nonfinite, force)
+            raise click.UsageError(
+                f"refusing to write binary {out_format} data to a terminal; add -o FILE or redirect stdout"
+            )
+        stats = _run(
+            stack,
+            source,
+            artifact,
+            output,
+            to_stdout,
+            out_format,
+            out_dtype,
+            field,
+            tensor,
+            batch_size,
+            normalize,
+            allow_nonfinite,
+            force,
+        )
     _report(stats, artifact, input_path, output, source.format, out_format, normalize, json_)
 
 
-def _open_input(stack: contextlib.ExitStack, input_path: str, input_format: str | None, field: str,
-                tensor: str | None, artifact: Any) -> Any:
+def _open_input(
+    stack: contextlib.ExitStack,
+    input_path: str,
+    input_format: str | None,
+    field: str,
+    tensor: str | None,
+    artifact: Any,
+) -> Any:
     """Open INPUT with the right reader; the format comes from --format, the extension, or the first bytes."""
-    from embfilter_cli.vectors import format_from_path, open_source, peek_head, sniff_format
+    from embfilter_cli.vectors.stream import format_from_path, open_source, peek_head, sniff_format
 
     context = _dim_context(artifact)
     if input_path == "-":
@@ -106,8 +169,9 @@ def _open_input(stack: contextlib.ExitStack, input_path: str, input_format: str 
         name, head = str(path), b""
     if fmt is None:
         raise click.UsageError(f"cannot tell the format of {name}; pass --format {'|'.join(FORMATS)}")
-    source = open_source(fp, fmt, name, path=path, field=field, tensor=tensor, expected_dim=artifact.hidden_size,
-                         dim_context=context)
+    source = open_source(
+        fp, fmt, name, path=path, field=field, tensor=tensor, expected_dim=artifact.hidden_size, dim_context=context
+    )
     stack.callback(source.close)
     return source
 
@@ -119,8 +183,10 @@ def _binary(stream: Any) -> IO[bytes]:
 
 def _dim_context(artifact: Any) -> str:
     """The end of a dimension-mismatch message: what the filter expects and what to do."""
-    return (f"the filter expects {artifact.hidden_size} (fitted on {artifact.model_source or 'another model'}); "
-            "use a filter fitted on the model that produced these vectors")
+    return (
+        f"the filter expects {artifact.hidden_size} (fitted on {artifact.model_source or 'another model'}); "
+        "use a filter fitted on the model that produced these vectors"
+    )
 
 
 def _output_dtype(requested: str | None, input_dtype: str, out_format: str) -> str:
@@ -136,11 +202,23 @@ def _output_dtype(requested: str | None, input_dtype: str, out_format: str) -> s
     return input_dtype
 
 
-def _run(stack: contextlib.ExitStack, source: Any, artifact: Any, output: str, to_stdout: bool, out_format: str,
-         out_dtype: str, field: str, tensor: str | None, batch_size: int | None, normalize: bool,
-         allow_nonfinite: bool, force: bool) -> Any:
+def _run(
+    stack: contextlib.ExitStack,
+    source: Any,
+    artifact: Any,
+    output: str,
+    to_stdout: bool,
+    out_format: str,
+    out_dtype: str,
+    field: str,
+    tensor: str | None,
+    batch_size: int | None,
+    normalize: bool,
+    allow_nonfinite: bool,
+    force: bool,
+) -> Any:
     from embfilter_cli.files import atomic_path
-    from embfilter_cli.vectors import DEFAULT_BATCH_ROWS, JSONL_BATCH_ROWS, filter_stream
+    from embfilter_cli.vectors.stream import DEFAULT_BATCH_ROWS, JSONL_BATCH_ROWS, filter_stream
 
     rows = batch_size or (JSONL_BATCH_ROWS if source.format == "jsonl" else DEFAULT_BATCH_ROWS)
     context = _dim_context(artifact)
@@ -153,16 +231,32 @@ def _run(stack: contextlib.ExitStack, source: Any, artifact: Any, output: str, t
         seekable = True
     sink = _make_sink(out_fp, seekable, out_format, source, artifact, field, tensor, normalize)
     with _progress(source, rows) as progress:
-        stats = filter_stream(source, sink, artifact.projection, batch_rows=rows, output_dtype=out_dtype,
-                              normalize=normalize, allow_nonfinite=allow_nonfinite, dim_context=context,
-                              progress=progress)
+        stats = filter_stream(
+            source,
+            sink,
+            artifact.projection,
+            batch_rows=rows,
+            output_dtype=out_dtype,
+            normalize=normalize,
+            allow_nonfinite=allow_nonfinite,
+            dim_context=context,
+            progress=progress,
+        )
     out_fp.flush()
     return stats
 
 
-def _make_sink(out_fp: IO[bytes], seekable: bool, out_format: str, source: Any, artifact: Any, field: str,
-               tensor: str | None, normalize: bool) -> Any:
-    from embfilter_cli.vectors import JsonlSink, NpySink, SafetensorsSink
+def _make_sink(
+    out_fp: IO[bytes],
+    seekable: bool,
+    out_format: str,
+    source: Any,
+    artifact: Any,
+    field: str,
+    tensor: str | None,
+    normalize: bool,
+) -> Any:
+    from embfilter_cli.vectors.stream import JsonlSink, NpySink, SafetensorsSink
 
     if out_format == "jsonl":
         return JsonlSink(out_fp, field)
@@ -170,12 +264,14 @@ def _make_sink(out_fp: IO[bytes], seekable: bool, out_format: str, source: Any, 
         return NpySink(out_fp, seekable)
     metadata = dict(getattr(source, "metadata", {}) or {})
     # Record which filter made these vectors: an index is only comparable with queries filtered the same way.
-    metadata.update({
-        "embfilter.projection_sha256": artifact.metadata.get("projection_sha256", ""),
-        "embfilter.model_source": artifact.model_source,
-        "embfilter.unembedding_sha256": artifact.unembedding_sha256,
-        "embfilter.normalized": "true" if normalize else "false",
-    })
+    metadata.update(
+        {
+            "embfilter.projection_sha256": artifact.metadata.get("projection_sha256", ""),
+            "embfilter.model_source": artifact.model_source,
+            "embfilter.unembedding_sha256": artifact.unembedding_sha256,
+            "embfilter.normalized": "true" if normalize else "false",
+        }
+    )
     if source.format == "safetensors":
         return SafetensorsSink(out_fp, seekable, source.target.name, metadata, source.entries, source.target)
     return SafetensorsSink(out_fp, seekable, tensor or "embeddings", metadata)
@@ -198,8 +294,16 @@ def _progress(source: Any, batch_rows: int) -> Any:
         yield lambda done, _total: bar.update(task, completed=done)
 
 
-def _report(stats: Any, artifact: Any, input_path: str, output: str, in_format: str, out_format: str,
-            normalize: bool, json_: bool) -> None:
+def _report(
+    stats: Any,
+    artifact: Any,
+    input_path: str,
+    output: str,
+    in_format: str,
+    out_format: str,
+    normalize: bool,
+    json_: bool,
+) -> None:
     from embfilter_cli.console import emit_json, info, warn
 
     if stats.nonfinite_rows:

@@ -15,33 +15,86 @@ OUTPUT_SUFFIXES = (".npy", ".jsonl")
 
 @click.command()
 @click.argument("input_path", metavar="INPUT")
-@click.option("-o", "--output", required=True, metavar="PATH",
-              help="Where to write: .npy (float32 rows) or .jsonl (records with an `embedding` field); "
-                   "`-` writes JSONL to stdout.")
-@click.option("-m", "--model", "model", default=None, metavar="SPEC",
-              help="Alias, Hub id, model folder or .gguf file. Default: the built-in SmolLM2-135M-Instruct GGUF.")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    metavar="PATH",
+    help="Where to write: .npy (float32 rows) or .jsonl (records with an `embedding` field); "
+    "`-` writes JSONL to stdout.",
+)
+@click.option(
+    "-m",
+    "--model",
+    "model",
+    default=None,
+    metavar="SPEC",
+    help="Alias, Hub id, model folder or .gguf file. Default: the built-in SmolLM2-135M-Instruct GGUF.",
+)
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) for a Hub id.")
-@click.option("--pooling", type=click.Choice(["mean", "last"]), default="mean", show_default=True,
-              help="mean over tokens (echo: over the second copy), or the last token (left padding).")
-@click.option("--recipe", default="none", show_default=True, metavar="NAME|TEMPLATE",
-              help="none, prompteol, summarize, echo, or a custom template containing {text}.")
-@click.option("--filter", "filter_path", default=None, metavar="FILTER",
-              help="Apply this filter artifact (before --normalize). Refused if fitted on another model.")
+@click.option(
+    "--pooling",
+    type=click.Choice(["mean", "last"]),
+    default="mean",
+    show_default=True,
+    help="mean over tokens (echo: over the second copy), or the last token (left padding).",
+)
+@click.option(
+    "--recipe",
+    default="none",
+    show_default=True,
+    metavar="NAME|TEMPLATE",
+    help="none, prompteol, summarize, echo, or a custom template containing {text}.",
+)
+@click.option(
+    "--filter",
+    "filter_path",
+    default=None,
+    metavar="FILTER",
+    help="Apply this filter artifact (before --normalize). Refused if fitted on another model.",
+)
 @click.option("--normalize", is_flag=True, help="L2-normalise every output vector.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Texts per forward pass.")
-@click.option("--max-length", type=click.IntRange(min=1), default=512, show_default=True,
-              help="Token budget per prompt, template included; longer texts are cut, the template is kept.")
+@click.option(
+    "--max-length",
+    type=click.IntRange(min=1),
+    default=512,
+    show_default=True,
+    help="Token budget per prompt, template included; longer texts are cut, the template is kept.",
+)
 @device_option
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
-              help="Model weights dtype; auto = float32 on CPU, bfloat16 on CUDA.")
-@click.option("--input-format", type=click.Choice(["auto", "lines", "jsonl"]), default="auto", show_default=True,
-              help="auto: JSONL for .jsonl files or input whose first line starts with '{', else one text per line.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="auto",
+    show_default=True,
+    help="Model weights dtype; auto = float32 on CPU, bfloat16 on CUDA.",
+)
+@click.option(
+    "--input-format",
+    type=click.Choice(["auto", "lines", "jsonl"]),
+    default="auto",
+    show_default=True,
+    help="auto: JSONL for .jsonl files or input whose first line starts with '{', else one text per line.",
+)
 @force_option
 @output_options
 def embed(
-    input_path: str, output: str, model: str | None, revision: str | None, pooling: str, recipe: str,
-    filter_path: str | None, normalize: bool, batch_size: int, max_length: int, device: str, dtype: str,
-    input_format: str, force: bool, json_: bool,
+    input_path: str,
+    output: str,
+    model: str | None,
+    revision: str | None,
+    pooling: str,
+    recipe: str,
+    filter_path: str | None,
+    normalize: bool,
+    batch_size: int,
+    max_length: int,
+    device: str,
+    dtype: str,
+    input_format: str,
+    force: bool,
+    json_: bool,
 ) -> None:
     """Embed texts (one per line, or JSONL with a `text` field; a path or - for stdin).
 
@@ -58,14 +111,17 @@ def embed(
     to_stdout = output == "-"
     suffix = Path(output).suffix.lower()
     if not to_stdout and suffix not in OUTPUT_SUFFIXES:
-        raise click.BadParameter(f"{output!r} must end in .npy or .jsonl (or be - for JSONL on stdout)",
-                                 param_hint="-o/--output")
+        raise click.BadParameter(
+            f"{output!r} must end in .npy or .jsonl (or be - for JSONL on stdout)", param_hint="-o/--output"
+        )
     if to_stdout and json_:
-        raise click.UsageError("--json prints a summary on stdout, which -o - already uses for the embeddings; drop one")
+        raise click.UsageError(
+            "--json prints a summary on stdout, which -o - already uses for the embeddings; drop one"
+        )
 
     from embfilter_cli.console import info, warn
-    from embfilter_cli.embedding import resolve_recipe
-    from embfilter_cli.texts import describe_skipped, read_texts
+    from embfilter_cli.text.embedding import resolve_recipe
+    from embfilter_cli.text.texts import describe_skipped, read_texts
 
     resolve_recipe(recipe)  # a bad template fails before anything is loaded
     if not to_stdout:
@@ -76,31 +132,36 @@ def embed(
     if texts_in.skipped:
         warn(describe_skipped(texts_in.skipped))
 
-    from embfilter_cli.locate import resolve_model
+    from embfilter_cli.model.locate import resolve_model
 
     location = resolve_model(model, revision=revision)
     artifact = None
     if filter_path is not None:
-        from embfilter_cli.artifact import load_artifact
-        from embfilter_cli.embedding import check_filter_matches, unembedding_fingerprint
+        from embfilter_cli.filters.artifact import load_artifact
+        from embfilter_cli.text.embedding import check_filter_matches, unembedding_fingerprint
 
         artifact = load_artifact(filter_path)
         sha, hidden = unembedding_fingerprint(location, artifact.metadata.get("tensor_name"))
         check_filter_matches(artifact, hidden_size=hidden, unembedding_sha256=sha, model_source=location.source)
 
-    from embfilter_cli.embedding import load_encoder_at
+    from embfilter_cli.text.embedding import load_encoder_at
 
     info(f"Loading {location.source} ({location.kind.replace('_', ' ')})…")
     start = time.perf_counter()
     encoder = load_encoder_at(location, device=device, dtype=dtype, revision=revision)
     loaded = time.perf_counter()
-    info(f"Loaded in {loaded - start:.1f}s: hidden size {encoder.hidden_size}, {encoder.device}, {str(encoder.dtype).replace('torch.', '')}")
-    vectors = encoder.embed(texts_in.texts, pooling=pooling, recipe=recipe, batch_size=batch_size,
-                            max_length=max_length, progress=True)
+    info(
+        f"Loaded in {loaded - start:.1f}s: hidden size {encoder.hidden_size}, {encoder.device}, {str(encoder.dtype).replace('torch.', '')}"
+    )
+    vectors = encoder.embed(
+        texts_in.texts, pooling=pooling, recipe=recipe, batch_size=batch_size, max_length=max_length, progress=True
+    )
     seconds = time.perf_counter() - loaded
     if encoder.last_truncated:
-        warn(f"{encoder.last_truncated} text(s) exceeded --max-length {encoder.effective_max_length(max_length)} tokens "
-             "and were cut (the template was kept)")
+        warn(
+            f"{encoder.last_truncated} text(s) exceeded --max-length {encoder.effective_max_length(max_length)} tokens "
+            "and were cut (the template was kept)"
+        )
     if artifact is not None:
         vectors = artifact.apply(vectors).astype("float32")
     if normalize:
@@ -108,25 +169,29 @@ def embed(
 
     _write(vectors, texts_in, output, force)
     rate = len(vectors) / seconds if seconds > 0 else float("inf")
-    info(f"Embedded {len(vectors)} texts → {vectors.shape[1]} dims in {seconds:.1f}s ({rate:.1f} texts/s)"
-         + ("" if to_stdout else f"; wrote {output}"))
+    info(
+        f"Embedded {len(vectors)} texts → {vectors.shape[1]} dims in {seconds:.1f}s ({rate:.1f} texts/s)"
+        + ("" if to_stdout else f"; wrote {output}")
+    )
     if json_:
         from embfilter_cli.console import emit_json
 
-        emit_json({
-            "output": output,
-            "rows": int(vectors.shape[0]),
-            "dim": int(vectors.shape[1]),
-            "model_source": location.source,
-            "pooling": pooling,
-            "recipe": recipe,
-            "filter": str(artifact.path) if artifact is not None else None,
-            "normalized": normalize,
-            "truncated": encoder.last_truncated,
-            "skipped_lines": texts_in.skipped,
-            "seconds": round(seconds, 3),
-            "texts_per_second": round(rate, 3),
-        })
+        emit_json(
+            {
+                "output": output,
+                "rows": int(vectors.shape[0]),
+                "dim": int(vectors.shape[1]),
+                "model_source": location.source,
+                "pooling": pooling,
+                "recipe": recipe,
+                "filter": str(artifact.path) if artifact is not None else None,
+                "normalized": normalize,
+                "truncated": encoder.last_truncated,
+                "skipped_lines": texts_in.skipped,
+                "seconds": round(seconds, 3),
+                "texts_per_second": round(rate, 3),
+            }
+        )
 
 
 def _l2_normalize(vectors: Any) -> Any:

@@ -18,37 +18,89 @@ JSON_SCHEMA = "embfilter.eval/1"
 
 
 @click.command("eval")
-@click.option("-m", "--model", "model", default=None, metavar="SPEC",
-              help="Alias, Hub id, model folder or .gguf file. Default: the built-in SmolLM2-135M-Instruct GGUF.")
+@click.option(
+    "-m",
+    "--model",
+    "model",
+    default=None,
+    metavar="SPEC",
+    help="Alias, Hub id, model folder or .gguf file. Default: the built-in SmolLM2-135M-Instruct GGUF.",
+)
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) for a Hub id.")
-@click.option("--data", "data_spec", required=True, metavar="lee|FILE.tsv",
-              help="lee (Lee 2005 documents, from the gensim wheel) or a TSV of text1<TAB>text2<TAB>score rows.")
+@click.option(
+    "--data",
+    "data_spec",
+    required=True,
+    metavar="lee|FILE.tsv",
+    help="lee (Lee 2005 documents, from the gensim wheel) or a TSV of text1<TAB>text2<TAB>score rows.",
+)
 @click.option("--pooling", type=click.Choice(["mean", "last"]), default="mean", show_default=True)
-@click.option("--recipe", default="none", show_default=True, metavar="NAME|TEMPLATE",
-              help="none, prompteol, summarize, echo, or a custom template containing {text}.")
-@click.option("--filter", "filter_paths", multiple=True, metavar="FILTER", help="Evaluate this filter artifact (repeatable).")
+@click.option(
+    "--recipe",
+    default="none",
+    show_default=True,
+    metavar="NAME|TEMPLATE",
+    help="none, prompteol, summarize, echo, or a custom template containing {text}.",
+)
+@click.option(
+    "--filter", "filter_paths", multiple=True, metavar="FILTER", help="Evaluate this filter artifact (repeatable)."
+)
 @click.option("--sweep-top", default=None, metavar="LIST", help="Top-R values to sweep, e.g. 0,4,16,64.")
 @click.option("--sweep-bottom", default=None, metavar="LIST", help="Bottom-B values to sweep, e.g. 0,8,16.")
 @click.option("--ratio", "ratios", default=None, metavar="LIST", help="Paper presets τ to evaluate, e.g. 1,2,8.")
-@click.option("--auto/--no-auto", "auto", default=True, show_default=True,
-              help="Also evaluate the data-free `--band auto` choice (whenever bands are evaluated).")
+@click.option(
+    "--auto/--no-auto",
+    "auto",
+    default=True,
+    show_default=True,
+    help="Also evaluate the data-free `--band auto` choice (whenever bands are evaluated).",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--max-length", type=click.IntRange(min=1), default=512, show_default=True)
 @device_option
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
-@click.option("--plot", "plot_path", default=None, metavar="FILE.png", help="Save the sweep as a heatmap (needs matplotlib).")
-@click.option("--save-best", "save_best", default=None, metavar="PATH",
-              help="Write the best band (sweep, ratio or auto) as a filter artifact.")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-              help="Embedding/spectrum cache [default: $EMBFILTER_CACHE or ~/.cache/embfilter].")
+@click.option(
+    "--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True
+)
+@click.option(
+    "--plot", "plot_path", default=None, metavar="FILE.png", help="Save the sweep as a heatmap (needs matplotlib)."
+)
+@click.option(
+    "--save-best",
+    "save_best",
+    default=None,
+    metavar="PATH",
+    help="Write the best band (sweep, ratio or auto) as a filter artifact.",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Embedding/spectrum cache [default: $EMBFILTER_CACHE or ~/.cache/embfilter].",
+)
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the cache.")
 @force_option
 @output_options
 def eval_cmd(
-    model: str | None, revision: str | None, data_spec: str, pooling: str, recipe: str, filter_paths: tuple[str, ...],
-    sweep_top: str | None, sweep_bottom: str | None, ratios: str | None, auto: bool, batch_size: int, max_length: int,
-    device: str, dtype: str, plot_path: str | None, save_best: str | None, cache_dir: str | None, no_cache: bool,
-    force: bool, json_: bool,
+    model: str | None,
+    revision: str | None,
+    data_spec: str,
+    pooling: str,
+    recipe: str,
+    filter_paths: tuple[str, ...],
+    sweep_top: str | None,
+    sweep_bottom: str | None,
+    ratios: str | None,
+    auto: bool,
+    batch_size: int,
+    max_length: int,
+    device: str,
+    dtype: str,
+    plot_path: str | None,
+    save_best: str | None,
+    cache_dir: str | None,
+    no_cache: bool,
+    force: bool,
+    json_: bool,
 ) -> None:
     """Score embeddings on human similarity ratings: raw, each --filter, each band of a sweep.
 
@@ -63,7 +115,7 @@ def eval_cmd(
       embfilter eval --model smollm2-135m --data lee --sweep-top 0,4,16,64,128 --sweep-bottom 0,4,8,16,32,64 --plot heatmap.png
       embfilter eval --model M --data pairs.tsv --filter A.safetensors --filter B.safetensors --json
     """
-    from embfilter_cli.evaluation import parse_float_list, parse_int_list
+    from embfilter_cli.text.evaluation import parse_float_list, parse_int_list
 
     nothing_named = not filter_paths and sweep_top is None and sweep_bottom is None and ratios is None
     if nothing_named:
@@ -78,7 +130,7 @@ def eval_cmd(
         raise click.UsageError("--plot draws the sweep heatmap; add --sweep-top and/or --sweep-bottom")
     if save_best is not None and not needs_spectrum:
         raise click.UsageError("--save-best saves the best band; add --sweep-top/--sweep-bottom or --ratio")
-    from embfilter_cli.embedding import resolve_recipe
+    from embfilter_cli.text.embedding import resolve_recipe
 
     rec = resolve_recipe(recipe)
     from embfilter_cli.files import check_writable
@@ -89,11 +141,11 @@ def eval_cmd(
     if plot_path is not None:
         _require_matplotlib()
 
-    from embfilter_cli.artifact import load_artifact
     from embfilter_cli.console import info, warn
-    from embfilter_cli.embedding import check_filter_matches, model_fingerprint
-    from embfilter_cli.evaluation import Cache, evaluate_all, head_spectrum, load_dataset
-    from embfilter_cli.locate import resolve_model
+    from embfilter_cli.filters.artifact import load_artifact
+    from embfilter_cli.model.locate import resolve_model
+    from embfilter_cli.text.embedding import check_filter_matches, model_fingerprint
+    from embfilter_cli.text.evaluation import Cache, evaluate_all, head_spectrum, load_dataset
 
     data = load_dataset(data_spec)
     info(f"Data: {data.name}: {len(data.pairs)} pairs over {len(data.texts)} texts")
@@ -105,20 +157,48 @@ def eval_cmd(
     if needs_spectrum or filters:
         started = time.perf_counter()
         facts, spectrum, hit = head_spectrum(location, cache, device=device, need_spectrum=needs_spectrum)
-        info(f"W_U {facts.tensor_name} {facts.vocab_size}×{facts.hidden_size}: "
-             + ("from cache" if hit else f"read{' and decomposed' if needs_spectrum else ''} in {time.perf_counter() - started:.1f}s"))
+        info(
+            f"W_U {facts.tensor_name} {facts.vocab_size}×{facts.hidden_size}: "
+            + (
+                "from cache"
+                if hit
+                else f"read{' and decomposed' if needs_spectrum else ''} in {time.perf_counter() - started:.1f}s"
+            )
+        )
         for art in filters:
-            check_filter_matches(art, hidden_size=facts.hidden_size, unembedding_sha256=facts.sha256, model_source=location.source)
+            check_filter_matches(
+                art, hidden_size=facts.hidden_size, unembedding_sha256=facts.sha256, model_source=location.source
+            )
 
-    raw, embed_info = _raw_embeddings(location, data, rec.template, pooling, recipe, batch_size, max_length, device,
-                                      dtype, revision, cache, model_fingerprint)
+    raw, embed_info = _raw_embeddings(
+        location,
+        data,
+        rec.template,
+        pooling,
+        recipe,
+        batch_size,
+        max_length,
+        device,
+        dtype,
+        revision,
+        cache,
+        model_fingerprint,
+    )
     if facts is not None and raw.shape[1] != facts.hidden_size:
         from embfilter_cli.errors import InputDataError
 
         raise InputDataError(f"the model's hidden states have {raw.shape[1]} dims but its W_U has {facts.hidden_size}")
 
-    results, grid = evaluate_all(raw, data, spectrum=spectrum, filters=filters, ratios=ratio_list,
-                                 tops=tops, bottoms=bottoms, auto=auto and needs_spectrum)
+    results, grid = evaluate_all(
+        raw,
+        data,
+        spectrum=spectrum,
+        filters=filters,
+        ratios=ratio_list,
+        tops=tops,
+        bottoms=bottoms,
+        auto=auto and needs_spectrum,
+    )
     best = next(r for r in results if r.best) if any(r.best for r in results) else None
 
     saved = None
@@ -127,7 +207,9 @@ def eval_cmd(
         info(f"Saved the best band ({saved['name']}, Spearman {saved['spearman']:.4f}) to {save_best}")
     if plot_path is not None and grid is not None:
         raw_score = results[0].spearman
-        _plot_heatmap(grid, raw_score, plot_path, force, f"{data.name}: Spearman by band ({location.source}, {pooling}, {recipe})")
+        _plot_heatmap(
+            grid, raw_score, plot_path, force, f"{data.name}: Spearman by band ({location.source}, {pooling}, {recipe})"
+        )
         info(f"Wrote heatmap {plot_path}")
     if best is not None and best.kind == "raw":
         warn("no filter or band beat the raw embedding on this data")
@@ -135,63 +217,116 @@ def eval_cmd(
     if json_:
         from embfilter_cli.console import emit_json
 
-        emit_json({
-            "schema": JSON_SCHEMA,
-            "model": {"source": location.source, "revision": location.revision,
-                      "unembedding_sha256": facts.sha256 if facts else None},
-            "data": data.summary(),
-            "settings": {"pooling": pooling, "recipe": recipe, "template": rec.template, "max_length": max_length,
-                         "dtype": embed_info["dtype"], "batch_size": batch_size},
-            "embedding": embed_info,
-            "results": [r.as_dict() for r in results if r.kind != "sweep"],
-            "grid": grid.as_dict() if grid is not None else None,
-            "best": best.as_dict() if best else None,
-            "saved_best": saved,
-        })
+        emit_json(
+            {
+                "schema": JSON_SCHEMA,
+                "model": {
+                    "source": location.source,
+                    "revision": location.revision,
+                    "unembedding_sha256": facts.sha256 if facts else None,
+                },
+                "data": data.summary(),
+                "settings": {
+                    "pooling": pooling,
+                    "recipe": recipe,
+                    "template": rec.template,
+                    "max_length": max_length,
+                    "dtype": embed_info["dtype"],
+                    "batch_size": batch_size,
+                },
+                "embedding": embed_info,
+                "results": [r.as_dict() for r in results if r.kind != "sweep"],
+                "grid": grid.as_dict() if grid is not None else None,
+                "best": best.as_dict() if best else None,
+                "saved_best": saved,
+            }
+        )
     else:
         _print_results(results, grid, data, location.source, pooling, recipe)
 
 
-def _raw_embeddings(location: Any, data: Any, template: str, pooling: str, recipe: str, batch_size: int,
-                    max_length: int, device: str, dtype: str, revision: str | None, cache: Any,
-                    model_fingerprint: Any) -> tuple[Any, dict[str, Any]]:
+def _raw_embeddings(
+    location: Any,
+    data: Any,
+    template: str,
+    pooling: str,
+    recipe: str,
+    batch_size: int,
+    max_length: int,
+    device: str,
+    dtype: str,
+    revision: str | None,
+    cache: Any,
+    model_fingerprint: Any,
+) -> tuple[Any, dict[str, Any]]:
     """Raw pooled embeddings of every text, from the cache or by running the model once."""
     from embfilter_cli.console import info, warn
-    from embfilter_cli.embedding import resolve_dtype
-    from embfilter_cli.evaluation import cache_key
-    from embfilter_cli.spectral import resolve_device
+    from embfilter_cli.filters.spectral import resolve_device
+    from embfilter_cli.text.embedding import resolve_dtype
+    from embfilter_cli.text.evaluation import cache_key
 
     dtype_name = str(resolve_dtype(dtype, resolve_device(device))).replace("torch.", "")
-    key = cache_key(model=model_fingerprint(location), template=template, pooling=pooling, max_length=max_length,
-                    dtype=dtype_name, data=data.sha256)
+    key = cache_key(
+        model=model_fingerprint(location),
+        template=template,
+        pooling=pooling,
+        max_length=max_length,
+        dtype=dtype_name,
+        data=data.sha256,
+    )
     raw = cache.load_embeddings(key)
     if raw is not None and raw.shape[0] == len(data.texts):
         info(f"Raw embeddings: from cache ({raw.shape[0]}×{raw.shape[1]})")
-        return raw, {"cached": True, "seconds": 0.0, "texts": raw.shape[0], "truncated": None, "dtype": dtype_name,
-                     "cache_key": key}
-    from embfilter_cli.embedding import load_encoder_at
+        return raw, {
+            "cached": True,
+            "seconds": 0.0,
+            "texts": raw.shape[0],
+            "truncated": None,
+            "dtype": dtype_name,
+            "cache_key": key,
+        }
+    from embfilter_cli.text.embedding import load_encoder_at
 
     info(f"Loading {location.source} ({location.kind.replace('_', ' ')})…")
     started = time.perf_counter()
     encoder = load_encoder_at(location, device=device, dtype=dtype, revision=revision)
     loaded = time.perf_counter()
     info(f"Loaded in {loaded - started:.1f}s; embedding {len(data.texts)} texts")
-    raw = encoder.embed(data.texts, pooling=pooling, recipe=recipe, batch_size=batch_size, max_length=max_length,
-                        progress=True)
+    raw = encoder.embed(
+        data.texts, pooling=pooling, recipe=recipe, batch_size=batch_size, max_length=max_length, progress=True
+    )
     seconds = time.perf_counter() - loaded
     if encoder.last_truncated:
-        warn(f"{encoder.last_truncated} text(s) exceeded --max-length {encoder.effective_max_length(max_length)} tokens "
-             "and were cut (the template was kept)")
+        warn(
+            f"{encoder.last_truncated} text(s) exceeded --max-length {encoder.effective_max_length(max_length)} tokens "
+            "and were cut (the template was kept)"
+        )
     cache.save_embeddings(key, raw)
     info(f"Embedded in {seconds:.1f}s ({len(data.texts) / max(seconds, 1e-9):.2f} texts/s)")
-    return raw, {"cached": False, "seconds": round(seconds, 3), "load_seconds": round(loaded - started, 3),
-                 "texts": len(data.texts), "truncated": encoder.last_truncated, "dtype": dtype_name, "cache_key": key}
+    return raw, {
+        "cached": False,
+        "seconds": round(seconds, 3),
+        "load_seconds": round(loaded - started, 3),
+        "texts": len(data.texts),
+        "truncated": encoder.last_truncated,
+        "dtype": dtype_name,
+        "cache_key": key,
+    }
 
 
-def _save_best(results: list[Any], spectrum: Any, facts: Any, location: Any, data: Any, pooling: str, recipe: str,
-               path: str, force: bool) -> dict[str, Any]:
-    from embfilter_cli.artifact import save_artifact
-    from embfilter_cli.evaluation import best_band_artifact
+def _save_best(
+    results: list[Any],
+    spectrum: Any,
+    facts: Any,
+    location: Any,
+    data: Any,
+    pooling: str,
+    recipe: str,
+    path: str,
+    force: bool,
+) -> dict[str, Any]:
+    from embfilter_cli.filters.artifact import save_artifact
+    from embfilter_cli.text.evaluation import best_band_artifact
 
     artifact, best = best_band_artifact(results, spectrum, facts, location, data, pooling, recipe)
     save_artifact(artifact, path, force=force)
@@ -222,7 +357,9 @@ def _plot_heatmap(grid: Any, raw_score: float, path: str, force: bool, title: st
     fig, ax = plt.subplots(figsize=(1.1 * len(grid.bottom) + 2.5, 0.55 * len(grid.top) + 2))
     spread = float(np.nanmax(np.abs(grid.spearman - raw_score))) if np.isfinite(grid.spearman).any() else 0.01
     image = ax.imshow(values, cmap="RdYlGn", vmin=raw_score - spread, vmax=raw_score + spread, aspect="auto")
-    best = np.unravel_index(np.nanargmax(grid.spearman), grid.spearman.shape) if np.isfinite(grid.spearman).any() else None
+    best = (
+        np.unravel_index(np.nanargmax(grid.spearman), grid.spearman.shape) if np.isfinite(grid.spearman).any() else None
+    )
     for i in range(len(grid.top)):
         for j in range(len(grid.bottom)):
             value = grid.spearman[i, j]
@@ -247,27 +384,38 @@ def _print_results(results: list[Any], grid: Any, data: Any, source: str, poolin
     from embfilter_cli.console import out_console
 
     raw = results[0].spearman
-    table = Table(title=f"{data.name} ({len(data.pairs)} pairs) · {source} · {pooling} pooling · recipe {recipe}",
-                  title_justify="left")
+    table = Table(
+        title=f"{data.name} ({len(data.pairs)} pairs) · {source} · {pooling} pooling · recipe {recipe}",
+        title_justify="left",
+    )
     table.add_column("embedding")
     table.add_column("dims", justify="right")
     table.add_column("Spearman", justify="right")
     table.add_column("Δ raw", justify="right")
     table.add_column("Pearson", justify="right")
-    best_sweep = max((r for r in results if r.kind == "sweep" and math.isfinite(r.spearman)),
-                     key=lambda r: r.spearman, default=None)
+    best_sweep = max(
+        (r for r in results if r.kind == "sweep" and math.isfinite(r.spearman)), key=lambda r: r.spearman, default=None
+    )
     for r in results:
         if r.kind == "sweep" and r is not best_sweep:
             continue
         name = ("best of sweep: " if r.kind == "sweep" else "") + r.name
         delta = "" if r.kind == "raw" else f"{r.spearman - raw:+.4f}"
-        table.add_row(("★ " if r.best else "  ") + name, str(r.output_dim), _fmt(r.spearman), delta, _fmt(r.pearson),
-                      style="bold" if r.best else None)
+        table.add_row(
+            ("★ " if r.best else "  ") + name,
+            str(r.output_dim),
+            _fmt(r.spearman),
+            delta,
+            _fmt(r.pearson),
+            style="bold" if r.best else None,
+        )
     out_console.print(table)
     if grid is None:
         return
-    heat = Table(title="Spearman by band: rows = top R removed, columns = bottom B removed (★ best; green beats raw)",
-                 title_justify="left")
+    heat = Table(
+        title="Spearman by band: rows = top R removed, columns = bottom B removed (★ best; green beats raw)",
+        title_justify="left",
+    )
     heat.add_column("R \\ B", justify="right", style="bold")
     for b in grid.bottom:
         heat.add_column(str(b), justify="right")

@@ -16,37 +16,84 @@ FORMATS = ("onnx", "sentence-transformers", "npy", "safetensors")
 @click.command()
 @click.argument("filter_path", metavar="[FILTER]", required=False, default=None)
 @click.option("--onnx", "onnx_flag", is_flag=True, help="Shorthand for --format onnx.")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
-              help="What to write: an ONNX graph, a sentence-transformers Dense folder, the matrix P as .npy, "
-                   "or safetensors (the artifact again, or with --fp16 a float16 deployment file).")
-@click.option("-o", "--out", "out", default=None, metavar="PATH",
-              help="Output file (a folder for sentence-transformers). [default: beside FILTER, or "
-                   "<host>.filtered.onnx beside the --append-to model]")
-@click.option("--append-to", "append_to", default=None, metavar="MODEL.onnx",
-              help="Add the filter after an output of this ONNX embedding model instead of writing a standalone graph.")
-@click.option("--output", "host_output", default=None, metavar="NAME",
-              help="With --append-to: the host output to filter. [default: sentence_embedding, else the only "
-                   "pooled (rank-2) output, else the only output]")
-@click.option("--filtered-name", default=None, metavar="NAME",
-              help="With --append-to: name the filtered output NAME and leave the host output as it is. "
-                   "[default: the filtered output takes the host output's name; the original becomes NAME_unfiltered]")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default=None,
+    help="What to write: an ONNX graph, a sentence-transformers Dense folder, the matrix P as .npy, "
+    "or safetensors (the artifact again, or with --fp16 a float16 deployment file).",
+)
+@click.option(
+    "-o",
+    "--out",
+    "out",
+    default=None,
+    metavar="PATH",
+    help="Output file (a folder for sentence-transformers). [default: beside FILTER, or "
+    "<host>.filtered.onnx beside the --append-to model]",
+)
+@click.option(
+    "--append-to",
+    "append_to",
+    default=None,
+    metavar="MODEL.onnx",
+    help="Add the filter after an output of this ONNX embedding model instead of writing a standalone graph.",
+)
+@click.option(
+    "--output",
+    "host_output",
+    default=None,
+    metavar="NAME",
+    help="With --append-to: the host output to filter. [default: sentence_embedding, else the only "
+    "pooled (rank-2) output, else the only output]",
+)
+@click.option(
+    "--filtered-name",
+    default=None,
+    metavar="NAME",
+    help="With --append-to: name the filtered output NAME and leave the host output as it is. "
+    "[default: the filtered output takes the host output's name; the original becomes NAME_unfiltered]",
+)
 @click.option("--normalize", is_flag=True, help="ONNX: L2-normalise the filtered vectors (zero vectors stay zero).")
 @click.option("--opset", type=int, default=None, help="Standalone ONNX: the ai.onnx opset. [default: 17]")
-@click.option("--fp16", is_flag=True,
-              help="Half precision: a float16 standalone ONNX graph, or a float16 .npy / safetensors deployment file.")
-@click.option("--per-token", is_flag=True,
-              help="Standalone ONNX: input [batch, seq, d] → [batch, seq, k] instead of [batch, d] → [batch, k].")
-@click.option("--external-data/--inline-data", "external_data", default=None,
-              help="ONNX: store the filter in its own data file (<output>.data) next to the output. [default: "
-                   "when the graph would pass protobuf's 2 GB limit, or the host keeps its weights in external "
-                   "files and the filter is over 1 MiB]")
+@click.option(
+    "--fp16",
+    is_flag=True,
+    help="Half precision: a float16 standalone ONNX graph, or a float16 .npy / safetensors deployment file.",
+)
+@click.option(
+    "--per-token",
+    is_flag=True,
+    help="Standalone ONNX: input [batch, seq, d] → [batch, seq, k] instead of [batch, d] → [batch, k].",
+)
+@click.option(
+    "--external-data/--inline-data",
+    "external_data",
+    default=None,
+    help="ONNX: store the filter in its own data file (<output>.data) next to the output. [default: "
+    "when the graph would pass protobuf's 2 GB limit, or the host keeps its weights in external "
+    "files and the filter is over 1 MiB]",
+)
 @click.option("--no-check", is_flag=True, help="Skip the structural and numerical checks of what was written.")
 @force_option
 @output_options
 def export(
-    filter_path: str | None, onnx_flag: bool, fmt: str | None, out: str | None, append_to: str | None,
-    host_output: str | None, filtered_name: str | None, normalize: bool, opset: int | None, fp16: bool,
-    per_token: bool, external_data: bool | None, no_check: bool, force: bool, json_: bool,
+    filter_path: str | None,
+    onnx_flag: bool,
+    fmt: str | None,
+    out: str | None,
+    append_to: str | None,
+    host_output: str | None,
+    filtered_name: str | None,
+    normalize: bool,
+    opset: int | None,
+    fp16: bool,
+    per_token: bool,
+    external_data: bool | None,
+    no_check: bool,
+    force: bool,
+    json_: bool,
 ) -> None:
     """Export a filter where embeddings are made: ONNX, sentence-transformers, npy or safetensors.
 
@@ -63,12 +110,13 @@ def export(
       embfilter export F --format npy -o P.npy
       embfilter export --onnx                    # newest artifact in ./artifacts
     """
-    kind = _check_flags(onnx_flag, fmt, append_to, host_output, filtered_name, normalize, opset, fp16, per_token,
-                        external_data)
+    kind = _check_flags(
+        onnx_flag, fmt, append_to, host_output, filtered_name, normalize, opset, fp16, per_token, external_data
+    )
     if kind == "onnx" and opset is not None:
         _check_opset(opset)
 
-    from embfilter_cli.artifact import load_artifact, newest_artifact
+    from embfilter_cli.filters.artifact import load_artifact, newest_artifact
 
     if filter_path is None:
         path = newest_artifact()
@@ -83,20 +131,35 @@ def export(
     check = not no_check
 
     if kind == "onnx":
-        from embfilter_cli import onnx_export
+        from embfilter_cli.export import onnx_export
 
         if append_to:
             result = onnx_export.export_appended(
-                artifact, append_to, target, output=host_output, filtered_name=filtered_name, normalize=normalize,
-                check=check, force=force, external_data=external_data, log=info,
+                artifact,
+                append_to,
+                target,
+                output=host_output,
+                filtered_name=filtered_name,
+                normalize=normalize,
+                check=check,
+                force=force,
+                external_data=external_data,
+                log=info,
             )
         else:
             result = onnx_export.export_standalone(
-                artifact, target, normalize=normalize, opset=opset or onnx_export.DEFAULT_OPSET, fp16=fp16,
-                per_token=per_token, check=check, force=force, external_data=external_data,
+                artifact,
+                target,
+                normalize=normalize,
+                opset=opset or onnx_export.DEFAULT_OPSET,
+                fp16=fp16,
+                per_token=per_token,
+                check=check,
+                force=force,
+                external_data=external_data,
             )
     else:
-        from embfilter_cli import formats
+        from embfilter_cli.export import formats
 
         if kind == "sentence-transformers":
             result = formats.export_sentence_transformers(artifact, target, check=check, force=force)
@@ -123,8 +186,16 @@ def _usage(message: str) -> click.UsageError:
 
 
 def _check_flags(
-    onnx_flag: bool, fmt: str | None, append_to: str | None, host_output: str | None, filtered_name: str | None,
-    normalize: bool, opset: int | None, fp16: bool, per_token: bool, external_data: bool | None,
+    onnx_flag: bool,
+    fmt: str | None,
+    append_to: str | None,
+    host_output: str | None,
+    filtered_name: str | None,
+    normalize: bool,
+    opset: int | None,
+    fp16: bool,
+    per_token: bool,
+    external_data: bool | None,
 ) -> str:
     """Reject impossible flag combinations before any work; return the format."""
     if onnx_flag and fmt not in (None, "onnx"):
@@ -134,42 +205,58 @@ def _check_flags(
         raise _usage("say what to export: --onnx, or --format sentence-transformers|npy|safetensors")
     if append_to is None:
         if host_output is not None:
-            raise _usage("--output names the host output to filter and needs --append-to MODEL.onnx; the file to write is -o/--out")
+            raise _usage(
+                "--output names the host output to filter and needs --append-to MODEL.onnx; the file to write is -o/--out"
+            )
         if filtered_name is not None:
             raise _usage("--filtered-name needs --append-to MODEL.onnx")
     if kind != "onnx":
-        for flag, given in (("--append-to", append_to), ("--opset", opset), ("--per-token", per_token),
-                            ("--external-data/--inline-data", external_data is not None)):
+        for flag, given in (
+            ("--append-to", append_to),
+            ("--opset", opset),
+            ("--per-token", per_token),
+            ("--external-data/--inline-data", external_data is not None),
+        ):
             if given:
                 raise _usage(f"{flag} applies to --onnx only")
         if normalize:
-            hint = ("add a sentence-transformers Normalize module after the Dense one" if kind == "sentence-transformers"
-                    else "a matrix cannot normalise; normalise after applying it (embfilter apply --normalize)")
+            hint = (
+                "add a sentence-transformers Normalize module after the Dense one"
+                if kind == "sentence-transformers"
+                else "a matrix cannot normalise; normalise after applying it (embfilter apply --normalize)"
+            )
             raise _usage(f"--normalize applies to --onnx only; {hint}")
         if fp16 and kind == "sentence-transformers":
-            raise _usage("--fp16 is not available for sentence-transformers (a float16 Dense layer fails on float32 "
-                         "embeddings); convert the whole model with model.half() instead")
+            raise _usage(
+                "--fp16 is not available for sentence-transformers (a float16 Dense layer fails on float32 "
+                "embeddings); convert the whole model with model.half() instead"
+            )
     elif append_to is not None:
         if opset is not None:
             raise _usage("--opset applies to standalone graphs; with --append-to the host's opset is kept")
         if fp16:
-            raise _usage("--fp16 applies to standalone graphs; with --append-to the host output's dtype decides "
-                         "(a float16 output gets a float16 filtered output)")
+            raise _usage(
+                "--fp16 applies to standalone graphs; with --append-to the host output's dtype decides "
+                "(a float16 output gets a float16 filtered output)"
+            )
         if per_token:
-            raise _usage("--per-token applies to standalone graphs; with --append-to a token-level host output "
-                         "is filtered per token automatically")
+            raise _usage(
+                "--per-token applies to standalone graphs; with --append-to a token-level host output "
+                "is filtered per token automatically"
+            )
     return kind
 
 
 def _check_opset(opset: int) -> None:
     import onnx
 
-    from embfilter_cli.onnx_export import MIN_OPSET
+    from embfilter_cli.export.onnx_export import MIN_OPSET
 
     latest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= latest:
-        raise click.BadParameter(f"{opset} is outside {MIN_OPSET}..{latest} (the installed onnx's newest)",
-                                 param_hint="--opset")
+        raise click.BadParameter(
+            f"{opset} is outside {MIN_OPSET}..{latest} (the installed onnx's newest)", param_hint="--opset"
+        )
 
 
 def _default_out(kind: str, filter_path: Path, append_to: str | None, fp16: bool) -> Path:
@@ -190,7 +277,7 @@ def _default_out(kind: str, filter_path: Path, append_to: str | None, fp16: bool
 
 def _refuse_existing(kind: str, target: Path, force: bool) -> None:
     if kind == "sentence-transformers":
-        from embfilter_cli.formats import _check_st_dir
+        from embfilter_cli.export.formats import _check_st_dir
 
         _check_st_dir(target, force)
     else:
@@ -211,14 +298,16 @@ def _report(summary: dict[str, Any], kind: str, json_: bool) -> None:
     if summary.get("external_data"):
         info(f"Filter data: {summary['external_data']} (keep it next to the graph)")
     if kind == "onnx" and summary.get("unfiltered_output"):
-        info(f"Outputs: {summary['filtered_output']!r} (filtered, output 0), {summary['unfiltered_output']!r} (unfiltered)")
+        info(
+            f"Outputs: {summary['filtered_output']!r} (filtered, output 0), {summary['unfiltered_output']!r} (unfiltered)"
+        )
     if summary["checked"]:
         info(f"Check passed: max relative error {summary['max_rel_error']:.2e} ≤ {summary['bound']:g}")
     else:
         info("Not checked (--no-check)")
     if kind == "sentence-transformers":
         info(
-            f"Use it after pooling: add {{\"idx\": N, \"name\": \"N\", \"path\": \"{Path(summary['path']).name}\", "
-            "\"type\": \"sentence_transformers.models.Dense\"} to the model's modules.json (before any Normalize), "
+            f'Use it after pooling: add {{"idx": N, "name": "N", "path": "{Path(summary["path"]).name}", '
+            '"type": "sentence_transformers.models.Dense"} to the model\'s modules.json (before any Normalize), '
             "or SentenceTransformer(modules=[*model, Dense.load(PATH)])"
         )

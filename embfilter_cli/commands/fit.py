@@ -14,46 +14,112 @@ AUTO_EXACT_MAX_HIDDEN = 16384  # exact's d×d float64 Gram is 2 GiB at this size
 
 
 @click.command()
-@click.option("-m", "--model", "model", default=None, metavar="SPEC",
-              help="Alias (see `embfilter models`), Hub id, model folder, .safetensors or .gguf file. "
-                   "Default: the built-in SmolLM2-135M-Instruct GGUF.")
+@click.option(
+    "-m",
+    "--model",
+    "model",
+    default=None,
+    metavar="SPEC",
+    help="Alias (see `embfilter models`), Hub id, model folder, .safetensors or .gguf file. "
+    "Default: the built-in SmolLM2-135M-Instruct GGUF.",
+)
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) for a Hub id.")
-@click.option("--tensor", "tensor_name", default=None, metavar="NAME", help="Use this tensor as W_U instead of guessing.")
+@click.option(
+    "--tensor", "tensor_name", default=None, metavar="NAME", help="Use this tensor as W_U instead of guessing."
+)
 @click.option("--rank", type=int, default=None, help="Remove the top R directions. [default: 64 when no band is given]")
 @click.option("--bottom", type=int, default=None, help="Also remove the lowest B directions.")
 @click.option("--ratio", type=float, default=None, help="The paper's preset: keep the central d // τ directions.")
 @click.option("--start", type=int, default=None, help="Explicit window: first kept direction (0-based).")
-@click.option("--keep", type=int, default=None, help="Number of kept directions (with --start or --ratio, or alone: centred).")
-@click.option("--band", "band_rule", type=click.Choice(["auto"]), default=None,
-              help="auto: choose the top R and bottom B from the spectrum alone (σ more than 1.5× off the "
-                   "log-linear bulk trend; see embfilter_cli/band_auto.py). Exact solver only.")
-@click.option("--reduce/--no-reduce", default=True, show_default=True,
-              help="Save the k×d reduced map P, or the d×d projector I − V_e V_eᵀ.")
-@click.option("--solver", type=click.Choice(["auto", "exact", "randomized"]), default="auto", show_default=True,
-              help=f"auto = exact unless the hidden size exceeds {AUTO_EXACT_MAX_HIDDEN}.")
+@click.option(
+    "--keep", type=int, default=None, help="Number of kept directions (with --start or --ratio, or alone: centred)."
+)
+@click.option(
+    "--band",
+    "band_rule",
+    type=click.Choice(["auto"]),
+    default=None,
+    help="auto: choose the top R and bottom B from the spectrum alone (σ more than 1.5× off the "
+    "log-linear bulk trend; see embfilter_cli/filters/band_auto.py). Exact solver only.",
+)
+@click.option(
+    "--reduce/--no-reduce",
+    default=True,
+    show_default=True,
+    help="Save the k×d reduced map P, or the d×d projector I − V_e V_eᵀ.",
+)
+@click.option(
+    "--solver",
+    type=click.Choice(["auto", "exact", "randomized"]),
+    default="auto",
+    show_default=True,
+    help=f"auto = exact unless the hidden size exceeds {AUTO_EXACT_MAX_HIDDEN}.",
+)
 @device_option
-@click.option("--oversample", type=int, default=None, help="Randomized: extra subspace columns [default: max(16, R/2)].")
-@click.option("--power-iters", default="auto", show_default=True,
-              help="Randomized: passes over W_U, or 'auto' to iterate until --tol is certified.")
-@click.option("--tol", type=float, default=1e-3, show_default=True,
-              help="Randomized: max ‖Gv − σ²v‖/σ² allowed over the returned directions.")
+@click.option(
+    "--oversample", type=int, default=None, help="Randomized: extra subspace columns [default: max(16, R/2)]."
+)
+@click.option(
+    "--power-iters",
+    default="auto",
+    show_default=True,
+    help="Randomized: passes over W_U, or 'auto' to iterate until --tol is certified.",
+)
+@click.option(
+    "--tol",
+    type=float,
+    default=1e-3,
+    show_default=True,
+    help="Randomized: max ‖Gv − σ²v‖/σ² allowed over the returned directions.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Randomized: RNG seed.")
-@click.option("--precision", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
-              help="Exact: float64 Gram (float64-accurate), or float32 chunk Grams summed in float64 "
-                   "(about 2x faster on CPUs, float32-accurate).")
-@click.option("--padding-rows", type=click.Choice(["drop", "keep"]), default="drop", show_default=True,
-              help="Rows past the tokenizer's vocabulary (never-emitted padding) are dropped by default: "
-                   "they are untrained and would distort the spectrum.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="Artifact path [default: artifacts/<model>-<band>.safetensors].")
+@click.option(
+    "--precision",
+    type=click.Choice(["float64", "float32"]),
+    default="float64",
+    show_default=True,
+    help="Exact: float64 Gram (float64-accurate), or float32 chunk Grams summed in float64 "
+    "(about 2x faster on CPUs, float32-accurate).",
+)
+@click.option(
+    "--padding-rows",
+    type=click.Choice(["drop", "keep"]),
+    default="drop",
+    show_default=True,
+    help="Rows past the tokenizer's vocabulary (never-emitted padding) are dropped by default: "
+    "they are untrained and would distort the spectrum.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Artifact path [default: artifacts/<model>-<band>.safetensors].",
+)
 @force_option
 @output_options
 def fit(
-    model: str | None, revision: str | None, tensor_name: str | None, rank: int | None, bottom: int | None,
-    ratio: float | None, start: int | None, keep: int | None, band_rule: str | None, reduce: bool, solver: str, device: str,
-    oversample: int | None, power_iters: str, tol: float, seed: int, precision: str, padding_rows: str,
+    model: str | None,
+    revision: str | None,
+    tensor_name: str | None,
+    rank: int | None,
+    bottom: int | None,
+    ratio: float | None,
+    start: int | None,
+    keep: int | None,
+    band_rule: str | None,
+    reduce: bool,
+    solver: str,
+    device: str,
+    oversample: int | None,
+    power_iters: str,
+    tol: float,
+    seed: int,
+    precision: str,
+    padding_rows: str,
     output: str | None,
-    force: bool, json_: bool,
+    force: bool,
+    json_: bool,
 ) -> None:
     """Fit a filter on a model's unembedding matrix and save it as a safetensors artifact.
 
@@ -72,21 +138,30 @@ def fit(
 
         check_writable(output, force)  # fail before any download or decomposition
 
-    from embfilter_cli.band import resolve_band
     from embfilter_cli.console import info, progress_enabled
-    from embfilter_cli.locate import resolve_model
+    from embfilter_cli.filters.band import resolve_band
+    from embfilter_cli.model.locate import resolve_model
 
     if band_rule == "auto":
         from embfilter_cli.errors import BandError
 
         if any(v is not None for v in (rank, bottom, ratio, start, keep)) or solver == "randomized":
-            raise BandError("--band auto chooses the band itself; drop --rank/--bottom/--ratio/--start/--keep and --solver randomized")
+            raise BandError(
+                "--band auto chooses the band itself; drop --rank/--bottom/--ratio/--start/--keep and --solver randomized"
+            )
     elif rank is None and bottom is None and ratio is None and start is None and keep is None:
         rank = 64
-    location = resolve_model(model, revision=revision, tensor_name=tensor_name, progress=progress_enabled(),
-                             check_config=lambda cfg: _check_band_early(cfg, rank, bottom, ratio, start, keep))
+    location = resolve_model(
+        model,
+        revision=revision,
+        tensor_name=tensor_name,
+        progress=progress_enabled(),
+        check_config=lambda cfg: _check_band_early(cfg, rank, bottom, ratio, start, keep),
+    )
     info(f"Model: {location.source} ({location.kind.replace('_', ' ')})")
-    from embfilter_cli.unembedding import read_unembedding  # torch: only after cheap checks and downloads of metadata
+    from embfilter_cli.model.unembedding import (
+        read_unembedding,  # torch: only after cheap checks and downloads of metadata
+    )
 
     unemb = read_unembedding(location, tensor_name=tensor_name, drop_padding_rows=padding_rows == "drop")
     d = unemb.hidden_size
@@ -98,22 +173,30 @@ def fit(
     )
     rule: dict[str, Any] = {}
     if band_rule == "auto":
-        from embfilter_cli.band import Band
-        from embfilter_cli.band_auto import auto_band
+        from embfilter_cli.filters.band import Band
+        from embfilter_cli.filters.band_auto import auto_band
 
         spectrum = _solve(unemb.matrix, Band(d, 0, d), "exact", device, oversample, iters, tol, seed, precision)
         chosen = auto_band(spectrum.singular_values)
         band, rule = chosen.band, {"band_rule": chosen.as_dict()}
-        info(f"--band auto: remove top {band.top} and bottom {band.bottom} (σ more than {chosen.factor:g}× off the bulk trend)")
+        info(
+            f"--band auto: remove top {band.top} and bottom {band.bottom} (σ more than {chosen.factor:g}× off the bulk trend)"
+        )
     else:
         band = resolve_band(d, rank=rank, bottom=bottom, ratio=ratio, start=start, keep=keep)
         spectrum = _solve(unemb.matrix, band, solver, device, oversample, iters, tol, seed, precision)
-    from embfilter_cli.artifact import save_artifact
-    from embfilter_cli.fitting import build_artifact, fit_summary
+    from embfilter_cli.filters.artifact import save_artifact
+    from embfilter_cli.filters.fitting import build_artifact, fit_summary
 
     artifact = build_artifact(
-        spectrum, band, reduce=reduce, model_source=location.source, model_revision=location.revision,
-        tensor_name=unemb.tensor_name, unembedding_sha256=unemb.sha256, vocab_size=unemb.vocab_size,
+        spectrum,
+        band,
+        reduce=reduce,
+        model_source=location.source,
+        model_revision=location.revision,
+        tensor_name=unemb.tensor_name,
+        unembedding_sha256=unemb.sha256,
+        vocab_size=unemb.vocab_size,
         stored_rows=unemb.stored_rows,
     )
     out = Path(output) if output else Path("artifacts") / f"{_slug(location)}-{band.label()}.safetensors"
@@ -127,11 +210,17 @@ def fit(
         _print_summary(summary)
 
 
-def _check_band_early(config: dict[str, Any], rank: int | None, bottom: int | None, ratio: float | None,
-                      start: int | None, keep: int | None) -> None:
+def _check_band_early(
+    config: dict[str, Any],
+    rank: int | None,
+    bottom: int | None,
+    ratio: float | None,
+    start: int | None,
+    keep: int | None,
+) -> None:
     """Reject an impossible band from a Hub model's config.json, before its weights are downloaded."""
-    from embfilter_cli.band import resolve_band
-    from embfilter_cli.hub import config_hidden_size
+    from embfilter_cli.filters.band import resolve_band
+    from embfilter_cli.model.hub import config_hidden_size
 
     d = config_hidden_size(config)
     if d is not None:  # W_U's own width is checked again after reading it
@@ -144,17 +233,28 @@ def _parse_power_iters(value: str) -> int | None:
     try:
         iters = int(value)
     except ValueError:
-        raise click.BadParameter(f"{value!r} is neither 'auto' nor a whole number", param_hint="--power-iters") from None
+        raise click.BadParameter(
+            f"{value!r} is neither 'auto' nor a whole number", param_hint="--power-iters"
+        ) from None
     if iters < 1:
         raise click.BadParameter(f"must be at least 1, got {iters}", param_hint="--power-iters")
     return iters
 
 
-def _solve(matrix: Any, band: Any, solver: str, device: str, oversample: int | None, iters: int | None,
-           tol: float, seed: int, precision: str) -> Any:
+def _solve(
+    matrix: Any,
+    band: Any,
+    solver: str,
+    device: str,
+    oversample: int | None,
+    iters: int | None,
+    tol: float,
+    seed: int,
+    precision: str,
+) -> Any:
     from embfilter_cli.console import info, progress_enabled
     from embfilter_cli.errors import BandError
-    from embfilter_cli.spectral import exact_spectrum, randomized_spectrum, resolve_device
+    from embfilter_cli.filters.spectral import exact_spectrum, randomized_spectrum, resolve_device
 
     dev = resolve_device(device)
     d = band.hidden_size
@@ -167,7 +267,9 @@ def _solve(matrix: Any, band: Any, solver: str, device: str, oversample: int | N
                 f"removal (asked: top {band.top}, bottom {band.bottom}); use --solver exact"
             )
         info(f"Solver: randomized subspace iteration, top {band.top} on {dev}")
-        return randomized_spectrum(matrix, band.top, oversample=oversample, power_iters=iters, tol=tol, seed=seed, device=dev)
+        return randomized_spectrum(
+            matrix, band.top, oversample=oversample, power_iters=iters, tol=tol, seed=seed, device=dev
+        )
     if dev.type == "mps":
         import torch
 
@@ -183,12 +285,13 @@ def _solve(matrix: Any, band: Any, solver: str, device: str, oversample: int | N
 
     with Progress(console=err_console, transient=True) as bar:
         task = bar.add_task("W_Uᵀ W_U", total=matrix.shape[0])
-        return exact_spectrum(matrix, device=dev, precision=precision,
-                              progress=lambda done, total: bar.update(task, completed=done))
+        return exact_spectrum(
+            matrix, device=dev, precision=precision, progress=lambda done, total: bar.update(task, completed=done)
+        )
 
 
 def _slug(location: Any) -> str:
-    from embfilter_cli.aliases import DEFAULT_MODEL_ALIAS
+    from embfilter_cli.model.aliases import DEFAULT_MODEL_ALIAS
 
     if not location.spec:
         return DEFAULT_MODEL_ALIAS
@@ -214,13 +317,21 @@ def _print_summary(summary: dict[str, Any]) -> None:
     table.add_column()
     table.add_row("model", summary["model_source"])
     table.add_row("tensor", f"{summary['tensor_name']} ({summary['vocab_rows_used']}×{summary['hidden_size']})")
-    table.add_row("band", f"remove top {band['top']}, keep {band['start']}..{band['start'] + band['keep'] - 1}, remove bottom {band['bottom']}")
-    table.add_row("σ at edges", f"σ_max {fmt(summary['sigma_max'])} · last removed {fmt(sig['sigma_last_removed_top'])} · "
-                  f"kept {fmt(sig['sigma_first_kept'])} … {fmt(sig['sigma_last_kept'])} · first removed bottom {fmt(sig['sigma_first_removed_bottom'])}")
+    table.add_row(
+        "band",
+        f"remove top {band['top']}, keep {band['start']}..{band['start'] + band['keep'] - 1}, remove bottom {band['bottom']}",
+    )
+    table.add_row(
+        "σ at edges",
+        f"σ_max {fmt(summary['sigma_max'])} · last removed {fmt(sig['sigma_last_removed_top'])} · "
+        f"kept {fmt(sig['sigma_first_kept'])} … {fmt(sig['sigma_last_kept'])} · first removed bottom {fmt(sig['sigma_first_removed_bottom'])}",
+    )
     table.add_row("energy removed", f"{100 * summary['energy_removed']:.2f}% of ‖W_U‖²_F")
     table.add_row("output dims", f"{summary['hidden_size']} → {summary['output_dim']} ({summary['projection_kind']})")
     cert = summary["certificate"]
-    detail = ", ".join(f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}" for k, v in cert.items() if k != "residual_history")
+    detail = ", ".join(
+        f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}" for k, v in cert.items() if k != "residual_history"
+    )
     table.add_row("solver", f"{summary['solver']} in {summary['solve_seconds']:.2f}s ({detail})")
     table.add_row("sha256(W_U)", summary["unembedding_sha256"])
     table.add_row("saved", summary["output"])

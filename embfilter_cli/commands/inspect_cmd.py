@@ -6,8 +6,8 @@ Subcommands: `text` (logit lens on pooled text embeddings, before/after a filter
 removed directions of the newest artifact in ./artifacts, else of the default model with the
 top 64 removed.
 
-Only click is imported here; the work happens in `embfilter_cli.directions`, `embfilter_cli.lens`
-and `embfilter_cli.tokens`.
+Only click is imported here; the work happens in `embfilter_cli.text.directions`, `embfilter_cli.text.lens`
+and `embfilter_cli.text.tokens`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import click
 
 from embfilter_cli.commands._options import device_option, force_option, output_options
-from embfilter_cli.directions import DEFAULT_RANK
+from embfilter_cli.text.directions import DEFAULT_RANK
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -32,26 +32,40 @@ PLOT_FORMATS = ("png", "svg", "pdf")
 
 def _model_options(func: F) -> F:
     func = click.option("--revision", default=None, help="Hub revision (branch, tag or commit) for a Hub id.")(func)
-    func = click.option("-m", "--model", "model", default=None, metavar="SPEC",
-                        help="Alias, Hub id, model folder, .safetensors or .gguf file. Default: the filter's "
-                             "model, else the built-in SmolLM2-135M-Instruct GGUF.")(func)
+    func = click.option(
+        "-m",
+        "--model",
+        "model",
+        default=None,
+        metavar="SPEC",
+        help="Alias, Hub id, model folder, .safetensors or .gguf file. Default: the filter's "
+        "model, else the built-in SmolLM2-135M-Instruct GGUF.",
+    )(func)
     return func
 
 
 def _filter_option(func: F) -> F:
-    return click.option("--filter", "filter_", default=None, type=click.Path(dir_okay=False), metavar="FILTER",
-                        help="A filter artifact from `embfilter fit` (must be fitted on the same model).")(func)
+    return click.option(
+        "--filter",
+        "filter_",
+        default=None,
+        type=click.Path(dir_okay=False),
+        metavar="FILTER",
+        help="A filter artifact from `embfilter fit` (must be fitted on the same model).",
+    )(func)
 
 
 def _band_options(func: F) -> F:
     """The filter band when no --filter is given (same meaning as in `embfilter fit`)."""
-    for name, kind, text in reversed([
-        ("--rank", int, f"Remove the top R directions. [default: min({DEFAULT_RANK}, d/8) when no band is given]"),
-        ("--bottom", int, "Also remove the lowest B directions."),
-        ("--ratio", float, "The paper's preset: keep the central d // τ directions."),
-        ("--start", int, "Explicit window: first kept direction (0-based)."),
-        ("--keep", int, "Number of kept directions (with --start or --ratio, or alone: centred)."),
-    ]):
+    for name, kind, text in reversed(
+        [
+            ("--rank", int, f"Remove the top R directions. [default: min({DEFAULT_RANK}, d/8) when no band is given]"),
+            ("--bottom", int, "Also remove the lowest B directions."),
+            ("--ratio", float, "The paper's preset: keep the central d // τ directions."),
+            ("--start", int, "Explicit window: first kept direction (0-based)."),
+            ("--keep", int, "Number of kept directions (with --start or --ratio, or alone: centred)."),
+        ]
+    ):
         func = click.option(name, type=kind, default=None, help=text)(func)
     return func
 
@@ -80,10 +94,10 @@ def inspect_group(ctx: click.Context, top: int, json_: bool) -> None:
     """
     if ctx.invoked_subcommand is not None:
         return
-    from embfilter_cli.artifact import DEFAULT_ARTIFACT_DIR, newest_artifact
     from embfilter_cli.console import info
     from embfilter_cli.errors import ArtifactError, ModelNotFoundError
-    from embfilter_cli.locate import resolve_model
+    from embfilter_cli.filters.artifact import DEFAULT_ARTIFACT_DIR, newest_artifact
+    from embfilter_cli.model.locate import resolve_model
 
     try:
         newest = newest_artifact()
@@ -100,7 +114,9 @@ def inspect_group(ctx: click.Context, top: int, json_: bool) -> None:
             f"no filter in {DEFAULT_ARTIFACT_DIR}/ and no default model: {exc}; or run "
             "`embfilter inspect directions --model SPEC`"
         ) from exc
-    info(f"No filter in {DEFAULT_ARTIFACT_DIR}/; showing the default model with the top {DEFAULT_RANK} directions removed")
+    info(
+        f"No filter in {DEFAULT_ARTIFACT_DIR}/; showing the default model with the top {DEFAULT_RANK} directions removed"
+    )
     ctx.invoke(directions, removed=True, top=top, json_=json_)
 
 
@@ -110,9 +126,11 @@ def inspect_group(ctx: click.Context, top: int, json_: bool) -> None:
 class _Context:
     """W_U, its vocabulary and the (optional) filter, resolved and checked against each other."""
 
-    def __init__(self, model: str | None, revision: str | None, filter_path: str | None, need_matrix: bool = True) -> None:
-        from embfilter_cli.artifact import load_artifact
+    def __init__(
+        self, model: str | None, revision: str | None, filter_path: str | None, need_matrix: bool = True
+    ) -> None:
         from embfilter_cli.console import info
+        from embfilter_cli.filters.artifact import load_artifact
 
         self.artifact = load_artifact(filter_path) if filter_path else None
         self.spec: str | None = model
@@ -122,15 +140,19 @@ class _Context:
         if not need_matrix:  # everything needed is in the artifact; the model need not exist here
             return
         self.spec, self.location = _resolve_location(model, revision, self.artifact)
-        from embfilter_cli.unembedding import read_unembedding
+        from embfilter_cli.model.unembedding import read_unembedding
 
         info(f"Model: {self.location.source}")
         self.unemb = self._read(read_unembedding)
         if self.artifact is not None:
-            from embfilter_cli.embedding import check_filter_matches  # the message every command uses
+            from embfilter_cli.text.embedding import check_filter_matches  # the message every command uses
 
-            check_filter_matches(self.artifact, hidden_size=self.unemb.hidden_size,
-                                 unembedding_sha256=self.unemb.sha256, model_source=self.location.source)
+            check_filter_matches(
+                self.artifact,
+                hidden_size=self.unemb.hidden_size,
+                unembedding_sha256=self.unemb.sha256,
+                model_source=self.location.source,
+            )
         self._load_vocab()
 
     def _read(self, read_unembedding: Callable[..., Any]) -> Any:
@@ -148,7 +170,7 @@ class _Context:
 
     def _load_vocab(self) -> None:
         from embfilter_cli.console import warn
-        from embfilter_cli.tokens import Vocabulary, load_vocabulary
+        from embfilter_cli.text.tokens import Vocabulary, load_vocabulary
 
         vocab = load_vocabulary(self.location)
         if vocab is None:
@@ -166,7 +188,7 @@ class _Context:
 def _resolve_location(model: str | None, revision: str | None, artifact: Any) -> tuple[str | None, Any]:
     """--model if given; else the model the filter was fitted on; else the built-in default."""
     from embfilter_cli.errors import ModelNotFoundError
-    from embfilter_cli.locate import resolve_model
+    from embfilter_cli.model.locate import resolve_model
 
     if model or artifact is None:
         return model, resolve_model(model, revision=revision)
@@ -179,7 +201,9 @@ def _resolve_location(model: str | None, revision: str | None, artifact: Any) ->
         pass
     stored_rev = artifact.metadata.get("model_revision")
     try:
-        return source, resolve_model(source, revision=revision or (stored_rev if stored_rev not in ("", "local") else None))
+        return source, resolve_model(
+            source, revision=revision or (stored_rev if stored_rev not in ("", "local") else None)
+        )
     except ModelNotFoundError as exc:
         raise ModelNotFoundError(
             f"filter {artifact.path} was fitted on {source!r}, which cannot be found here ({exc}); pass --model"
@@ -192,10 +216,17 @@ def _check_band_conflict(has_filter: bool, *band_values: Any) -> None:
         raise click.UsageError("--filter already fixes the band; drop --rank/--bottom/--ratio/--start/--keep")
 
 
-def _band_for(hidden_size: int, artifact: Any, rank: int | None, bottom: int | None, ratio: float | None,
-              start: int | None, keep: int | None) -> tuple[Any, str]:
+def _band_for(
+    hidden_size: int,
+    artifact: Any,
+    rank: int | None,
+    bottom: int | None,
+    ratio: float | None,
+    start: int | None,
+    keep: int | None,
+) -> tuple[Any, str]:
     """The filter band (from the artifact or the band options) and where it came from."""
-    from embfilter_cli.directions import choose_band
+    from embfilter_cli.text.directions import choose_band
 
     _check_band_conflict(artifact is not None, rank, bottom, ratio, start, keep)
     return choose_band(hidden_size, artifact, rank, bottom, ratio, start, keep)
@@ -223,18 +254,41 @@ def _echo_table(rows: list[list[str]], right: frozenset[int] | set[int] = frozen
 @inspect_group.command()
 @_model_options
 @_filter_option
-@click.option("--band", "band_sel", default=None, metavar="START:STOP",
-              help="Show these directions (half-open, by decreasing σ; e.g. 0:8, 560:, 5).")
+@click.option(
+    "--band",
+    "band_sel",
+    default=None,
+    metavar="START:STOP",
+    help="Show these directions (half-open, by decreasing σ; e.g. 0:8, 560:, 5).",
+)
 @click.option("--removed", is_flag=True, help="Show the directions the band removes (the default).")
 @click.option("--kept", is_flag=True, help="Show the directions the band keeps.")
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Tokens per direction and sign.")
-@click.option("--summary-per-group", type=click.IntRange(min=0), default=256, show_default=True,
-              help="Directions per band group averaged in the Zipf summary (evenly spaced; 0 = all).")
+@click.option(
+    "--summary-per-group",
+    type=click.IntRange(min=0),
+    default=256,
+    show_default=True,
+    help="Directions per band group averaged in the Zipf summary (evenly spaced; 0 = all).",
+)
 @_band_options
 @output_options
-def directions(model: str | None, revision: str | None, filter_: str | None, band_sel: str | None, removed: bool,
-               kept: bool, top: int, summary_per_group: int, rank: int | None, bottom: int | None,
-               ratio: float | None, start: int | None, keep: int | None, json_: bool) -> None:
+def directions(
+    model: str | None,
+    revision: str | None,
+    filter_: str | None,
+    band_sel: str | None,
+    removed: bool,
+    kept: bool,
+    top: int,
+    summary_per_group: int,
+    rank: int | None,
+    bottom: int | None,
+    ratio: float | None,
+    start: int | None,
+    keep: int | None,
+    json_: bool,
+) -> None:
     """Top tokens of singular directions at both signs, with English word frequencies (Zipf).
 
     The summary averages the Zipf frequency of the top tokens of each part of the band — removed
@@ -249,7 +303,7 @@ def directions(model: str | None, revision: str | None, filter_: str | None, ban
     """
     if sum([band_sel is not None, removed, kept]) > 1:
         raise click.UsageError("choose one of --band, --removed and --kept")
-    from embfilter_cli.directions import (
+    from embfilter_cli.text.directions import (
         DirectionSource,
         band_groups,
         describe_directions,
@@ -262,8 +316,8 @@ def directions(model: str | None, revision: str | None, filter_: str | None, ban
     _check_band_conflict(filter_ is not None, rank, bottom, ratio, start, keep)
     from embfilter_cli.console import emit_json, info, warn
     from embfilter_cli.errors import MissingDependencyError
-    from embfilter_cli.lens import direction_tokens, evenly_spaced
-    from embfilter_cli.tokens import english_zipf
+    from embfilter_cli.text.lens import direction_tokens, evenly_spaced
+    from embfilter_cli.text.tokens import english_zipf
 
     ctx = _Context(model, revision, filter_)
     d = ctx.unemb.hidden_size
@@ -322,21 +376,33 @@ def _band_text(band: dict[str, int]) -> str:
 
 
 def _print_directions(doc: dict[str, Any], with_zipf: bool) -> None:
-    origin = {"filter": f"from {doc['filter']}", "default": "default", "options": "from the options"}[doc["band_source"]]
+    origin = {"filter": f"from {doc['filter']}", "default": "default", "options": "from the options"}[
+        doc["band_source"]
+    ]
     click.echo(f"model: {doc['model_source']}  (W_U {doc['vocab_rows']}×{doc['hidden_size']})")
     click.echo(f"band ({origin}): {_band_text(doc['band'])}")
-    note = "; [z] = Zipf word frequency (7 ≈ 'the', 3 ≈ rare), · = space, ⏎ = newline" if with_zipf else "; · = space, ⏎ = newline"
+    note = (
+        "; [z] = Zipf word frequency (7 ≈ 'the', 3 ≈ rare), · = space, ⏎ = newline"
+        if with_zipf
+        else "; · = space, ⏎ = newline"
+    )
     click.echo(f"top {doc['top']} tokens of W_U·v at both signs{note}")
     click.echo("")
     rows = [["dir", "σ", "group", "sign", "top tokens"]]
     for entry in doc["directions"]:
         for sign, key in (("+", "positive"), ("−", "negative")):
-            head = [str(entry["index"]), f"{entry['sigma']:.4g}", GROUP_LABELS[entry["group"]]] if sign == "+" else ["", "", ""]
-            rows.append(head + [sign, "  ".join(_fmt_token(t, with_zipf) for t in entry[key])])
+            head = (
+                [str(entry["index"]), f"{entry['sigma']:.4g}", GROUP_LABELS[entry["group"]]]
+                if sign == "+"
+                else ["", "", ""]
+            )
+            rows.append([*head, sign, "  ".join(_fmt_token(t, with_zipf) for t in entry[key])])
     _echo_table(rows, right={0, 1})
     click.echo("")
-    click.echo("summary per part of the band: Zipf frequency of the top tokens that are words "
-               "(both signs pooled, and of each direction's more frequent sign)")
+    click.echo(
+        "summary per part of the band: Zipf frequency of the top tokens that are words "
+        "(both signs pooled, and of each direction's more frequent sign)"
+    )
     srows = [["group", "directions", "used", "top tokens", "words", "mean Zipf", "frequent sign"]]
 
     def num(value: float | None) -> str:
@@ -344,10 +410,17 @@ def _print_directions(doc: dict[str, Any], with_zipf: bool) -> None:
 
     for s in doc["summary"]:
         words = "—" if s["words"] is None else f"{s['words']} ({100 * s['words'] / max(s['tokens'], 1):.0f}%)"
-        srows.append([
-            GROUP_LABELS[s["group"]], f"{s['first']}..{s['last']}", str(s["directions_used"]), str(s["tokens"]),
-            words, num(s["mean_zipf"]), num(s["mean_zipf_frequent_sign"]),
-        ])
+        srows.append(
+            [
+                GROUP_LABELS[s["group"]],
+                f"{s['first']}..{s['last']}",
+                str(s["directions_used"]),
+                str(s["tokens"]),
+                words,
+                num(s["mean_zipf"]),
+                num(s["mean_zipf_frequent_sign"]),
+            ]
+        )
     _echo_table(srows, right={2, 3, 4, 5, 6})
 
 
@@ -358,19 +431,46 @@ def _print_directions(doc: dict[str, Any], with_zipf: bool) -> None:
 @click.argument("texts", nargs=-1)
 @_model_options
 @_filter_option
-@click.option("--pooling", type=click.Choice(["mean", "last"]), default="mean", show_default=True,
-              help="Mean over tokens, or the last token (left padding).")
-@click.option("--recipe", default="none", show_default=True, metavar="NAME|TEMPLATE",
-              help="none, prompteol, summarize, echo, or a template containing {text}.")
+@click.option(
+    "--pooling",
+    type=click.Choice(["mean", "last"]),
+    default="mean",
+    show_default=True,
+    help="Mean over tokens, or the last token (left padding).",
+)
+@click.option(
+    "--recipe",
+    default="none",
+    show_default=True,
+    metavar="NAME|TEMPLATE",
+    help="none, prompteol, summarize, echo, or a template containing {text}.",
+)
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Tokens per text.")
 @click.option("--max-length", type=click.IntRange(min=1), default=512, show_default=True, help="Truncate longer texts.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @device_option
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="float32",
-              show_default=True, help="Model weights dtype for the forward pass.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="float32",
+    show_default=True,
+    help="Model weights dtype for the forward pass.",
+)
 @output_options
-def text(texts: tuple[str, ...], model: str | None, revision: str | None, filter_: str | None, pooling: str,
-         recipe: str, top: int, max_length: int, batch_size: int, device: str, dtype: str, json_: bool) -> None:
+def text(
+    texts: tuple[str, ...],
+    model: str | None,
+    revision: str | None,
+    filter_: str | None,
+    pooling: str,
+    recipe: str,
+    top: int,
+    max_length: int,
+    batch_size: int,
+    device: str,
+    dtype: str,
+    json_: bool,
+) -> None:
     """Logit lens on pooled text embeddings: top tokens of W_U·e, before and after the filter.
 
     After = W_U·Pᵀ·P·e, the part of e the filter keeps. TEXTS are arguments; `-` reads one text
@@ -383,10 +483,9 @@ def text(texts: tuple[str, ...], model: str | None, revision: str | None, filter
     """
     from embfilter_cli.console import emit_json, info, warn
     from embfilter_cli.errors import InputDataError
-
-    from embfilter_cli.directions import token_entries
-    from embfilter_cli.embedding import check_pooling, load_encoder, resolve_recipe
-    from embfilter_cli.lens import lens_embeddings
+    from embfilter_cli.text.directions import token_entries
+    from embfilter_cli.text.embedding import check_pooling, load_encoder, resolve_recipe
+    from embfilter_cli.text.lens import lens_embeddings
 
     items = _collect_texts(texts, warn)
     if not items:
@@ -404,8 +503,13 @@ def text(texts: tuple[str, ...], model: str | None, revision: str | None, filter
             "the model's hidden states do not match its head"
         )
     art = ctx.artifact
-    result = lens_embeddings(ctx.unemb.matrix, embeddings, top, projection=art.projection if art is not None else None,
-                             valid_rows=ctx.valid_rows)
+    result = lens_embeddings(
+        ctx.unemb.matrix,
+        embeddings,
+        top,
+        projection=art.projection if art is not None else None,
+        valid_rows=ctx.valid_rows,
+    )
     vocab = ctx.vocab
     entries = []
     for n, item in enumerate(items):
@@ -473,15 +577,36 @@ def _collect_texts(texts: tuple[str, ...], warn: Callable[[str], None]) -> list[
 @_model_options
 @_filter_option
 @_band_options
-@click.option("--plot", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
-              help="Also save a plot (png, svg or pdf; needs matplotlib: pip install 'embfilter[plot]').")
-@click.option("--width", type=click.IntRange(min=8, max=1000), default=72, show_default=True,
-              help="Sparkline width in characters.")
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    default=None,
+    metavar="FILE.png",
+    help="Also save a plot (png, svg or pdf; needs matplotlib: pip install 'embfilter[plot]').",
+)
+@click.option(
+    "--width",
+    type=click.IntRange(min=8, max=1000),
+    default=72,
+    show_default=True,
+    help="Sparkline width in characters.",
+)
 @force_option
 @output_options
-def spectrum(model: str | None, revision: str | None, filter_: str | None, rank: int | None, bottom: int | None,
-             ratio: float | None, start: int | None, keep: int | None, plot: str | None, width: int, force: bool,
-             json_: bool) -> None:
+def spectrum(
+    model: str | None,
+    revision: str | None,
+    filter_: str | None,
+    rank: int | None,
+    bottom: int | None,
+    ratio: float | None,
+    start: int | None,
+    keep: int | None,
+    plot: str | None,
+    width: int,
+    force: bool,
+    json_: bool,
+) -> None:
     """The singular values of W_U with the band marked: a log-scale sparkline, and a plot with --plot.
 
     With --filter alone the values stored in the filter are shown (no model is read); with
@@ -495,8 +620,7 @@ def spectrum(model: str | None, revision: str | None, filter_: str | None, rank:
     import numpy as np
 
     from embfilter_cli.console import emit_json, info
-
-    from embfilter_cli.directions import energy_removed
+    from embfilter_cli.text.directions import energy_removed
 
     _check_band_conflict(filter_ is not None, rank, bottom, ratio, start, keep)
     if plot is not None:
@@ -515,7 +639,7 @@ def spectrum(model: str | None, revision: str | None, filter_: str | None, rank:
         sha = art.unembedding_sha256
         source = art.model_source
     else:
-        from embfilter_cli.spectral import exact_spectrum
+        from embfilter_cli.filters.spectral import exact_spectrum
 
         ctx = _Context(model, revision, filter_)
         art = ctx.artifact
@@ -556,10 +680,12 @@ def spectrum(model: str | None, revision: str | None, filter_: str | None, rank:
 
 
 def _print_spectrum(doc: dict[str, Any], sigma: Any, band: Any, width: int) -> None:
-    from embfilter_cli.directions import band_marks, sparkline
+    from embfilter_cli.text.directions import band_marks, sparkline
 
     n, d = len(sigma), doc["hidden_size"]
-    origin = {"filter": f"from {doc['filter']}", "default": "default", "options": "from the options"}[doc["band_source"]]
+    origin = {"filter": f"from {doc['filter']}", "default": "default", "options": "from the options"}[
+        doc["band_source"]
+    ]
     line, spans = sparkline(sigma, width)
     per = max(b - a + 1 for a, b in spans) if spans else 0
     click.echo(f"model: {doc['model_source']}  (hidden size {d}{'' if n == d else f', {n} values computed'})")
@@ -571,8 +697,12 @@ def _print_spectrum(doc: dict[str, Any], sigma: Any, band: Any, width: int) -> N
     click.echo(band_marks(spans, band))
     click.echo(f"σ_0 = {sigma[0]:.4g}   σ_{n - 1} = {sigma[-1]:.4g}")
     rows = [["", "index", "σ"]]
-    for label, idx in (("last removed top", band.start - 1), ("first kept", band.start), ("last kept", band.stop - 1),
-                       ("first removed bottom", band.stop if band.bottom else -1)):
+    for label, idx in (
+        ("last removed top", band.start - 1),
+        ("first kept", band.start),
+        ("last kept", band.stop - 1),
+        ("first removed bottom", band.stop if band.bottom else -1),
+    ):
         if 0 <= idx < n:
             rows.append([label, str(idx), f"{sigma[idx]:.4g}"])
     _echo_table(rows, right={1, 2})
@@ -607,15 +737,21 @@ def save_spectrum_plot(sigma: Any, band: Any, path: str, title: str, force: bool
         if band.top:
             ax.axvspan(-0.5, band.start - 0.5, color="#d62728", alpha=0.18, label=f"removed top ({band.top})")
         if band.bottom:
-            ax.axvspan(band.stop - 0.5, band.hidden_size - 0.5, color="#ff7f0e", alpha=0.25,
-                       label=f"removed bottom ({band.bottom})")
+            ax.axvspan(
+                band.stop - 0.5,
+                band.hidden_size - 0.5,
+                color="#ff7f0e",
+                alpha=0.25,
+                label=f"removed bottom ({band.bottom})",
+            )
         for edge in {band.start, band.stop} - {0, band.hidden_size}:
             ax.axvline(edge - 0.5, color="0.3", lw=0.8, ls="--")
         ax.set_xlim(-0.5, max(n, band.hidden_size) - 0.5)
         ax.set_xlabel("direction index (decreasing σ)")
         ax.set_ylabel("singular value σ (log scale)")
-        ax.set_title(f"W_U spectrum: {title}\nkeep {band.start}..{band.stop - 1} ({band.keep} of {band.hidden_size})",
-                     fontsize=9)
+        ax.set_title(
+            f"W_U spectrum: {title}\nkeep {band.start}..{band.stop - 1} ({band.keep} of {band.hidden_size})", fontsize=9
+        )
         ax.grid(True, which="both", alpha=0.25)
         ax.legend(loc="upper right", fontsize=8)
         fig.tight_layout()

@@ -11,7 +11,7 @@ from embfilter_cli.commands._options import output_options
 @output_options
 def models(json_: bool) -> None:
     """List model aliases accepted by --model (any Hub id or local path works too)."""
-    from embfilter_cli.aliases import DEFAULT_MODEL_ALIAS, MODEL_ALIASES
+    from embfilter_cli.model.aliases import DEFAULT_MODEL_ALIAS, MODEL_ALIASES
 
     if json_:
         from embfilter_cli.console import emit_json

@@ -1,6 +1,6 @@
 """`embfilter verify`: is this filter intact, and was it fitted on that model?
 
-The checks live in `embfilter_cli.checks` (plain functions returning `Check` records, so tests
+The checks live in `embfilter_cli.filters.checks` (plain functions returning `Check` records, so tests
 call them without the CLI); this module resolves the inputs and formats the report.
 """
 
@@ -16,14 +16,26 @@ from embfilter_cli.commands._options import output_options
 
 @click.command()
 @click.argument("filter_path", metavar="[FILTER]", required=False)
-@click.option("-m", "--model", default=None, metavar="SPEC",
-              help="Also check the filter was fitted on this model's unembedding (alias, Hub id, folder, .safetensors "
-                   "or .gguf; same resolution as `fit`).")
+@click.option(
+    "-m",
+    "--model",
+    default=None,
+    metavar="SPEC",
+    help="Also check the filter was fitted on this model's unembedding (alias, Hub id, folder, .safetensors "
+    "or .gguf; same resolution as `fit`).",
+)
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) for a Hub id.")
-@click.option("--tensor", "tensor_name", default=None, metavar="NAME",
-              help="Use this tensor as W_U [default: the name stored in the filter, else the one `fit` would pick].")
+@click.option(
+    "--tensor",
+    "tensor_name",
+    default=None,
+    metavar="NAME",
+    help="Use this tensor as W_U [default: the name stored in the filter, else the one `fit` would pick].",
+)
 @output_options
-def verify(filter_path: str | None, model: str | None, revision: str | None, tensor_name: str | None, json_: bool) -> None:
+def verify(
+    filter_path: str | None, model: str | None, revision: str | None, tensor_name: str | None, json_: bool
+) -> None:
     """Check a filter's integrity and, with --model, that it belongs to that model.
 
     \b
@@ -43,10 +55,10 @@ def verify(filter_path: str | None, model: str | None, revision: str | None, ten
     cannot be queried with vectors filtered by another. Verify both against the same model and
     compare their projection SHA-256s.
     """
-    from embfilter_cli.artifact import load_artifact, newest_artifact
-    from embfilter_cli.checks import integrity_checks, unembedding_check
     from embfilter_cli.console import info
     from embfilter_cli.errors import ArtifactError
+    from embfilter_cli.filters.artifact import load_artifact, newest_artifact
+    from embfilter_cli.filters.checks import integrity_checks, unembedding_check
 
     if filter_path is None:
         path = newest_artifact()
@@ -57,7 +69,7 @@ def verify(filter_path: str | None, model: str | None, revision: str | None, ten
     checks = integrity_checks(artifact)
     model_info = None
     if model is not None:
-        from embfilter_cli.locate import resolve_model
+        from embfilter_cli.model.locate import resolve_model
 
         location = resolve_model(model, revision=revision, tensor_name=tensor_name)
         info(f"Model: {location.source} ({location.kind.replace('_', ' ')})")
@@ -66,13 +78,15 @@ def verify(filter_path: str | None, model: str | None, revision: str | None, ten
     if json_:
         from embfilter_cli.console import emit_json
 
-        emit_json({
-            "filter": str(artifact.path),
-            "ok": all(c.ok for c in checks),
-            "checks": [{k: v for k, v in asdict(c).items() if k != "error"} for c in checks],
-            "model": model_info,
-            "artifact": artifact.summary(),
-        })
+        emit_json(
+            {
+                "filter": str(artifact.path),
+                "ok": all(c.ok for c in checks),
+                "checks": [{k: v for k, v in asdict(c).items() if k != "error"} for c in checks],
+                "model": model_info,
+                "artifact": artifact.summary(),
+            }
+        )
     else:
         _print_report(artifact, checks)
     failed = [c for c in checks if not c.ok]
@@ -92,8 +106,11 @@ def _print_report(artifact: Any, checks: list[Any]) -> None:
     table.add_column()
     table.add_row("filter", escape(str(artifact.path)))
     table.add_row("model", escape(f"{artifact.model_source} ({artifact.metadata.get('tensor_name')})"))
-    table.add_row("band", f"remove top {band['top']}, keep {band['start']}..{band['start'] + band['keep'] - 1}, "
-                          f"remove bottom {band['bottom']}")
+    table.add_row(
+        "band",
+        f"remove top {band['top']}, keep {band['start']}..{band['start'] + band['keep'] - 1}, "
+        f"remove bottom {band['bottom']}",
+    )
     table.add_row("sha256(W_U)", artifact.unembedding_sha256)
     for check in checks:
         mark = "[green]OK[/green]  " if check.ok else "[red]FAIL[/red]"

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from embfilter_cli.errors import BadTensorError, ModelNotFoundError, UnembeddingNotFoundError
-from embfilter_cli.locate import ModelLocation
+from embfilter_cli.model.location import ModelLocation
 
 HEAD_NAMES = ("lm_head.weight", "embed_out.weight", "output.weight")
 TIED_NAMES = (
@@ -146,7 +146,9 @@ def _safetensors_entries(files: list[Path]) -> dict[str, _SafetensorsEntry]:
             if name == "__metadata__":
                 continue
             begin, end = info["data_offsets"]
-            entries[name] = _SafetensorsEntry(file, info["dtype"], tuple(info["shape"]), data_start + begin, data_start + end)
+            entries[name] = _SafetensorsEntry(
+                file, info["dtype"], tuple(info["shape"]), data_start + begin, data_start + end
+            )
     return entries
 
 
@@ -158,7 +160,9 @@ def _file_range_sha256(path: Path, begin: int, end: int) -> str:
         while left > 0:
             block = handle.read(min(_HASH_BLOCK, left))
             if not block:
-                raise BadTensorError(f"{path} ends {left} bytes before the tensor does; the file is truncated, re-download it")
+                raise BadTensorError(
+                    f"{path} ends {left} bytes before the tensor does; the file is truncated, re-download it"
+                )
             digest.update(block)
             left -= len(block)
     return digest.hexdigest()
@@ -170,7 +174,9 @@ def _mmap_safetensors(entry: _SafetensorsEntry, name: str) -> torch.Tensor:
             f"{name} in {entry.file} is stored as {entry.dtype}; embfilter reads F32, F64, F16 and BF16 heads"
         )
     if len(entry.shape) != 2:
-        raise BadTensorError(f"{name} in {entry.file} has shape {list(entry.shape)}; an unembedding must be 2-D (vocab, hidden)")
+        raise BadTensorError(
+            f"{name} in {entry.file} has shape {list(entry.shape)}; an unembedding must be 2-D (vocab, hidden)"
+        )
     np_dtype, torch_dtype = _SAFETENSORS_DTYPES[entry.dtype]
     expected = int(np.prod(entry.shape)) * np_dtype.itemsize
     if entry.end - entry.begin != expected or entry.file.stat().st_size < entry.end:
@@ -212,7 +218,9 @@ def tokenizer_vocab_size(folder: Path) -> int | None:
 # --------------------------------------------------------------------------- readers
 
 
-def read_unembedding(location: ModelLocation, tensor_name: str | None = None, drop_padding_rows: bool = True) -> Unembedding:
+def read_unembedding(
+    location: ModelLocation, tensor_name: str | None = None, drop_padding_rows: bool = True
+) -> Unembedding:
     """Read W_U of the model at `location` (see module docstring for the rules)."""
     if location.kind == "gguf_file":
         result = _read_gguf(location.path, tensor_name)
@@ -245,7 +253,9 @@ def _read_folder(location: ModelLocation, tensor_name: str | None) -> Unembeddin
             files = [shard]
         missing = [f for f in files if not f.exists()]
         if missing:
-            raise ModelNotFoundError(f"{missing[0]} is listed in the checkpoint index but missing; re-download the model")
+            raise ModelNotFoundError(
+                f"{missing[0]} is listed in the checkpoint index but missing; re-download the model"
+            )
         return _read_safetensors(location, files, tensor_name, config, tok_vocab)
     if bin_index.exists():
         weight_map = _weight_map(bin_index)
@@ -290,7 +300,9 @@ def _read_bin(
                 "convert it to safetensors"
             ) from exc
         if not isinstance(loaded, dict):
-            raise ModelNotFoundError(f"{file} holds a {type(loaded).__name__}, not a state dict; convert it to safetensors")
+            raise ModelNotFoundError(
+                f"{file} holds a {type(loaded).__name__}, not a state dict; convert it to safetensors"
+            )
         state.update(loaded)
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     name, tied = choose_unembedding(list(tensors), config, tensor_name, str(location.path))
@@ -310,7 +322,7 @@ def _read_gguf(path: Path, tensor_name: str | None) -> Unembedding:
     from gguf.constants import GGML_QUANT_SIZES
     from gguf.quants import dequantize
 
-    from embfilter_cli.gguf_header import UnsupportedGGUF, read_header
+    from embfilter_cli.model.gguf_header import UnsupportedGGUF, read_header
 
     try:
         header = read_header(path)
@@ -323,21 +335,34 @@ def _read_gguf(path: Path, tensor_name: str | None) -> Unembedding:
     try:
         qtype = GGMLQuantizationType(info.ggml_type)
     except ValueError as exc:
-        raise BadTensorError(f"{name} in {path} has unknown GGML type {info.ggml_type}; upgrade the gguf package") from exc
+        raise BadTensorError(
+            f"{name} in {path} has unknown GGML type {info.ggml_type}; upgrade the gguf package"
+        ) from exc
     block, type_size = GGML_QUANT_SIZES[qtype]
     rows, cols = info.shape if len(info.shape) == 2 else (0, 0)
     if len(info.shape) != 2 or cols % block:
-        raise BadTensorError(f"{name} in {path} has shape {list(info.shape)}; an unembedding must be 2-D (vocab, hidden)")
+        raise BadTensorError(
+            f"{name} in {path} has shape {list(info.shape)}; an unembedding must be 2-D (vocab, hidden)"
+        )
     row_bytes = cols // block * type_size
     if info.offset + rows * row_bytes > path.stat().st_size:
         raise BadTensorError(f"{name} in {path} runs past the end of the file; the file is truncated, re-download it")
     raw = np.memmap(path, dtype=np.uint8, mode="r", offset=info.offset, shape=(rows, row_bytes))
     sha = hashlib.sha256(memoryview(np.ascontiguousarray(raw).reshape(-1))).hexdigest()
-    return Unembedding(_dequantize(raw, qtype, dequantize, name, path, (rows, cols)), name, sha, rows, qtype.name,
-                       header.array_lengths.get("tokenizer.ggml.tokens"), tied)
+    return Unembedding(
+        _dequantize(raw, qtype, dequantize, name, path, (rows, cols)),
+        name,
+        sha,
+        rows,
+        qtype.name,
+        header.array_lengths.get("tokenizer.ggml.tokens"),
+        tied,
+    )
 
 
-def _dequantize(raw: np.ndarray, qtype: Any, dequantize: Any, name: str, path: Path, shape: tuple[int, int]) -> torch.Tensor:
+def _dequantize(
+    raw: np.ndarray, qtype: Any, dequantize: Any, name: str, path: Path, shape: tuple[int, int]
+) -> torch.Tensor:
     try:
         values = dequantize(raw, qtype)
     except NotImplementedError as exc:
@@ -356,7 +381,9 @@ def _read_gguf_with_reader(path: Path, tensor_name: str | None) -> Unembedding:
     try:
         reader = GGUFReader(str(path))
     except Exception as exc:
-        raise ModelNotFoundError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}); re-download it") from exc
+        raise ModelNotFoundError(
+            f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}); re-download it"
+        ) from exc
     tensors = {t.name: t for t in reader.tensors}
     name, tied = choose_unembedding(list(tensors), {}, tensor_name, str(path))
     info = tensors[name]

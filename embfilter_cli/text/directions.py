@@ -10,7 +10,7 @@ The CLI imports this module at start-up (for `DEFAULT_RANK` in its help text), s
 imported inside the functions that need it: `embfilter inspect --help` must stay light.
 
 Not handled here: reading W_U or the vocabulary, and formatting (see `commands/inspect_cmd.py`);
-the logit-lens arithmetic itself lives in `embfilter_cli.lens`.
+the logit-lens arithmetic itself lives in `embfilter_cli.text.lens`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from embfilter_cli.band import Band, resolve_band
 from embfilter_cli.errors import BandError
+from embfilter_cli.filters.band import Band, resolve_band
 
 DEFAULT_RANK = 64
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
@@ -33,8 +33,15 @@ def default_rank(hidden_size: int) -> int:
     return max(1, min(DEFAULT_RANK, hidden_size // 8)) if hidden_size > 1 else 0
 
 
-def choose_band(hidden_size: int, artifact: Any, rank: int | None, bottom: int | None, ratio: float | None,
-                start: int | None, keep: int | None) -> tuple[Band, str]:
+def choose_band(
+    hidden_size: int,
+    artifact: Any,
+    rank: int | None,
+    bottom: int | None,
+    ratio: float | None,
+    start: int | None,
+    keep: int | None,
+) -> tuple[Band, str]:
     """The filter band and where it came from: "filter", "default" or "options".
 
     The caller rejects a filter combined with band options; here the artifact simply wins.
@@ -55,7 +62,9 @@ def parse_selection(value: str) -> tuple[int | None, int | None]:
         return int(text), int(text) + 1
     match = _SELECTION.match(text)
     if not match:
-        raise BandError(f"--band {value!r} is not START:STOP (half-open, like 0:8 for directions 0..7) or a single index")
+        raise BandError(
+            f"--band {value!r} is not START:STOP (half-open, like 0:8 for directions 0..7) or a single index"
+        )
     start = int(match.group(1)) if match.group(1) else None
     stop = int(match.group(2)) if match.group(2) else None
     if start is not None and stop is not None and stop <= start:
@@ -130,7 +139,7 @@ class DirectionSource:
     def spectrum(self) -> Any:
         """The exact spectrum of W_U, computed once."""
         if self._spectrum is None:
-            from embfilter_cli.spectral import exact_spectrum
+            from embfilter_cli.filters.spectral import exact_spectrum
 
             if self._log is not None:
                 self._log("Computing the exact spectrum of W_U (float64 Gram + eigh)")
@@ -149,29 +158,45 @@ class DirectionSource:
             if self.sigmas is None or len(self.sigmas) < len(spec.singular_values):
                 self.sigmas = spec.singular_values
         d = self.matrix.shape[1]
-        vecs = np.stack([self.vectors[i] for i in indices]).astype(np.float32) if indices else np.zeros((0, d), np.float32)
+        vecs = (
+            np.stack([self.vectors[i] for i in indices]).astype(np.float32) if indices else np.zeros((0, d), np.float32)
+        )
         return vecs, [float(self.sigmas[i]) for i in indices]
 
 
 def token_entry(vocab: Any, token_id: int, value: float, zipf: Callable[[str], float] | None) -> dict[str, Any]:
     """One top token as reported: id, raw piece, printable text, logit and (with `zipf`) its Zipf value."""
-    entry: dict[str, Any] = {"id": int(token_id), "token": vocab.piece(int(token_id)),
-                             "text": vocab.display(int(token_id)), "logit": round(float(value), 6)}
+    entry: dict[str, Any] = {
+        "id": int(token_id),
+        "token": vocab.piece(int(token_id)),
+        "text": vocab.display(int(token_id)),
+        "logit": round(float(value), 6),
+    }
     if zipf is not None:
         word = vocab.word(int(token_id))
         entry["zipf"] = None if word is None else round(zipf(word), 2)
     return entry
 
 
-def token_entries(vocab: Any, ids: Iterable[int], values: Iterable[float],
-                  zipf: Callable[[str], float] | None = None) -> list[dict[str, Any]]:
+def token_entries(
+    vocab: Any, ids: Iterable[int], values: Iterable[float], zipf: Callable[[str], float] | None = None
+) -> list[dict[str, Any]]:
     """`token_entry` for each (id, logit) pair."""
     return [token_entry(vocab, t, v, zipf) for t, v in zip(ids, values)]
 
 
-def describe_directions(shown: Sequence[int], groups: dict[str, list[int]], used: dict[str, list[int]],
-                        needed: Sequence[int], sigmas: Sequence[float], toks: Any, vocab: Any,
-                        zipf: Callable[[str], float] | None, band: Band, top: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def describe_directions(
+    shown: Sequence[int],
+    groups: dict[str, list[int]],
+    used: dict[str, list[int]],
+    needed: Sequence[int],
+    sigmas: Sequence[float],
+    toks: Any,
+    vocab: Any,
+    zipf: Callable[[str], float] | None,
+    band: Band,
+    top: int,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The report of `inspect directions`: one entry per shown direction, one summary per band group.
 
     Args:
@@ -181,37 +206,54 @@ def describe_directions(shown: Sequence[int], groups: dict[str, list[int]], used
         needed: the indices whose rows `sigmas` and `toks` (a `lens.DirectionTokens`) hold, in order.
         zipf: word → Zipf frequency, or None when word frequencies are unavailable.
     """
-    from embfilter_cli.lens import summarize_directions, zipf_stats
+    from embfilter_cli.text.lens import summarize_directions, zipf_stats
 
     row_of = {idx: r for r, idx in enumerate(needed)}
     stats = {}
     if zipf is not None:
         for r in range(len(needed)):
-            stats[r] = (zipf_stats(toks.positive.indices[r], vocab.word, zipf),
-                        zipf_stats(toks.negative.indices[r], vocab.word, zipf))
+            stats[r] = (
+                zipf_stats(toks.positive.indices[r], vocab.word, zipf),
+                zipf_stats(toks.negative.indices[r], vocab.word, zipf),
+            )
     summary = []
     for name, idx in groups.items():
         if not idx:
             continue
         rows = [row_of[i] for i in used[name]]
-        entry: dict[str, Any] = {"group": name, "first": idx[0], "last": idx[-1], "directions": len(idx),
-                                 "directions_used": len(rows)}
+        entry: dict[str, Any] = {
+            "group": name,
+            "first": idx[0],
+            "last": idx[-1],
+            "directions": len(idx),
+            "directions_used": len(rows),
+        }
         if zipf is not None:
             entry.update(summarize_directions([stats[r] for r in rows]))
         else:
-            entry.update({"tokens": 2 * top * len(rows), "words": None, "mean_zipf": None, "mean_zipf_frequent_sign": None})
+            entry.update(
+                {"tokens": 2 * top * len(rows), "words": None, "mean_zipf": None, "mean_zipf_frequent_sign": None}
+            )
         summary.append(entry)
     shown_entries = []
     for i in shown:
         r = row_of[i]
         pos_stats, neg_stats = stats.get(r, (None, None))
-        shown_entries.append({
-            "index": i, "sigma": float(sigmas[r]), "group": group_of(i, band),
-            "zipf_positive": None if pos_stats is None or pos_stats.mean_zipf is None else round(pos_stats.mean_zipf, 4),
-            "zipf_negative": None if neg_stats is None or neg_stats.mean_zipf is None else round(neg_stats.mean_zipf, 4),
-            "positive": token_entries(vocab, toks.positive.indices[r], toks.positive.values[r], zipf),
-            "negative": token_entries(vocab, toks.negative.indices[r], toks.negative.values[r], zipf),
-        })
+        shown_entries.append(
+            {
+                "index": i,
+                "sigma": float(sigmas[r]),
+                "group": group_of(i, band),
+                "zipf_positive": None
+                if pos_stats is None or pos_stats.mean_zipf is None
+                else round(pos_stats.mean_zipf, 4),
+                "zipf_negative": None
+                if neg_stats is None or neg_stats.mean_zipf is None
+                else round(neg_stats.mean_zipf, 4),
+                "positive": token_entries(vocab, toks.positive.indices[r], toks.positive.values[r], zipf),
+                "negative": token_entries(vocab, toks.negative.indices[r], toks.negative.values[r], zipf),
+            }
+        )
     return shown_entries, summary
 
 

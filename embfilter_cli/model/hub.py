@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from embfilter_cli.errors import HubAccessError, ModelNotFoundError
-from embfilter_cli.locate import ModelLocation
+from embfilter_cli.model.location import ModelLocation
 
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -104,9 +104,13 @@ def fetch_head_files(
         UnembeddingNotFoundError: the index names no tensor usable as W_U.
     """
     fetcher = _Fetcher(repo_id, revision, progress if progress is not None else sys.stderr.isatty())
-    config_path = fetcher.required("config.json", fetcher.requested_revision, missing=lambda: ModelNotFoundError(
-        f"Hub repo {repo_id} has no config.json at revision {fetcher.requested_revision}; {_NO_INDEX_HINT}"
-    ))
+    config_path = fetcher.required(
+        "config.json",
+        fetcher.requested_revision,
+        missing=lambda: ModelNotFoundError(
+            f"Hub repo {repo_id} has no config.json at revision {fetcher.requested_revision}; {_NO_INDEX_HINT}"
+        ),
+    )
     snapshot = config_path.parent
     commit = snapshot.name
     if not _COMMIT.match(commit):  # the cache layout is snapshots/<commit>/<file>; anything else is not it
@@ -123,7 +127,7 @@ def fetch_head_files(
     index_path = next((p for p in (fetcher.optional(name, commit) for name in INDEX_FILES) if p is not None), None)
     if index_path is not None:
         weight_map = _weight_map(index_path, repo_id)
-        from embfilter_cli.unembedding import choose_unembedding  # imports torch: only once it is needed
+        from embfilter_cli.model.unembedding import choose_unembedding  # imports torch: only once it is needed
 
         tensor, _ = choose_unembedding(list(weight_map), config, tensor_name, f"{repo_id} ({index_path.name})")
         shard_name = weight_map[tensor]
@@ -132,10 +136,14 @@ def fetch_head_files(
                 f"{index_path.name} of {repo_id} maps {tensor} to {shard_name!r}, which is not a file inside the repo; "
                 "the index is broken: report it to the repo's owner or try another --revision"
             )
-        head_shard = fetcher.required(shard_name, commit, missing=lambda: ModelNotFoundError(
-            f"{index_path.name} of {repo_id} at {commit[:12]} maps {tensor} to {shard_name}, but the repo has no such "
-            "file; the upload is incomplete: try another --revision or report it to the repo's owner"
-        ))
+        head_shard = fetcher.required(
+            shard_name,
+            commit,
+            missing=lambda: ModelNotFoundError(
+                f"{index_path.name} of {repo_id} at {commit[:12]} maps {tensor} to {shard_name}, but the repo has no such "
+                "file; the upload is incomplete: try another --revision or report it to the repo's owner"
+            ),
+        )
     else:
         head_shard = None
         for filename in SINGLE_WEIGHT_FILES:

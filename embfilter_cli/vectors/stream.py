@@ -27,6 +27,7 @@ compressed JSONL, JSON arrays of vectors (one object per line only).
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import mmap
@@ -54,8 +55,23 @@ _COPY_CHUNK = 8 << 20
 # safetensors dtype tag <-> our dtype names (bfloat16 is stored as raw uint16 bits in numpy)
 _ST_TO_NAME = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 _NAME_TO_ST = {v: k for k, v in _ST_TO_NAME.items()}
-_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_ST_ITEMSIZE = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 _JSONL_DIGITS = {"float32": 9, "float16": 5, "bfloat16": 4}
 
 ProgressFn = Callable[[int, int | None], None]  # (units done, units total or None); rows, or bytes for JSONL
@@ -189,8 +205,17 @@ def _read_exact_into(fp: IO[bytes], buffer: memoryview) -> int:
 class _Matrix:
     """Rows of a (rows, d) matrix stored raw at `offset` of a file or stream, read batch by batch."""
 
-    def __init__(self, fp: IO[bytes], path: Path | None, offset: int, rows: int, dim: int, dtype: np.dtype[Any],
-                 name: str, what: str) -> None:
+    def __init__(
+        self,
+        fp: IO[bytes],
+        path: Path | None,
+        offset: int,
+        rows: int,
+        dim: int,
+        dtype: np.dtype[Any],
+        name: str,
+        what: str,
+    ) -> None:
         self.fp, self.path, self.offset, self.rows, self.dim, self.dtype = fp, path, offset, rows, dim, dtype
         self.name, self.what = name, what
         self.nbytes = rows * dim * dtype.itemsize
@@ -289,7 +314,9 @@ class NpySource(VectorSource):
             elif version == (2, 0):
                 shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
             else:
-                raise InputDataError(f"{name} is .npy format version {version[0]}.{version[1]}; re-save it with np.save")
+                raise InputDataError(
+                    f"{name} is .npy format version {version[0]}.{version[1]}; re-save it with np.save"
+                )
         except (ValueError, SyntaxError) as exc:
             raise InputDataError(f"{name} has a damaged .npy header ({exc}); recreate it") from None
         offset = fp.tell() if path is not None else 0  # only a mapped file needs it; pipes cannot tell
@@ -312,12 +339,16 @@ class NpySource(VectorSource):
             nbytes = math.prod(shape) * dtype.itemsize
             data = fp.read(nbytes)
             if len(data) < nbytes:
-                raise InputDataError(f"{name} is truncated: its .npy header promises {nbytes} data bytes, found {len(data)}")
+                raise InputDataError(
+                    f"{name} is truncated: its .npy header promises {nbytes} data bytes, found {len(data)}"
+                )
             whole = np.frombuffer(data, dtype=dtype).reshape(shape, order="F")
             self._fortran_whole = np.ascontiguousarray(whole).reshape(-1, self.dim)
             self._matrix = None
         else:
-            self._matrix = _Matrix(fp, path, offset, math.prod(self.lead_shape), self.dim, dtype, name, "its .npy header")
+            self._matrix = _Matrix(
+                fp, path, offset, math.prod(self.lead_shape), self.dim, dtype, name, "its .npy header"
+            )
         self.progress_total = self.rows
 
     def items(self, batch_rows: int, passthrough: bool = False) -> Iterator[Batch | Passthrough]:
@@ -342,24 +373,35 @@ def read_safetensors_header(fp: IO[bytes], name: str) -> tuple[dict[str, str], l
     """Parse a safetensors header from the stream's start: (metadata, tensors in file order, header bytes)."""
     head = fp.read(8)
     if len(head) < 8:
-        raise InputDataError(f"{name} is not a safetensors file ({len(head)} bytes, shorter than the 8-byte header length)")
+        raise InputDataError(
+            f"{name} is not a safetensors file ({len(head)} bytes, shorter than the 8-byte header length)"
+        )
     n = int.from_bytes(head, "little")
     if not 0 < n <= SAFETENSORS_MAX_HEADER:
-        raise InputDataError(f"{name} is not a safetensors file (its first 8 bytes give a header length of {n}); "
-                             "pass --format npy or --format jsonl if it is one of those")
+        raise InputDataError(
+            f"{name} is not a safetensors file (its first 8 bytes give a header length of {n}); "
+            "pass --format npy or --format jsonl if it is one of those"
+        )
     raw = fp.read(n)
     try:
         header = json.loads(raw.decode("utf-8")) if len(raw) == n else None
     except (UnicodeDecodeError, json.JSONDecodeError):
         header = None
     if not isinstance(header, dict):
-        raise InputDataError(f"{name} is not a safetensors file (its {n}-byte header is not a JSON object); recreate it")
+        raise InputDataError(
+            f"{name} is not a safetensors file (its {n}-byte header is not a JSON object); recreate it"
+        )
     metadata = header.pop("__metadata__", None) or {}
     entries = []
     for key, value in header.items():
         try:
-            entry = TensorEntry(key, str(value["dtype"]), tuple(int(s) for s in value["shape"]),
-                                int(value["data_offsets"][0]), int(value["data_offsets"][1]))
+            entry = TensorEntry(
+                key,
+                str(value["dtype"]),
+                tuple(int(s) for s in value["shape"]),
+                int(value["data_offsets"][0]),
+                int(value["data_offsets"][1]),
+            )
         except (KeyError, TypeError, ValueError, IndexError):
             raise InputDataError(f"{name}: header entry {key!r} is malformed; recreate the file") from None
         itemsize = _ST_ITEMSIZE.get(entry.dtype)
@@ -370,7 +412,7 @@ def read_safetensors_header(fp: IO[bytes], name: str) -> tuple[dict[str, str], l
             )
         entries.append(entry)
     entries.sort(key=lambda e: (e.begin, e.end))
-    for before, after in zip(entries, entries[1:]):
+    for before, after in itertools.pairwise(entries):
         if after.begin < before.end:
             raise InputDataError(f"{name}: tensors {before.name!r} and {after.name!r} overlap; the file is damaged")
     return {str(k): str(v) for k, v in metadata.items()}, entries, 8 + n
@@ -395,7 +437,9 @@ class SafetensorsSource(VectorSource):
             if len(candidates) != 1:
                 detail = ", ".join(f"{e.name} {e.dtype} {list(e.shape)}" for e in self.entries) or "no tensors"
                 how = "several" if candidates else "no"
-                raise InputDataError(f"{name} holds {how} 2-D float tensors ({detail}); pass --tensor NAME to choose one")
+                raise InputDataError(
+                    f"{name} holds {how} 2-D float tensors ({detail}); pass --tensor NAME to choose one"
+                )
             target = candidates[0]
         if target.dtype not in _ST_TO_NAME or not target.shape:
             raise InputDataError(
@@ -406,8 +450,16 @@ class SafetensorsSource(VectorSource):
         self.dtype = _ST_TO_NAME[target.dtype]
         self.lead_shape, self.dim = target.shape[:-1], target.shape[-1]
         self.progress_total = self.rows
-        self._matrix = _Matrix(fp, path, self.data_start + target.begin, math.prod(self.lead_shape), self.dim,
-                               storage_dtype(self.dtype).newbyteorder("<"), name, f"tensor {target.name!r}")
+        self._matrix = _Matrix(
+            fp,
+            path,
+            self.data_start + target.begin,
+            math.prod(self.lead_shape),
+            self.dim,
+            storage_dtype(self.dtype).newbyteorder("<"),
+            name,
+            f"tensor {target.name!r}",
+        )
 
     def items(self, batch_rows: int, passthrough: bool = False) -> Iterator[Batch | Passthrough]:
         position = 0  # bytes consumed of the data section, for streams
@@ -448,8 +500,9 @@ class JsonlSource(VectorSource):
     format = "jsonl"
     dtype = "float64"  # JSON numbers are doubles
 
-    def __init__(self, fp: IO[bytes], name: str, field: str, expected_dim: int, dim_context: str = "",
-                 size: int | None = None) -> None:
+    def __init__(
+        self, fp: IO[bytes], name: str, field: str, expected_dim: int, dim_context: str = "", size: int | None = None
+    ) -> None:
         self.fp, self.name, self.field = fp, name, field
         self.expected_dim, self.dim_context = expected_dim, dim_context
         self.lead_shape = None
@@ -459,14 +512,18 @@ class JsonlSource(VectorSource):
     def _vector(self, record: Any, number: int, good_before: bool) -> np.ndarray:
         where = f"{self.name} line {number}"
         if not isinstance(record, dict):
-            raise InputDataError(f"{where} is a JSON {type(record).__name__}, not an object; "
-                                 f"each line must be an object with the vector in field {self.field!r}")
+            raise InputDataError(
+                f"{where} is a JSON {type(record).__name__}, not an object; "
+                f"each line must be an object with the vector in field {self.field!r}"
+            )
         if self.field not in record:
             keys = ", ".join(map(str, list(record)[:8])) or "none"
             raise InputDataError(f"{where} has no field {self.field!r} (its fields: {keys}); pass --field NAME")
         value = record[self.field]
         if not isinstance(value, list):
-            raise InputDataError(f"{where}: field {self.field!r} is a JSON {_json_kind(value)}, expected a list of numbers")
+            raise InputDataError(
+                f"{where}: field {self.field!r} is a JSON {_json_kind(value)}, expected a list of numbers"
+            )
         try:
             vec = np.asarray(value)
         except ValueError:  # nested lists of unequal length
@@ -501,7 +558,9 @@ class JsonlSource(VectorSource):
             try:
                 record = json.loads(raw.rstrip(b"\r\n"))  # so error columns refer to this line
             except UnicodeDecodeError as exc:
-                raise InputDataError(f"{self.name} line {number} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+                raise InputDataError(
+                    f"{self.name} line {number} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+                ) from None
             except json.JSONDecodeError as exc:
                 raise InputDataError(
                     f"{self.name} line {number} is not valid JSON ({exc.msg} at column {exc.colno}); fix or remove that line"
@@ -593,7 +652,7 @@ class _BinarySink(VectorSink):
 
 def npy_header(dtype: np.dtype[Any], shape: tuple[int, ...], min_len: int = 0) -> bytes:
     """A version 1.0 .npy header for a C-order array, padded (64-byte aligned) to at least `min_len` bytes."""
-    text = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (np.lib.format.dtype_to_descr(dtype), shape)
+    text = f"{{'descr': {np.lib.format.dtype_to_descr(dtype)!r}, 'fortran_order': False, 'shape': {shape!r}, }}"
     body = text.encode("latin1")
     size = 10 + len(body) + 1
     total = max(-(-size // 64) * 64, min_len)
@@ -605,31 +664,46 @@ class NpySink(_BinarySink):
     """A C-order .npy array (n, …, k)."""
 
     def _header(self, lead_shape: tuple[int, ...], min_len: int = 0) -> bytes:
-        return npy_header(np.dtype(self.dtype), tuple(lead_shape) + (self.dim,), min_len)
+        return npy_header(np.dtype(self.dtype), (*tuple(lead_shape), self.dim), min_len)
 
 
 class SafetensorsSink(_BinarySink):
     """A safetensors file holding the filtered tensor, plus any passed-through tensors in input order."""
 
-    def __init__(self, fp: IO[bytes], seekable: bool, tensor_name: str, metadata: dict[str, str],
-                 layout: list[TensorEntry] | None = None, target: TensorEntry | None = None) -> None:
+    def __init__(
+        self,
+        fp: IO[bytes],
+        seekable: bool,
+        tensor_name: str,
+        metadata: dict[str, str],
+        layout: list[TensorEntry] | None = None,
+        target: TensorEntry | None = None,
+    ) -> None:
         super().__init__(fp, seekable)
         self.tensor_name, self.metadata = tensor_name, metadata
         self.layout, self.target = layout, target
 
     def _header(self, lead_shape: tuple[int, ...], min_len: int = 0) -> bytes:
-        shape = list(lead_shape) + [self.dim]
+        shape = [*list(lead_shape), self.dim]
         nbytes = math.prod(shape) * storage_dtype(self.dtype).itemsize
         header: dict[str, Any] = {"__metadata__": self.metadata} if self.metadata else {}
         offset = 0
         for entry in self.layout or [None]:  # type: ignore[list-item]
             if entry is None or entry is self.target:
                 name = self.tensor_name if entry is None else entry.name
-                header[name] = {"dtype": _NAME_TO_ST[self.dtype], "shape": shape, "data_offsets": [offset, offset + nbytes]}
+                header[name] = {
+                    "dtype": _NAME_TO_ST[self.dtype],
+                    "shape": shape,
+                    "data_offsets": [offset, offset + nbytes],
+                }
                 offset += nbytes
             else:
                 size = entry.end - entry.begin
-                header[entry.name] = {"dtype": entry.dtype, "shape": list(entry.shape), "data_offsets": [offset, offset + size]}
+                header[entry.name] = {
+                    "dtype": entry.dtype,
+                    "shape": list(entry.shape),
+                    "data_offsets": [offset, offset + size],
+                }
                 offset += size
         body = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         target_len = max(-(-len(body) // 8) * 8, min_len - 8)  # the data section starts 8-byte aligned
@@ -678,7 +752,11 @@ class JsonlSink(VectorSink):
         for ascii_only in (False, True):
             parts = []
             for key, value in record.items():
-                text = vector_text if key == self.field else json.dumps(value, ensure_ascii=ascii_only, separators=(",", ":"))
+                text = (
+                    vector_text
+                    if key == self.field
+                    else json.dumps(value, ensure_ascii=ascii_only, separators=(",", ":"))
+                )
                 parts.append(json.dumps(key, ensure_ascii=ascii_only) + ":" + text)
             if self.field not in record:
                 parts.append(json.dumps(self.field) + ":" + vector_text)

@@ -148,7 +148,9 @@ class DirectionTokens:
     negative: TopK  # values reported as logits of −v, so they are positive too
 
 
-def direction_tokens(matrix: torch.Tensor, directions: np.ndarray, k: int, *, valid_rows: int | None = None) -> DirectionTokens:
+def direction_tokens(
+    matrix: torch.Tensor, directions: np.ndarray, k: int, *, valid_rows: int | None = None
+) -> DirectionTokens:
     """Both signs of each direction (rows of `directions`, (n, d))."""
     pos, neg = _stream_topk(matrix, directions, k, valid_rows, None, (True, False))
     return DirectionTokens(pos, TopK(neg.indices, -neg.values))
@@ -174,11 +176,16 @@ class ZipfStats:
     mean_zipf: float | None  # over the words; None when there are none
 
     def as_dict(self) -> dict[str, float | int | None]:
-        return {"tokens": self.tokens, "words": self.words,
-                "mean_zipf": None if self.mean_zipf is None else round(self.mean_zipf, 4)}
+        return {
+            "tokens": self.tokens,
+            "words": self.words,
+            "mean_zipf": None if self.mean_zipf is None else round(self.mean_zipf, 4),
+        }
 
 
-def zipf_stats(token_ids: Iterable[int], word_of: Callable[[int], str | None], zipf: Callable[[str], float]) -> ZipfStats:
+def zipf_stats(
+    token_ids: Iterable[int], word_of: Callable[[int], str | None], zipf: Callable[[str], float]
+) -> ZipfStats:
     """Mean Zipf frequency over the tokens that are words (non-words are counted, not averaged).
 
     A word missing from the frequency list counts as 0.0 (wordfreq's convention): a fragment
@@ -205,12 +212,14 @@ def summarize_directions(per_direction: Sequence[tuple[ZipfStats, ZipfStats]]) -
     tokens = sum(p.tokens + n.tokens for p, n in per_direction)
     words = sum(p.words + n.words for p, n in per_direction)
     total = sum((p.mean_zipf or 0.0) * p.words + (n.mean_zipf or 0.0) * n.words for p, n in per_direction)
-    sides = [max(z for z in (p.mean_zipf, n.mean_zipf) if z is not None)
-             for p, n in per_direction if p.mean_zipf is not None or n.mean_zipf is not None]
+    sides = [
+        max(z for z in (p.mean_zipf, n.mean_zipf) if z is not None)
+        for p, n in per_direction
+        if p.mean_zipf is not None or n.mean_zipf is not None
+    ]
     return {
         "tokens": tokens,
         "words": words,
         "mean_zipf": round(total / words, 4) if words else None,
         "mean_zipf_frequent_sign": round(float(np.mean(sides)), 4) if sides else None,
     }
-

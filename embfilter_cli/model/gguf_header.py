@@ -127,7 +127,9 @@ def _walk(buf: mmap.mmap, wanted: frozenset[str], tensors: bool) -> GGUFHeader:
         pos += 4 + 8 * n_dims
         ggml_type, offset = struct.unpack_from("<IQ", buf, pos)
         pos += 12
-        infos.append((raw_name.decode("utf-8", errors="replace"), tuple(int(d) for d in reversed(dims)), ggml_type, offset))
+        infos.append(
+            (raw_name.decode("utf-8", errors="replace"), tuple(int(d) for d in reversed(dims)), ggml_type, offset)
+        )
     data_start = pos + (-pos % alignment)
     for name, shape, ggml_type, offset in infos:
         header.tensors[name] = GGUFTensorInfo(name, shape, ggml_type, data_start + offset)

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from embfilter_cli.band import Band
 from embfilter_cli.errors import BandError
+from embfilter_cli.filters.band import Band
 
 DEFAULT_FACTOR = 1.5
 MIN_VALUES = 8
@@ -76,9 +76,13 @@ def auto_band(singular_values: np.ndarray, factor: float = DEFAULT_FACTOR) -> Au
     if factor <= 1:
         raise BandError(f"the auto-band factor must be > 1, got {factor}")
     if d < MIN_VALUES:
-        raise BandError(f"--band auto needs at least {MIN_VALUES} singular values to find a bulk, got {d}; name the band instead")
+        raise BandError(
+            f"--band auto needs at least {MIN_VALUES} singular values to find a bulk, got {d}; name the band instead"
+        )
     if not np.all(np.isfinite(s)) or np.any(s < 0) or np.any(np.diff(s) > 1e-9 * max(float(s[0]), 1.0)):
-        raise BandError("--band auto needs finite, non-negative, descending singular values (a complete exact spectrum)")
+        raise BandError(
+            "--band auto needs finite, non-negative, descending singular values (a complete exact spectrum)"
+        )
     floor = max(float(s[0]), np.finfo(np.float64).tiny) * 1e-12  # log(0) would be -inf; zeros become deep outliers
     logs = np.log(np.maximum(s, floor))
     lo, hi = d // 4, max(d // 4 + 2, (3 * d) // 4)

@@ -36,10 +36,10 @@ from typing import Any
 import numpy as np
 
 from embfilter_cli import __version__
-from embfilter_cli.artifact import FilterArtifact, array_sha256, load_artifact, save_artifact
 from embfilter_cli.errors import ExportError, OutputExistsError
+from embfilter_cli.export.onnx_export import CheckReport, ExportResult, max_relative_error
 from embfilter_cli.files import atomic_path, check_writable
-from embfilter_cli.onnx_export import CheckReport, ExportResult, max_relative_error
+from embfilter_cli.filters.artifact import FilterArtifact, array_sha256, load_artifact, save_artifact
 
 ST_IDENTITY = "torch.nn.modules.linear.Identity"
 ST_WEIGHT_KEY = "linear.weight"
@@ -76,8 +76,12 @@ def _matrix_check(artifact: FilterArtifact, written: np.ndarray, bound: float) -
     got = x.astype(np.float64) @ written.astype(np.float64).T
     err = max_relative_error(got, _reference(artifact, x))
     if not err <= bound:
-        raise ExportError(f"the written matrix differs from the filter (max relative error {err:.3g} > {bound:g}); nothing was written")
-    return CheckReport(max_rel_error=err, bound=bound, vectors=CHECK_ROWS, detail={"compared": "stored matrix vs filter"})
+        raise ExportError(
+            f"the written matrix differs from the filter (max relative error {err:.3g} > {bound:g}); nothing was written"
+        )
+    return CheckReport(
+        max_rel_error=err, bound=bound, vectors=CHECK_ROWS, detail={"compared": "stored matrix vs filter"}
+    )
 
 
 def _provenance(artifact: FilterArtifact) -> dict[str, str]:
@@ -92,7 +96,12 @@ def _provenance(artifact: FilterArtifact) -> dict[str, str]:
 
 
 def export_npy(
-    artifact: FilterArtifact, out: str | os.PathLike[str], *, fp16: bool = False, check: bool = True, force: bool = False,
+    artifact: FilterArtifact,
+    out: str | os.PathLike[str],
+    *,
+    fp16: bool = False,
+    check: bool = True,
+    force: bool = False,
 ) -> ExportResult:
     """Write P (k, d) as a .npy file; apply it as `x @ P.T`."""
     out = check_writable(out, force)
@@ -104,10 +113,20 @@ def export_npy(
         if check:
             back = np.load(tmp, allow_pickle=False)
             if back.dtype != matrix.dtype or not np.array_equal(back, matrix):
-                raise ExportError(f"re-reading {out} gave a different matrix ({back.dtype} {back.shape}); nothing was written")
+                raise ExportError(
+                    f"re-reading {out} gave a different matrix ({back.dtype} {back.shape}); nothing was written"
+                )
             report = _matrix_check(artifact, back, REL_BOUND_FP16 if fp16 else REL_BOUND_FP32)
-    return ExportResult(path=out, kind="npy", input_dim=artifact.hidden_size, output_dim=artifact.output_dim,
-                        dtype=str(matrix.dtype), normalize=False, check=report, extra={"apply": "x @ P.T"})
+    return ExportResult(
+        path=out,
+        kind="npy",
+        input_dim=artifact.hidden_size,
+        output_dim=artifact.output_dim,
+        dtype=str(matrix.dtype),
+        normalize=False,
+        check=report,
+        extra={"apply": "x @ P.T"},
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,14 +134,21 @@ def export_npy(
 
 
 def export_safetensors(
-    artifact: FilterArtifact, out: str | os.PathLike[str], *, fp16: bool = False, check: bool = True, force: bool = False,
+    artifact: FilterArtifact,
+    out: str | os.PathLike[str],
+    *,
+    fp16: bool = False,
+    check: bool = True,
+    force: bool = False,
 ) -> ExportResult:
     """float32: a copy of the artifact (still an artifact). float16: a deployment file (see module docstring)."""
     out = check_writable(out, force)
     if not fp16:
         copy = FilterArtifact(
-            projection=artifact.projection, singular_values=artifact.singular_values,
-            kept_indices=artifact.kept_indices, removed_directions=artifact.removed_directions,
+            projection=artifact.projection,
+            singular_values=artifact.singular_values,
+            kept_indices=artifact.kept_indices,
+            removed_directions=artifact.removed_directions,
             metadata=dict(artifact.metadata),
         )
         save_artifact(copy, out, force=force)
@@ -138,8 +164,16 @@ def export_safetensors(
                 with contextlib.suppress(FileNotFoundError):
                     out.unlink()
                 raise
-        return ExportResult(path=out, kind="safetensors", input_dim=artifact.hidden_size, output_dim=artifact.output_dim,
-                            dtype="float32", normalize=False, check=report, extra={"artifact": True})
+        return ExportResult(
+            path=out,
+            kind="safetensors",
+            input_dim=artifact.hidden_size,
+            output_dim=artifact.output_dim,
+            dtype="float32",
+            normalize=False,
+            check=report,
+            extra={"artifact": True},
+        )
 
     from safetensors.numpy import load_file, save_file
 
@@ -159,9 +193,16 @@ def export_safetensors(
             if back.dtype != np.float16 or not np.array_equal(back, matrix):
                 raise ExportError(f"re-reading {out} gave a different matrix; nothing was written")
             report = _matrix_check(artifact, back, REL_BOUND_FP16)
-    return ExportResult(path=out, kind="safetensors", input_dim=artifact.hidden_size, output_dim=artifact.output_dim,
-                        dtype="float16", normalize=False, check=report,
-                        extra={"artifact": False, "tensor": "projection", "apply": "x @ projection.T"})
+    return ExportResult(
+        path=out,
+        kind="safetensors",
+        input_dim=artifact.hidden_size,
+        output_dim=artifact.output_dim,
+        dtype="float16",
+        normalize=False,
+        check=report,
+        extra={"artifact": False, "tensor": "projection", "apply": "x @ projection.T"},
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,9 +221,13 @@ def st_config(artifact: FilterArtifact) -> dict[str, Any]:
 
 def _check_st_dir(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out} is a file; --format sentence-transformers writes a folder, give a folder path with -o")
+        raise OutputExistsError(
+            f"{out} is a file; --format sentence-transformers writes a folder, give a folder path with -o"
+        )
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise OutputExistsError(f"{out} already exists and is not empty; pass --force to overwrite its files or choose another -o folder")
+        raise OutputExistsError(
+            f"{out} already exists and is not empty; pass --force to overwrite its files or choose another -o folder"
+        )
 
 
 @contextlib.contextmanager
@@ -208,7 +253,11 @@ def _load_dense(folder: Path) -> Any | None:
 
 
 def export_sentence_transformers(
-    artifact: FilterArtifact, out: str | os.PathLike[str], *, check: bool = True, force: bool = False,
+    artifact: FilterArtifact,
+    out: str | os.PathLike[str],
+    *,
+    check: bool = True,
+    force: bool = False,
 ) -> ExportResult:
     """Write a sentence-transformers `Dense` module folder equivalent to `artifact.apply`."""
     from safetensors.numpy import save_file
@@ -221,7 +270,9 @@ def export_sentence_transformers(
     loader = None
     with _temp_dir_beside(out) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
-        save_file({ST_WEIGHT_KEY: weight}, str(tmp / "model.safetensors"), metadata={"format": "pt", **_provenance(artifact)})
+        save_file(
+            {ST_WEIGHT_KEY: weight}, str(tmp / "model.safetensors"), metadata={"format": "pt", **_provenance(artifact)}
+        )
         for made in (tmp, tmp / "model.safetensors"):
             _normal_mode(made)
         if check:
@@ -232,19 +283,28 @@ def export_sentence_transformers(
         else:
             os.replace(tmp, out)  # the whole folder appears at once
     return ExportResult(
-        path=out, kind="sentence-transformers", input_dim=artifact.hidden_size, output_dim=artifact.output_dim,
-        dtype="float32", normalize=False, check=report,
+        path=out,
+        kind="sentence-transformers",
+        input_dim=artifact.hidden_size,
+        output_dim=artifact.output_dim,
+        dtype="float32",
+        normalize=False,
+        check=report,
         extra={"module": "sentence_transformers.models.Dense", "loader": loader},
     )
 
 
-def _check_st(folder: Path, artifact: FilterArtifact, weight: np.ndarray, config: dict[str, Any]) -> tuple[CheckReport, str]:
+def _check_st(
+    folder: Path, artifact: FilterArtifact, weight: np.ndarray, config: dict[str, Any]
+) -> tuple[CheckReport, str]:
     from safetensors.numpy import load_file
 
     try:
         dense = _load_dense(folder)
     except Exception as exc:  # the library's loader rejected the folder
-        raise ExportError(f"sentence-transformers could not load the Dense folder ({type(exc).__name__}: {exc}); nothing was written") from exc
+        raise ExportError(
+            f"sentence-transformers could not load the Dense folder ({type(exc).__name__}: {exc}); nothing was written"
+        ) from exc
     x = _check_inputs(artifact.hidden_size)
     ref = _reference(artifact, x)
     if dense is None:
@@ -270,8 +330,14 @@ def _check_st(folder: Path, artifact: FilterArtifact, weight: np.ndarray, config
     import sentence_transformers
 
     return (
-        CheckReport(max_rel_error=err, bound=REL_BOUND_FP32, vectors=CHECK_ROWS,
-                    detail={"compared": "sentence-transformers Dense.load output vs filter",
-                            "vs_apply_max_rel_error": vs_apply}),
+        CheckReport(
+            max_rel_error=err,
+            bound=REL_BOUND_FP32,
+            vectors=CHECK_ROWS,
+            detail={
+                "compared": "sentence-transformers Dense.load output vs filter",
+                "vs_apply_max_rel_error": vs_apply,
+            },
+        ),
         f"sentence-transformers {sentence_transformers.__version__}",
     )

@@ -42,13 +42,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from embfilter_cli.errors import ArtifactError, InputDataError, ModelNotFoundError
-from embfilter_cli.locate import ModelLocation, resolve_model
+from embfilter_cli.model.locate import resolve_model
+from embfilter_cli.model.location import ModelLocation
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
 
-    from embfilter_cli.artifact import FilterArtifact
+    from embfilter_cli.filters.artifact import FilterArtifact
 
 TEXT_SLOT = "{text}"
 RECIPES: dict[str, str] = {
@@ -166,8 +167,14 @@ class Encoder:
         last_truncated: how many texts the latest `embed` call had to shorten.
     """
 
-    def __init__(self, location: ModelLocation, tokenizer: PreTrainedTokenizerBase, model: Any,
-                 device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        location: ModelLocation,
+        tokenizer: PreTrainedTokenizerBase,
+        model: Any,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
         self.location = location
         self.tokenizer = tokenizer
         self.model = model
@@ -198,8 +205,9 @@ class Encoder:
             return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
         return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"]), None
 
-    def _token_span(self, prompt: str, ids: list[int], offsets: list[tuple[int, int]] | None,
-                    chars: tuple[int, int]) -> tuple[int, int]:
+    def _token_span(
+        self, prompt: str, ids: list[int], offsets: list[tuple[int, int]] | None, chars: tuple[int, int]
+    ) -> tuple[int, int]:
         """Token positions whose characters overlap `chars` (the last copy of the text)."""
         c0, c1 = chars
         if offsets is not None:
@@ -265,8 +273,15 @@ class Encoder:
 
     # ----------------------------------------------------------------- the forward pass
 
-    def embed(self, texts: list[str], pooling: str = "mean", recipe: str = "none", batch_size: int = 16,
-              max_length: int = 512, progress: bool | ProgressFn = False) -> np.ndarray:
+    def embed(
+        self,
+        texts: list[str],
+        pooling: str = "mean",
+        recipe: str = "none",
+        batch_size: int = 16,
+        max_length: int = 512,
+        progress: bool | ProgressFn = False,
+    ) -> np.ndarray:
         """Embed `texts` into raw pooled vectors.
 
         Args:
@@ -317,7 +332,9 @@ class Encoder:
         return out
 
 
-def pad_batch(batch: Sequence[Prepared], pad_id: int, left: bool) -> tuple[list[list[int]], np.ndarray, list[tuple[int, int]]]:
+def pad_batch(
+    batch: Sequence[Prepared], pad_id: int, left: bool
+) -> tuple[list[list[int]], np.ndarray, list[tuple[int, int]]]:
     """Pad token lists to a common length; returns (ids, mask (b, t), spans shifted by the padding)."""
     width = max(len(p.ids) for p in batch)
     ids: list[list[int]] = []
@@ -404,17 +421,20 @@ def _quiet_transformers() -> Iterator[None]:
             gguf_utils.tqdm = original_tqdm
 
 
-def load_encoder(spec: str | None, device: str = "auto", dtype: str = "float32", revision: str | None = None) -> Encoder:
+def load_encoder(
+    spec: str | None, device: str = "auto", dtype: str = "float32", revision: str | None = None
+) -> Encoder:
     """Resolve `spec` (alias, Hub id, folder, .gguf; None = built-in default) and load it."""
     return load_encoder_at(resolve_model(spec, revision=revision), device=device, dtype=dtype, revision=revision)
 
 
-def load_encoder_at(location: ModelLocation, device: str = "auto", dtype: str = "float32",
-                    revision: str | None = None) -> Encoder:
+def load_encoder_at(
+    location: ModelLocation, device: str = "auto", dtype: str = "float32", revision: str | None = None
+) -> Encoder:
     """Load the base model and tokenizer found at `location` (see module docstring)."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    from embfilter_cli.spectral import resolve_device
+    from embfilter_cli.filters.spectral import resolve_device
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
@@ -474,8 +494,10 @@ def model_fingerprint(location: ModelLocation) -> str:
         # A Hub commit hash names the exact files; the snapshot folder fills up as weights download.
         return digest.hexdigest()
     folder = location.path if location.path.is_dir() else location.path.parent
-    weights = [location.path] if location.path.is_file() else sorted(
-        f for f in folder.iterdir() if f.suffix in _WEIGHT_SUFFIXES
+    weights = (
+        [location.path]
+        if location.path.is_file()
+        else sorted(f for f in folder.iterdir() if f.suffix in _WEIGHT_SUFFIXES)
     )
     for file in weights:
         stat = file.stat()
@@ -487,8 +509,9 @@ def model_fingerprint(location: ModelLocation) -> str:
     return digest.hexdigest()
 
 
-def check_filter_matches(artifact: FilterArtifact, *, hidden_size: int, unembedding_sha256: str | None,
-                         model_source: str) -> None:
+def check_filter_matches(
+    artifact: FilterArtifact, *, hidden_size: int, unembedding_sha256: str | None, model_source: str
+) -> None:
     """Refuse a filter fitted on another model (different hidden size or W_U fingerprint).
 
     Args:
@@ -515,7 +538,7 @@ def check_filter_matches(artifact: FilterArtifact, *, hidden_size: int, unembedd
 def unembedding_fingerprint(location: ModelLocation, tensor_name: str | None = None) -> tuple[str, int]:
     """(W_U SHA-256 as an artifact records it, hidden size), read from the checkpoint (no model load)."""
     from embfilter_cli.errors import UnembeddingNotFoundError
-    from embfilter_cli.unembedding import read_unembedding
+    from embfilter_cli.model.unembedding import read_unembedding
 
     try:
         unemb = read_unembedding(location, tensor_name=tensor_name)
@@ -529,10 +552,10 @@ def unembedding_fingerprint(location: ModelLocation, tensor_name: str | None = N
 
 
 __all__ = [
-    "Encoder",
     "POOLINGS",
-    "Prepared",
     "RECIPES",
+    "Encoder",
+    "Prepared",
     "Recipe",
     "check_filter_matches",
     "check_pooling",

@@ -192,10 +192,17 @@ def exact_spectrum(
         singular_values=sigma,
         vectors=canonical_signs(evecs),
         solver="exact",
-        params={"method": f"gram-{precision}+eigh-float64", "precision": precision, "chunk_rows": chunk_rows,
-                "device": str(device)},
-        certificate={"max_backward_error": float(residual.max() / lam_max), "columns_checked": int(len(cols)),
-                     "passed": True},
+        params={
+            "method": f"gram-{precision}+eigh-float64",
+            "precision": precision,
+            "chunk_rows": chunk_rows,
+            "device": str(device),
+        },
+        certificate={
+            "max_backward_error": float(residual.max() / lam_max),
+            "columns_checked": len(cols),
+            "passed": True,
+        },
         frobenius_sq=fro_sq,
         seconds=time.perf_counter() - start,
     )

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Literal
 from embfilter_cli.errors import MissingDependencyError, ModelNotFoundError
 
 if TYPE_CHECKING:
-    from embfilter_cli.locate import ModelLocation
+    from embfilter_cli.model.location import ModelLocation
 
 Scheme = Literal["byte_level", "sentencepiece", "plain"]
 
@@ -46,7 +46,9 @@ WORDFREQ_INSTALL = "pip install 'embfilter[eval]'  (or: pip install wordfreq)"
 @lru_cache(maxsize=1)
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table used by byte-level BPE."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = printable[:]
     extra = 0
     for byte in range(256):
@@ -240,7 +242,7 @@ def read_gguf_tokenizer_fields(path: Path) -> dict[str, object] | None:
     faster than `gguf.GGUFReader`). Returns None for layouts it does not read (big-endian or v1
     files, unknown value types), and the caller falls back to GGUFReader.
     """
-    from embfilter_cli.gguf_header import UnsupportedGGUF, read_header
+    from embfilter_cli.model.gguf_header import UnsupportedGGUF, read_header
 
     try:
         header = read_header(path, wanted=_GGUF_WANTED, tensors=False)
@@ -262,7 +264,9 @@ def _from_gguf(path: Path) -> Vocabulary:
         fields = _gguf_fields_via_reader(path)
     tokens = fields.get("tokenizer.ggml.tokens")
     if tokens is None:
-        raise ModelNotFoundError(f"{path} has no tokenizer.ggml.tokens array; use a GGUF file that embeds its tokenizer")
+        raise ModelNotFoundError(
+            f"{path} has no tokenizer.ggml.tokens array; use a GGUF file that embeds its tokenizer"
+        )
     pieces: list[str | None] = list(tokens)  # type: ignore[arg-type]
     model = str(fields.get("tokenizer.ggml.model") or "")
     scheme: Scheme = {"gpt2": "byte_level", "llama": "sentencepiece", "t5": "sentencepiece"}.get(model, "plain")
@@ -281,7 +285,9 @@ def _gguf_fields_via_reader(path: Path) -> dict[str, object]:
     try:
         reader = GGUFReader(str(path))
     except Exception as exc:
-        raise ModelNotFoundError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}); re-download it") from exc
+        raise ModelNotFoundError(
+            f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}); re-download it"
+        ) from exc
     out: dict[str, object] = {}
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     if tokens is not None:

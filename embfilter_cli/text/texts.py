@@ -65,7 +65,9 @@ def read_texts(source: str | Path, fmt: str = "auto", stdin: TextIO | None = Non
             raw = path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as exc:
             line = path.read_bytes()[: exc.start].count(b"\n") + 1
-            raise InputDataError(f"{path} line {line} is not valid UTF-8 (byte {exc.start}); convert the file to UTF-8") from exc
+            raise InputDataError(
+                f"{path} line {line} is not valid UTF-8 (byte {exc.start}); convert the file to UTF-8"
+            ) from exc
         where = str(path)
     raw = raw.lstrip("\ufeff")
     lines = raw.split("\n")
@@ -110,16 +112,21 @@ def _parse_jsonl(lines: list[str], where: str) -> TextInput:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise InputDataError(f"{where} line {number} is not valid JSON ({exc.msg} at column {exc.colno}); "
-                                 "JSONL input needs one object per line") from exc
+            raise InputDataError(
+                f"{where} line {number} is not valid JSON ({exc.msg} at column {exc.colno}); "
+                "JSONL input needs one object per line"
+            ) from exc
         if not isinstance(record, dict):
-            raise InputDataError(f"{where} line {number} is a JSON {type(record).__name__}, not an object with a "
-                                 f"{TEXT_FIELD!r} field")
+            raise InputDataError(
+                f"{where} line {number} is a JSON {type(record).__name__}, not an object with a {TEXT_FIELD!r} field"
+            )
         text = record.get(TEXT_FIELD)
         if not isinstance(text, str):
             found = "no" if TEXT_FIELD not in record else f"a {type(text).__name__}"
-            raise InputDataError(f"{where} line {number} has {found} {TEXT_FIELD!r} field; every record needs "
-                                 f"a string {TEXT_FIELD!r} (fields seen: {', '.join(sorted(record)) or 'none'})")
+            raise InputDataError(
+                f"{where} line {number} has {found} {TEXT_FIELD!r} field; every record needs "
+                f"a string {TEXT_FIELD!r} (fields seen: {', '.join(sorted(record)) or 'none'})"
+            )
         if not text.strip():
             skipped.append(number)
             continue

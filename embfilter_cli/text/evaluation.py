@@ -44,10 +44,10 @@ import numpy as np
 from embfilter_cli.errors import BandError, InputDataError, MissingDependencyError
 
 if TYPE_CHECKING:
-    from embfilter_cli.artifact import FilterArtifact
-    from embfilter_cli.band import Band
-    from embfilter_cli.locate import ModelLocation
-    from embfilter_cli.spectral import Spectrum
+    from embfilter_cli.filters.artifact import FilterArtifact
+    from embfilter_cli.filters.band import Band
+    from embfilter_cli.filters.spectral import Spectrum
+    from embfilter_cli.model.location import ModelLocation
 
 CACHE_VERSION = "1"
 LEE_FILES = ("gensim/test/test_data/lee.cor", "gensim/test/test_data/similarities0-1.txt")
@@ -76,7 +76,7 @@ class PairData:
         return digest.hexdigest()
 
     def summary(self) -> dict[str, Any]:
-        return {"name": self.name, "texts": len(self.texts), "pairs": int(len(self.pairs)), "sha256": self.sha256}
+        return {"name": self.name, "texts": len(self.texts), "pairs": len(self.pairs), "sha256": self.sha256}
 
 
 def load_dataset(spec: str) -> PairData:
@@ -85,7 +85,9 @@ def load_dataset(spec: str) -> PairData:
         return load_lee()
     path = Path(spec)
     if not path.exists():
-        raise InputDataError(f"--data {spec!r} is neither 'lee' nor an existing TSV file of text1<TAB>text2<TAB>score rows")
+        raise InputDataError(
+            f"--data {spec!r} is neither 'lee' nor an existing TSV file of text1<TAB>text2<TAB>score rows"
+        )
     return load_tsv(path)
 
 
@@ -105,7 +107,7 @@ def _gensim_file(relative: str) -> Path:
                 f"--data lee reads the Lee corpus shipped with gensim, which is not installed; run `{GENSIM_INSTALL}` "
                 "(or pip install 'embfilter[eval]')"
             ) from None
-        path = Path(list(spec.submodule_search_locations)[0]).parent / relative
+        path = Path(next(iter(spec.submodule_search_locations))).parent / relative
     if not path.is_file():
         raise MissingDependencyError(
             f"gensim is installed but {relative} is missing from it; reinstall with `{GENSIM_INSTALL} --force-reinstall`"
@@ -317,11 +319,13 @@ class BandScorer:
 
     def score(self, band: Band) -> tuple[float, float]:
         if band.stop > self.coords.shape[1]:
-            raise BandError(f"band {band.label()} needs {band.stop} directions; the spectrum has {self.coords.shape[1]}")
+            raise BandError(
+                f"band {band.label()} needs {band.stop} directions; the spectrum has {self.coords.shape[1]}"
+            )
         return score_vectors(self.coords[:, band.start : band.stop], self.data)
 
     def grid(self, tops: Sequence[int], bottoms: Sequence[int]) -> SweepGrid:
-        from embfilter_cli.band import Band
+        from embfilter_cli.filters.band import Band
 
         d = self.spectrum.hidden_size
         sp = np.full((len(tops), len(bottoms)), np.nan)
@@ -349,35 +353,59 @@ def evaluate_all(
     Bands need `spectrum` (complete); filters are applied with `FilterArtifact.apply`. The best
     result by Spearman (raw included) is marked `best`.
     """
-    from embfilter_cli.band import band_from_ratio, band_from_rank
+    from embfilter_cli.filters.band import band_from_rank, band_from_ratio
 
     d = raw.shape[1]
     results = [EvalResult("raw", "raw", d, *score_vectors(raw, data))]
     for art in filters:
         vectors = art.apply(np.asarray(raw, dtype=np.float64))
-        results.append(EvalResult(Path(str(art.path)).name if art.path else "filter", "filter", art.output_dim,
-                                  *score_vectors(vectors, data), band=art.band, path=str(art.path) if art.path else None))
+        results.append(
+            EvalResult(
+                Path(str(art.path)).name if art.path else "filter",
+                "filter",
+                art.output_dim,
+                *score_vectors(vectors, data),
+                band=art.band,
+                path=str(art.path) if art.path else None,
+            )
+        )
     grid = None
     if spectrum is not None:
         scorer = BandScorer(raw, spectrum, data)
         for ratio in ratios:
             band = band_from_ratio(d, ratio)
-            results.append(EvalResult(f"paper τ={ratio:g}", "ratio", band.keep, *scorer.score(band), band=band.as_dict()))
+            results.append(
+                EvalResult(f"paper τ={ratio:g}", "ratio", band.keep, *scorer.score(band), band=band.as_dict())
+            )
         if auto:
-            from embfilter_cli.band_auto import auto_band
+            from embfilter_cli.filters.band_auto import auto_band
 
             chosen = auto_band(spectrum.singular_values)
-            results.append(EvalResult(f"auto (top {chosen.band.top}, bottom {chosen.band.bottom})", "auto",
-                                      chosen.band.keep, *scorer.score(chosen.band), band=chosen.band.as_dict()))
+            results.append(
+                EvalResult(
+                    f"auto (top {chosen.band.top}, bottom {chosen.band.bottom})",
+                    "auto",
+                    chosen.band.keep,
+                    *scorer.score(chosen.band),
+                    band=chosen.band.as_dict(),
+                )
+            )
         if tops is not None and bottoms is not None:
             grid = scorer.grid(tops, bottoms)
             for i, top in enumerate(grid.top):
                 for j, bottom in enumerate(grid.bottom):
                     if math.isfinite(grid.spearman[i, j]):
                         band = band_from_rank(d, top, bottom)
-                        results.append(EvalResult(f"top {top}, bottom {bottom}", "sweep", band.keep,
-                                                  float(grid.spearman[i, j]), float(grid.pearson[i, j]),
-                                                  band=band.as_dict()))
+                        results.append(
+                            EvalResult(
+                                f"top {top}, bottom {bottom}",
+                                "sweep",
+                                band.keep,
+                                float(grid.spearman[i, j]),
+                                float(grid.pearson[i, j]),
+                                band=band.as_dict(),
+                            )
+                        )
     finite = [r for r in results if math.isfinite(r.spearman)]
     if finite:
         max(finite, key=lambda r: r.spearman).best = True
@@ -390,8 +418,9 @@ def best_band_result(results: Iterable[EvalResult]) -> EvalResult | None:
     return max(bands, key=lambda r: r.spearman) if bands else None
 
 
-def best_band_artifact(results: Iterable[EvalResult], spectrum: Any, facts: Any, location: Any, data: Any,
-                       pooling: str, recipe: str) -> tuple[Any, EvalResult]:
+def best_band_artifact(
+    results: Iterable[EvalResult], spectrum: Any, facts: Any, location: Any, data: Any, pooling: str, recipe: str
+) -> tuple[Any, EvalResult]:
     """A reduced filter artifact for the best band of `results`, recording how it was chosen.
 
     Args:
@@ -400,18 +429,32 @@ def best_band_artifact(results: Iterable[EvalResult], spectrum: Any, facts: Any,
         location: the resolved model.
         data: the dataset the bands were scored on.
     """
-    from embfilter_cli.band import Band
-    from embfilter_cli.fitting import build_artifact
+    from embfilter_cli.filters.band import Band
+    from embfilter_cli.filters.fitting import build_artifact
 
     best = best_band_result(results)
     assert best is not None and best.band is not None  # the caller evaluated at least one band
     band = Band(best.band["hidden_size"], best.band["start"], best.band["keep"])
-    selected = {"data": data.name, "data_sha256": data.sha256, "pooling": pooling, "recipe": recipe,
-                "spearman": best.spearman, "pearson": best.pearson, "candidate": best.name}
+    selected = {
+        "data": data.name,
+        "data_sha256": data.sha256,
+        "pooling": pooling,
+        "recipe": recipe,
+        "spearman": best.spearman,
+        "pearson": best.pearson,
+        "candidate": best.name,
+    }
     artifact = build_artifact(
-        spectrum, band, reduce=True, model_source=location.source, model_revision=location.revision,
-        tensor_name=facts.tensor_name, unembedding_sha256=facts.sha256, vocab_size=facts.vocab_size,
-        stored_rows=facts.stored_rows, extra={"selected_by_eval": json.dumps(selected)},
+        spectrum,
+        band,
+        reduce=True,
+        model_source=location.source,
+        model_revision=location.revision,
+        tensor_name=facts.tensor_name,
+        unembedding_sha256=facts.sha256,
+        vocab_size=facts.vocab_size,
+        stored_rows=facts.stored_rows,
+        extra={"selected_by_eval": json.dumps(selected)},
     )
     return artifact, best
 
@@ -470,7 +513,7 @@ class Cache:
         path = self._path("spectra", key, ".npz")
         if not path.is_file():
             return None
-        from embfilter_cli.spectral import Spectrum
+        from embfilter_cli.filters.spectral import Spectrum
 
         try:
             with np.load(path, allow_pickle=False) as npz:
@@ -501,8 +544,12 @@ class Cache:
             "head": head,
         }
         with atomic_path(self._path("spectra", key, ".npz"), force=True) as tmp, tmp.open("wb") as handle:
-            np.savez(handle, singular_values=spectrum.singular_values, vectors=spectrum.vectors,
-                     meta=np.array(json.dumps(meta, default=_json_safe)))
+            np.savez(
+                handle,
+                singular_values=spectrum.singular_values,
+                vectors=spectrum.vectors,
+                meta=np.array(json.dumps(meta, default=_json_safe)),
+            )
 
     def load_json(self, kind: str, key: str) -> dict[str, Any] | None:
         if not self.enabled:
@@ -544,18 +591,24 @@ class HeadFacts:
     hidden_size: int
 
     def as_dict(self) -> dict[str, Any]:
-        return {"sha256": self.sha256, "tensor_name": self.tensor_name, "vocab_size": self.vocab_size,
-                "stored_rows": self.stored_rows, "hidden_size": self.hidden_size}
+        return {
+            "sha256": self.sha256,
+            "tensor_name": self.tensor_name,
+            "vocab_size": self.vocab_size,
+            "stored_rows": self.stored_rows,
+            "hidden_size": self.hidden_size,
+        }
 
 
-def head_spectrum(location: ModelLocation, cache: Cache, device: str = "auto",
-                  need_spectrum: bool = True) -> tuple[HeadFacts, Spectrum | None, bool]:
+def head_spectrum(
+    location: ModelLocation, cache: Cache, device: str = "auto", need_spectrum: bool = True
+) -> tuple[HeadFacts, Spectrum | None, bool]:
     """W_U's fingerprint and (optionally) its exact spectrum, from the cache when possible.
 
     Uses the same defaults as `embfilter fit` (default tensor choice, padding rows dropped), so a
     band saved from here equals `fit`'s filter for that band. Returns (facts, spectrum, from_cache).
     """
-    from embfilter_cli.embedding import model_fingerprint
+    from embfilter_cli.text.embedding import model_fingerprint
 
     key = cache_key(model=model_fingerprint(location), what="head")
     if need_spectrum:
@@ -568,14 +621,14 @@ def head_spectrum(location: ModelLocation, cache: Cache, device: str = "auto",
         if head is not None:
             with contextlib.suppress(TypeError):
                 return HeadFacts(**head), None, True
-    from embfilter_cli.unembedding import read_unembedding
+    from embfilter_cli.model.unembedding import read_unembedding
 
     unemb = read_unembedding(location)
     facts = HeadFacts(unemb.sha256, unemb.tensor_name, unemb.vocab_size, unemb.stored_rows, unemb.hidden_size)
     cache.save_json("heads", key, facts.as_dict())
     if not need_spectrum:
         return facts, None, False
-    from embfilter_cli.spectral import exact_spectrum, resolve_device
+    from embfilter_cli.filters.spectral import exact_spectrum, resolve_device
 
     spectrum = exact_spectrum(unemb.matrix, device=resolve_device(device))
     cache.save_spectrum(key, spectrum, facts.as_dict())

@@ -223,5 +223,7 @@ def newest_artifact(directory: str | os.PathLike[str] = DEFAULT_ARTIFACT_DIR) ->
     folder = Path(directory)
     candidates = sorted(folder.glob("*.safetensors"), key=lambda f: f.stat().st_mtime) if folder.is_dir() else []
     if not candidates:
-        raise ArtifactError(f"no filter given and none found in {folder}/; run `embfilter fit` first or pass a FILTER path")
+        raise ArtifactError(
+            f"no filter given and none found in {folder}/; run `embfilter fit` first or pass a FILTER path"
+        )
     return candidates[-1]

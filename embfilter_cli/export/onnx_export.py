@@ -45,7 +45,7 @@ from embfilter_cli.files import atomic_path, check_writable
 if TYPE_CHECKING:  # onnx is imported inside functions so that importing this module stays cheap
     import onnx
 
-    from embfilter_cli.artifact import FilterArtifact
+    from embfilter_cli.filters.artifact import FilterArtifact
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 8  # Max with broadcasting (the zero-norm guard) arrives in opset 8
@@ -66,8 +66,19 @@ CHECK_BATCH = 4  # rows of the generated check inputs (one of them all zeros)
 CHECK_SEQ = 5
 
 METADATA_KEYS = (
-    "format", "format_version", "model_source", "model_revision", "tensor_name", "unembedding_sha256",
-    "vocab_size", "hidden_size", "band", "projection_kind", "projection_sha256", "solver", "tool_version",
+    "format",
+    "format_version",
+    "model_source",
+    "model_revision",
+    "tensor_name",
+    "unembedding_sha256",
+    "vocab_size",
+    "hidden_size",
+    "band",
+    "projection_kind",
+    "projection_sha256",
+    "solver",
+    "tool_version",
 )
 
 
@@ -242,7 +253,15 @@ class _Names:
 
 
 def _filter_nodes(
-    x: str, y: str, pt_name: str, *, io_type: int, mat_type: int, normalize: bool, opset: int, names: _Names,
+    x: str,
+    y: str,
+    pt_name: str,
+    *,
+    io_type: int,
+    mat_type: int,
+    normalize: bool,
+    opset: int,
+    names: _Names,
 ) -> list[onnx.NodeProto]:
     """Nodes computing y = x·Pᵀ (optionally L2-normalised) with the right casts.
 
@@ -282,15 +301,21 @@ def _filter_nodes(
             norm = names("l2norm")
             if opset >= 18:
                 axes = names("axes")
-                nodes.append(h.make_node("Constant", [], [axes], name=names("Constant"),
-                                         value=h.make_tensor(axes, tp.INT64, [1], [-1])))
+                nodes.append(
+                    h.make_node(
+                        "Constant", [], [axes], name=names("Constant"), value=h.make_tensor(axes, tp.INT64, [1], [-1])
+                    )
+                )
                 nodes.append(h.make_node("ReduceL2", [cur, axes], [norm], name=names("ReduceL2"), keepdims=1))
             else:
                 nodes.append(h.make_node("ReduceL2", [cur], [norm], name=names("ReduceL2"), axes=[-1], keepdims=1))
             eps = names("eps")
             eps_np = np.array([NORM_EPS], dtype=_np_dtype(norm_type))
-            nodes.append(h.make_node("Constant", [], [eps], name=names("Constant"),
-                                     value=onnx.numpy_helper.from_array(eps_np, eps)))
+            nodes.append(
+                h.make_node(
+                    "Constant", [], [eps], name=names("Constant"), value=onnx.numpy_helper.from_array(eps_np, eps)
+                )
+            )
             safe = names("l2norm_safe")
             nodes.append(h.make_node("Max", [norm, eps], [safe], name=names("Max")))
             out = y if last else names("normalized")
@@ -311,7 +336,11 @@ def _projection_tensor(artifact: FilterArtifact, name: str, elem_type: int) -> o
 
 
 def build_standalone(
-    artifact: FilterArtifact, *, normalize: bool = False, opset: int = DEFAULT_OPSET, fp16: bool = False,
+    artifact: FilterArtifact,
+    *,
+    normalize: bool = False,
+    opset: int = DEFAULT_OPSET,
+    fp16: bool = False,
     per_token: bool = False,
 ) -> onnx.ModelProto:
     """A model `embeddings [batch, d] -> filtered_embeddings [batch, k]` (or `[batch, seq, ·]`).
@@ -324,14 +353,24 @@ def build_standalone(
     tp = onnx.TensorProto
     latest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= latest:
-        raise ExportError(f"--opset {opset} is outside what this exporter supports ({MIN_OPSET}..{latest}); use e.g. {DEFAULT_OPSET}")
+        raise ExportError(
+            f"--opset {opset} is outside what this exporter supports ({MIN_OPSET}..{latest}); use e.g. {DEFAULT_OPSET}"
+        )
     io_type = tp.FLOAT16 if fp16 else tp.FLOAT
     d, k = artifact.hidden_size, artifact.output_dim
     lead = ["batch", "seq"] if per_token else ["batch"]
     names = _Names({STANDALONE_INPUT, STANDALONE_OUTPUT}, prefix="")
     pt_name = names("projection_t")
-    nodes = _filter_nodes(STANDALONE_INPUT, STANDALONE_OUTPUT, pt_name, io_type=io_type, mat_type=io_type,
-                          normalize=normalize, opset=opset, names=names)
+    nodes = _filter_nodes(
+        STANDALONE_INPUT,
+        STANDALONE_OUTPUT,
+        pt_name,
+        io_type=io_type,
+        mat_type=io_type,
+        normalize=normalize,
+        opset=opset,
+        names=names,
+    )
     opset_ids = [h.make_opsetid("", opset)]
     # The oldest IR version that carries this opset, so that older runtimes can load the file.
     ir_version = h.find_min_ir_version_for(opset_ids)
@@ -339,23 +378,40 @@ def build_standalone(
     if ir_version < 4:  # before IR 4 every initializer must also be a graph input
         inputs.append(h.make_tensor_value_info(pt_name, io_type, [d, k]))
     graph = h.make_graph(
-        nodes, "embfilter",
+        nodes,
+        "embfilter",
         inputs,
         [h.make_tensor_value_info(STANDALONE_OUTPUT, io_type, [*lead, k])],
         [_projection_tensor(artifact, pt_name, io_type)],
         doc_string=f"EmbedFilter: {STANDALONE_OUTPUT} = {'normalize(' if normalize else ''}{STANDALONE_INPUT} · Pᵀ"
-                   f"{')' if normalize else ''}, P {k}×{d} from {artifact.model_source or 'a fitted filter'}",
+        f"{')' if normalize else ''}, P {k}×{d} from {artifact.model_source or 'a fitted filter'}",
     )
-    model = h.make_model(graph, opset_imports=opset_ids, producer_name="embfilter", producer_version=__version__,
-                         ir_version=ir_version)
-    _set_metadata(model, filter_metadata(artifact, normalize=normalize, dtype="float16" if fp16 else "float32",
-                                         input=STANDALONE_INPUT, output=STANDALONE_OUTPUT))
+    model = h.make_model(
+        graph, opset_imports=opset_ids, producer_name="embfilter", producer_version=__version__, ir_version=ir_version
+    )
+    _set_metadata(
+        model,
+        filter_metadata(
+            artifact,
+            normalize=normalize,
+            dtype="float16" if fp16 else "float32",
+            input=STANDALONE_INPUT,
+            output=STANDALONE_OUTPUT,
+        ),
+    )
     return model
 
 
 def export_standalone(
-    artifact: FilterArtifact, out: str | os.PathLike[str], *, normalize: bool = False, opset: int = DEFAULT_OPSET,
-    fp16: bool = False, per_token: bool = False, check: bool = True, force: bool = False,
+    artifact: FilterArtifact,
+    out: str | os.PathLike[str],
+    *,
+    normalize: bool = False,
+    opset: int = DEFAULT_OPSET,
+    fp16: bool = False,
+    per_token: bool = False,
+    check: bool = True,
+    force: bool = False,
     external_data: bool | None = None,
 ) -> ExportResult:
     """Build, write (atomically) and check a standalone filter graph."""
@@ -366,25 +422,39 @@ def export_standalone(
     if data_path is not None:
         check_writable(data_path, force)
     report: CheckReport | None = None
-    with _side_files() as side:
-        with atomic_path(out, force=force) as tmp:
-            if data_path is not None:
-                _externalize_initializer(model, model.graph.initializer[0].name, data_path, side)
-            _save(model, tmp)
-            if check:
-                _run_checker(tmp, full=True)
-                report = check_standalone(tmp, artifact, normalize=normalize, fp16=fp16, per_token=per_token)
+    with _side_files() as side, atomic_path(out, force=force) as tmp:
+        if data_path is not None:
+            _externalize_initializer(model, model.graph.initializer[0].name, data_path, side)
+        _save(model, tmp)
+        if check:
+            _run_checker(tmp, full=True)
+            report = check_standalone(tmp, artifact, normalize=normalize, fp16=fp16, per_token=per_token)
     return ExportResult(
-        path=out, kind="onnx", input_dim=artifact.hidden_size, output_dim=artifact.output_dim,
-        dtype="float16" if fp16 else "float32", normalize=normalize, opset=opset, check=report,
-        extra={"input": STANDALONE_INPUT, "output": STANDALONE_OUTPUT, "per_token": per_token,
-               "external_data": data_path.name if data_path else None},
+        path=out,
+        kind="onnx",
+        input_dim=artifact.hidden_size,
+        output_dim=artifact.output_dim,
+        dtype="float16" if fp16 else "float32",
+        normalize=normalize,
+        opset=opset,
+        check=report,
+        extra={
+            "input": STANDALONE_INPUT,
+            "output": STANDALONE_OUTPUT,
+            "per_token": per_token,
+            "external_data": data_path.name if data_path else None,
+        },
     )
 
 
 def check_standalone(
-    path: str | os.PathLike[str], artifact: FilterArtifact, *, normalize: bool, fp16: bool = False,
-    per_token: bool = False, seed: int = CHECK_SEED,
+    path: str | os.PathLike[str],
+    artifact: FilterArtifact,
+    *,
+    normalize: bool,
+    fp16: bool = False,
+    per_token: bool = False,
+    seed: int = CHECK_SEED,
 ) -> CheckReport:
     """Run the written graph in onnxruntime on seeded inputs and compare with float64 x·Pᵀ."""
     rng = np.random.default_rng(seed)
@@ -401,8 +471,9 @@ def check_standalone(
             f"the exported graph differs from the filter: max relative error {err:.3g} > {bound:g} on "
             f"{x.shape[:-1]} random inputs; nothing was written (report this as a bug)"
         )
-    return CheckReport(max_rel_error=err, bound=bound, vectors=int(np.prod(shape[:-1])),
-                       detail={"input_shape": list(shape)})
+    return CheckReport(
+        max_rel_error=err, bound=bound, vectors=int(np.prod(shape[:-1])), detail={"input_shape": list(shape)}
+    )
 
 
 def _reference(x: np.ndarray, artifact: FilterArtifact, normalize: bool) -> np.ndarray:
@@ -447,7 +518,9 @@ def load_host(path: str | os.PathLike[str]) -> onnx.ModelProto:
     try:
         model = onnx.load(str(p), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends
-        raise ExportError(f"{p} is not an ONNX model ({type(exc).__name__}: {_first_line(exc)}); give a .onnx file") from exc
+        raise ExportError(
+            f"{p} is not an ONNX model ({type(exc).__name__}: {_first_line(exc)}); give a .onnx file"
+        ) from exc
     # Arbitrary bytes sometimes parse as a protobuf with only unknown fields: insist on a real graph.
     if model.ir_version <= 0 or not model.graph.output or not model.graph.node:
         raise ExportError(f"{p} is not an ONNX model (no IR version, graph nodes or outputs found); give a .onnx file")
@@ -463,8 +536,11 @@ def _value_info_desc(vi: onnx.ValueInfoProto) -> str:
     tt = vi.type.tensor_type
     if not vi.type.HasField("tensor_type"):
         return f"{vi.name} (not a tensor)"
-    dims = [d.dim_param or (str(d.dim_value) if d.HasField("dim_value") else "?") for d in tt.shape.dim] \
-        if tt.HasField("shape") else None
+    dims = (
+        [d.dim_param or (str(d.dim_value) if d.HasField("dim_value") else "?") for d in tt.shape.dim]
+        if tt.HasField("shape")
+        else None
+    )
     shape = f"[{', '.join(dims)}]" if dims is not None else "[?]"
     return f"{vi.name} {shape} {_dtype_name(tt.elem_type) if tt.elem_type else '?'}"
 
@@ -503,10 +579,14 @@ def choose_output(model: onnx.ModelProto, requested: str | None) -> OutputChoice
     pooled = [o.name for o in outputs if _rank(o) == 2]
     if len(pooled) == 1:
         others = [n for n in names if n != pooled[0]]
-        return OutputChoice(pooled[0], "its only pooled (rank-2) output" + (f"; not {', '.join(others)}" if others else ""))
+        return OutputChoice(
+            pooled[0], "its only pooled (rank-2) output" + (f"; not {', '.join(others)}" if others else "")
+        )
     if len(outputs) == 1:
         rank = _rank(outputs[0])
-        return OutputChoice(names[0], "its only output" + (f" (rank {rank}, filtered per token)" if rank and rank > 2 else ""))
+        return OutputChoice(
+            names[0], "its only output" + (f" (rank {rank}, filtered per token)" if rank and rank > 2 else "")
+        )
     raise ExportError(
         f"cannot tell which host output to filter ({len(pooled)} pooled outputs, no {PREFERRED_OUTPUT!r}); "
         f"pass --output NAME, one of: {describe_outputs(model)}"
@@ -514,8 +594,13 @@ def choose_output(model: onnx.ModelProto, requested: str | None) -> OutputChoice
 
 
 def append_filter(
-    host: onnx.ModelProto, artifact: FilterArtifact, *, output: str | None = None, filtered_name: str | None = None,
-    normalize: bool = False, source: str = "the host",
+    host: onnx.ModelProto,
+    artifact: FilterArtifact,
+    *,
+    output: str | None = None,
+    filtered_name: str | None = None,
+    normalize: bool = False,
+    source: str = "the host",
 ) -> AppendInfo:
     """Edit `host` in place: the filter goes after the chosen output, whose result becomes output 0.
 
@@ -529,9 +614,13 @@ def append_filter(
     graph = host.graph
     opset = default_opset_version(host)
     if opset is None:
-        raise ExportError(f"{source} imports no ai.onnx opset, so the filter's MatMul cannot be added; re-export it with a standard opset")
+        raise ExportError(
+            f"{source} imports no ai.onnx opset, so the filter's MatMul cannot be added; re-export it with a standard opset"
+        )
     if opset < MIN_OPSET:
-        raise ExportError(f"{source} uses opset {opset}; the filter needs opset {MIN_OPSET} or newer (convert it with onnx.version_converter)")
+        raise ExportError(
+            f"{source} uses opset {opset}; the filter needs opset {MIN_OPSET} or newer (convert it with onnx.version_converter)"
+        )
     existing = {p.key: p.value for p in host.metadata_props}
     if f"{METADATA_PREFIX}projection_sha256" in existing:
         raise ExportError(
@@ -541,7 +630,9 @@ def append_filter(
     choice = choose_output(host, output)
     vi = next(o for o in graph.output if o.name == choice.name)
     if not vi.type.HasField("tensor_type"):
-        raise ExportError(f"output {choice.name!r} of {source} is not a tensor; pass --output with a tensor output: {describe_outputs(host)}")
+        raise ExportError(
+            f"output {choice.name!r} of {source} is not a tensor; pass --output with a tensor output: {describe_outputs(host)}"
+        )
     elem = vi.type.tensor_type.elem_type
     if elem not in (tp.FLOAT, tp.DOUBLE, tp.FLOAT16, tp.BFLOAT16):
         raise ExportError(
@@ -559,14 +650,18 @@ def append_filter(
             f"(fitted on {artifact.model_source or 'another model'}); use a filter fitted on the model this graph embeds with"
         )
     if choice.name in {i.name for i in graph.input} or choice.name in {t.name for t in graph.initializer}:
-        raise ExportError(f"output {choice.name!r} of {source} is a graph input or constant, not a computed embedding; choose another with --output")
+        raise ExportError(
+            f"output {choice.name!r} of {source} is a graph input or constant, not a computed embedding; choose another with --output"
+        )
 
     used = _all_names(graph)
     names = _Names(used)
     if filtered_name is None:
         filtered, unfiltered = choice.name, choice.name + UNFILTERED_SUFFIX
         if unfiltered in used:
-            raise ExportError(f"{source} already has a tensor named {unfiltered!r}; pass --filtered-name to give the filtered output a new name")
+            raise ExportError(
+                f"{source} already has a tensor named {unfiltered!r}; pass --filtered-name to give the filtered output a new name"
+            )
         used.add(unfiltered)
         _rename_tensor(graph, choice.name, unfiltered)
     else:
@@ -581,8 +676,18 @@ def append_filter(
     graph.initializer.append(_projection_tensor(artifact, pt_name, mat_type))
     if host.ir_version < 4:  # before IR 4 every initializer must also be a graph input
         graph.input.append(h.make_tensor_value_info(pt_name, mat_type, [d, artifact.output_dim]))
-    graph.node.extend(_filter_nodes(unfiltered, filtered, pt_name, io_type=elem, mat_type=mat_type,
-                                    normalize=normalize, opset=opset, names=names))
+    graph.node.extend(
+        _filter_nodes(
+            unfiltered,
+            filtered,
+            pt_name,
+            io_type=elem,
+            mat_type=mat_type,
+            normalize=normalize,
+            opset=opset,
+            names=names,
+        )
+    )
 
     # Output list: the filtered tensor first, then the host's other outputs in their order, then the unfiltered one.
     old = [o for o in graph.output]
@@ -600,11 +705,26 @@ def append_filter(
     del graph.output[:]
     graph.output.extend([new_vi, *rest, unf_vi])
 
-    _set_metadata(host, filter_metadata(
-        artifact, normalize=normalize, host_output=choice.name, filtered_output=filtered, unfiltered_output=unfiltered,
-    ))
-    return AppendInfo(host_output=choice.name, filtered_name=filtered, unfiltered_name=unfiltered, reason=choice.reason,
-                      elem_type=elem, rank=rank, opset=opset, projection_initializer=pt_name)
+    _set_metadata(
+        host,
+        filter_metadata(
+            artifact,
+            normalize=normalize,
+            host_output=choice.name,
+            filtered_output=filtered,
+            unfiltered_output=unfiltered,
+        ),
+    )
+    return AppendInfo(
+        host_output=choice.name,
+        filtered_name=filtered,
+        unfiltered_name=unfiltered,
+        reason=choice.reason,
+        elem_type=elem,
+        rank=rank,
+        opset=opset,
+        projection_initializer=pt_name,
+    )
 
 
 def _rename_tensor(graph: onnx.GraphProto, old: str, new: str) -> None:
@@ -660,7 +780,9 @@ def _location(tensor: onnx.TensorProto) -> str:
     for entry in tensor.external_data:
         if entry.key == "location":
             return entry.value
-    raise ExportError(f"tensor {tensor.name!r} is marked as external data but has no location; the host file is damaged")
+    raise ExportError(
+        f"tensor {tensor.name!r} is marked as external data but has no location; the host file is damaged"
+    )
 
 
 def external_locations(model: onnx.ModelProto) -> list[str]:
@@ -781,9 +903,17 @@ def _link_host_data(host_path: Path, out: Path, locations: list[str], side: _Sid
 
 
 def export_appended(
-    artifact: FilterArtifact, host_path: str | os.PathLike[str], out: str | os.PathLike[str], *,
-    output: str | None = None, filtered_name: str | None = None, normalize: bool = False, check: bool = True,
-    force: bool = False, external_data: bool | None = None, log: Callable[[str], None] | None = None,
+    artifact: FilterArtifact,
+    host_path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    output: str | None = None,
+    filtered_name: str | None = None,
+    normalize: bool = False,
+    check: bool = True,
+    force: bool = False,
+    external_data: bool | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Append the filter to the ONNX model at `host_path` and write the result to `out` (then check it).
 
@@ -794,8 +924,9 @@ def export_appended(
     out = check_writable(out, force)
     host = load_host(host_path)
     locations = external_locations(host)
-    info = append_filter(host, artifact, output=output, filtered_name=filtered_name, normalize=normalize,
-                         source=str(host_path))
+    info = append_filter(
+        host, artifact, output=output, filtered_name=filtered_name, normalize=normalize, source=str(host_path)
+    )
     note(
         f"Filtering output {info.host_output!r} of {host_path.name} ({info.reason}); the result is output 0 "
         f"{_value_info_desc(host.graph.output[0])}, the unfiltered tensor stays as {info.unfiltered_name!r}"
@@ -812,8 +943,10 @@ def export_appended(
     with _side_files() as side:
         linked = _link_host_data(host_path, out, locations, side) if locations else []
         if linked:
-            note(f"Hard-linked {len(linked)} external data file(s) of the host into {out.resolve().parent} "
-                 f"(no copy; onnxruntime reads external data only from the model's folder): {', '.join(linked)}")
+            note(
+                f"Hard-linked {len(linked)} external data file(s) of the host into {out.resolve().parent} "
+                f"(no copy; onnxruntime reads external data only from the model's folder): {', '.join(linked)}"
+            )
         with atomic_path(out, force=force) as tmp:
             if data_path is not None:
                 _externalize_initializer(host, info.projection_initializer, data_path, side)
@@ -822,13 +955,24 @@ def export_appended(
                 _check_or_blame_host(tmp, host_path)
                 report = check_appended(host_path, tmp, artifact, info, normalize=normalize)
     return ExportResult(
-        path=out, kind="onnx-append", input_dim=artifact.hidden_size, output_dim=artifact.output_dim,
-        dtype=_dtype_name(info.elem_type), normalize=normalize, opset=info.opset, check=report,
+        path=out,
+        kind="onnx-append",
+        input_dim=artifact.hidden_size,
+        output_dim=artifact.output_dim,
+        dtype=_dtype_name(info.elem_type),
+        normalize=normalize,
+        opset=info.opset,
+        check=report,
         extra={
-            "host": str(host_path), "host_output": info.host_output, "reason": info.reason,
-            "filtered_output": info.filtered_name, "unfiltered_output": info.unfiltered_name,
-            "per_token": bool(info.rank and info.rank > 2), "ir_version": int(host.ir_version),
-            "external_data": data_path.name if data_path else None, "linked_host_data": linked,
+            "host": str(host_path),
+            "host_output": info.host_output,
+            "reason": info.reason,
+            "filtered_output": info.filtered_name,
+            "unfiltered_output": info.unfiltered_name,
+            "per_token": bool(info.rank and info.rank > 2),
+            "ir_version": int(host.ir_version),
+            "external_data": data_path.name if data_path else None,
+            "linked_host_data": linked,
         },
     )
 
@@ -948,8 +1092,13 @@ def host_inputs(model: onnx.ModelProto, seed: int = CHECK_SEED) -> dict[str, np.
 
 
 def check_appended(
-    host_path: str | os.PathLike[str], out_path: str | os.PathLike[str], artifact: FilterArtifact, info: AppendInfo,
-    *, normalize: bool, seed: int = CHECK_SEED,
+    host_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    artifact: FilterArtifact,
+    info: AppendInfo,
+    *,
+    normalize: bool,
+    seed: int = CHECK_SEED,
 ) -> CheckReport:
     """Run host and result on the same generated inputs; result must equal host-output · Pᵀ.
 
@@ -996,7 +1145,12 @@ def check_appended(
             f"the filtered output differs from host-output·Pᵀ: max relative error {err:.3g} > {bound:g}; nothing was written"
         )
     return CheckReport(
-        max_rel_error=err, bound=bound, vectors=int(np.prod(host_out.shape[:-1])),
-        detail={"inputs": {k: list(v.shape) for k, v in feeds.items()}, "host_output_shape": list(host_out.shape),
-                "unfiltered_max_rel_error": same},
+        max_rel_error=err,
+        bound=bound,
+        vectors=int(np.prod(host_out.shape[:-1])),
+        detail={
+            "inputs": {k: list(v.shape) for k, v in feeds.items()},
+            "host_output_shape": list(host_out.shape),
+            "unfiltered_max_rel_error": same,
+        },
     )

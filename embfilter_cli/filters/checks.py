@@ -31,23 +31,33 @@ def integrity_checks(artifact: Any) -> list[Check]:
     """Digest, orthonormality and complement checks of a loaded artifact (see `verify`'s help)."""
     import numpy as np
 
-    from embfilter_cli.artifact import array_sha256
+    from embfilter_cli.filters.artifact import array_sha256
 
     p = artifact.projection
     k, d = p.shape
     where = str(artifact.path)
-    checks = [Check("format", True, f"{artifact.metadata['format']} v{artifact.metadata['format_version']}, "
-                    f"projection {k}×{d} float32 ({artifact.metadata.get('projection_kind')})",
-                    {"format_version": artifact.metadata["format_version"], "shape": [k, d]})]
+    checks = [
+        Check(
+            "format",
+            True,
+            f"{artifact.metadata['format']} v{artifact.metadata['format_version']}, "
+            f"projection {k}×{d} float32 ({artifact.metadata.get('projection_kind')})",
+            {"format_version": artifact.metadata["format_version"], "shape": [k, d]},
+        )
+    ]
 
     stored, actual = artifact.metadata["projection_sha256"], array_sha256(p)
-    checks.append(Check(
-        "digest", stored == actual,
-        f"projection sha256 {actual[:16]}… " + ("matches the stored digest" if stored == actual else f"≠ stored {stored[:16]}…"),
-        {"stored": stored, "actual": actual},
-        f"{where}: the projection does not match its stored SHA-256 (stored {stored}, actual {actual}); "
-        "the file was modified or damaged, refit it",
-    ))
+    checks.append(
+        Check(
+            "digest",
+            stored == actual,
+            f"projection sha256 {actual[:16]}… "
+            + ("matches the stored digest" if stored == actual else f"≠ stored {stored[:16]}…"),
+            {"stored": stored, "actual": actual},
+            f"{where}: the projection does not match its stored SHA-256 (stored {stored}, actual {actual}); "
+            "the file was modified or damaged, refit it",
+        )
+    )
 
     p64 = p.astype(np.float64)
     removed = artifact.removed_directions.astype(np.float64)
@@ -62,25 +72,37 @@ def integrity_checks(artifact: Any) -> list[Check]:
         gram_err = max(float(np.abs(p64 - p64.T).max()), float(np.abs(p64 @ p64 - p64).max())) if k else 0.0
         name, what = "projector", f"max(|P − Pᵀ|, |P² − P|) = {gram_err:.1e}"
         bad_what = "the projector is not symmetric and idempotent"
-        kept_dims = int(round(float(np.trace(p64))))
+        kept_dims = round(float(np.trace(p64)))
     ok = gram_err <= ORTHONORMAL_TOL  # NaN compares False: a non-finite projection fails here
-    checks.append(Check(
-        name, ok, f"{what} (tolerance {ORTHONORMAL_TOL:.0e})", {"max_error": gram_err, "tolerance": ORTHONORMAL_TOL},
-        f"{where}: {bad_what} ({what} > {ORTHONORMAL_TOL:.0e}); the file was damaged or edited, refit it",
-    ))
+    checks.append(
+        Check(
+            name,
+            ok,
+            f"{what} (tolerance {ORTHONORMAL_TOL:.0e})",
+            {"max_error": gram_err, "tolerance": ORTHONORMAL_TOL},
+            f"{where}: {bad_what} ({what} > {ORTHONORMAL_TOL:.0e}); the file was damaged or edited, refit it",
+        )
+    )
 
     cross = float(np.abs(p64 @ removed.T).max()) if r and k else 0.0
     adds_up = kept_dims + r == d
     ok = cross <= ORTHONORMAL_TOL and adds_up
     what = f"max |P Rᵀ| = {cross:.1e}; {kept_dims} kept + {r} removed {'=' if adds_up else '≠'} {d}"
-    checks.append(Check(
-        "complement", ok, what, {"max_cross": cross, "kept": kept_dims, "removed": r, "hidden_size": d},
-        f"{where}: the kept and removed directions do not split the hidden space ({what}); refit it",
-    ))
+    checks.append(
+        Check(
+            "complement",
+            ok,
+            what,
+            {"max_cross": cross, "kept": kept_dims, "removed": r, "hidden_size": d},
+            f"{where}: the kept and removed directions do not split the hidden space ({what}); refit it",
+        )
+    )
     return checks
 
 
-def unembedding_check(artifact: Any, location: Any, model: str, tensor_name: str | None) -> tuple[Check, dict[str, Any]]:
+def unembedding_check(
+    artifact: Any, location: Any, model: str, tensor_name: str | None
+) -> tuple[Check, dict[str, Any]]:
     """Recompute the W_U SHA-256 of the model at `location` and compare it with the one stored at fit time.
 
     Args:
@@ -89,7 +111,7 @@ def unembedding_check(artifact: Any, location: Any, model: str, tensor_name: str
         tensor_name: an explicit W_U tensor; default: the one stored in the filter.
     """
     from embfilter_cli.errors import UnembeddingNotFoundError
-    from embfilter_cli.unembedding import read_unembedding
+    from embfilter_cli.model.unembedding import read_unembedding
 
     stored_tensor = artifact.metadata.get("tensor_name") or None
     try:
@@ -101,10 +123,17 @@ def unembedding_check(artifact: Any, location: Any, model: str, tensor_name: str
         unemb = read_unembedding(location)
     stored = artifact.unembedding_sha256
     ok = unemb.sha256 == stored
-    model_info = {"spec": model, "source": location.source, "revision": location.revision,
-                  "tensor_name": unemb.tensor_name, "unembedding_sha256": unemb.sha256, "match": ok}
-    detail = (f"W_U sha256 {unemb.sha256[:16]}… of {location.source} ({unemb.tensor_name}) "
-              + ("matches the filter" if ok else f"≠ stored {stored[:16]}…"))
+    model_info = {
+        "spec": model,
+        "source": location.source,
+        "revision": location.revision,
+        "tensor_name": unemb.tensor_name,
+        "unembedding_sha256": unemb.sha256,
+        "match": ok,
+    }
+    detail = f"W_U sha256 {unemb.sha256[:16]}… of {location.source} ({unemb.tensor_name}) " + (
+        "matches the filter" if ok else f"≠ stored {stored[:16]}…"
+    )
     error = (
         f"{artifact.path} was not fitted on {location.source}: the filter stores W_U sha256 {stored} "
         f"({artifact.model_source}, {stored_tensor}) but {unemb.tensor_name} there has sha256 {unemb.sha256}; "

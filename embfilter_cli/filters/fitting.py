@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 
 from embfilter_cli import __version__
-from embfilter_cli.artifact import FilterArtifact
-from embfilter_cli.band import Band
 from embfilter_cli.errors import BandError
-from embfilter_cli.spectral import Spectrum
+from embfilter_cli.filters.artifact import FilterArtifact
+from embfilter_cli.filters.band import Band
+from embfilter_cli.filters.spectral import Spectrum
 
 
 @dataclass
@@ -128,7 +128,9 @@ def build_artifact(
     )
 
 
-def fit_summary(artifact: FilterArtifact, spectrum: Spectrum, band: Band, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def fit_summary(
+    artifact: FilterArtifact, spectrum: Spectrum, band: Band, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """What `fit` reports: band edges, energy removed, dims, solver and certificate, output path."""
     summary = {
         "output": str(artifact.path) if artifact.path else None,

@@ -59,7 +59,13 @@ class Band:
         return f"r{self.top}-b{self.bottom}"
 
     def as_dict(self) -> dict[str, int]:
-        return {"hidden_size": self.hidden_size, "start": self.start, "keep": self.keep, "top": self.top, "bottom": self.bottom}
+        return {
+            "hidden_size": self.hidden_size,
+            "start": self.start,
+            "keep": self.keep,
+            "top": self.top,
+            "bottom": self.bottom,
+        }
 
 
 def band_from_rank(hidden_size: int, rank: int, bottom: int = 0) -> Band:
@@ -113,9 +119,8 @@ def resolve_band(
     if by_window and by_rank:
         raise BandError("--start/--keep cannot be combined with --rank/--bottom; pick one way to name the band")
     if by_ratio:
-        if keep is not None:
-            if keep != int(hidden_size // ratio):
-                raise BandError(f"--ratio {ratio} keeps {int(hidden_size // ratio)} directions but --keep says {keep}")
+        if keep is not None and keep != int(hidden_size // ratio):
+            raise BandError(f"--ratio {ratio} keeps {int(hidden_size // ratio)} directions but --keep says {keep}")
         return band_from_ratio(hidden_size, ratio)  # type: ignore[arg-type]
     if by_window:
         return band_from_window(hidden_size, start, keep)  # type: ignore[arg-type]

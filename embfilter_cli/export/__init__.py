@@ -1,0 +1,1 @@
+"""Deployment formats for a filter: ONNX (standalone and appended), sentence-transformers, npy, safetensors."""

@@ -1,0 +1,1 @@
+"""Texts through the LLM: embeddings, recipes, the logit lens, vocabulary, evaluation."""

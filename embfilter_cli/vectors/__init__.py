@@ -1,0 +1,1 @@
+"""Stored vectors in and out, one module per format, and the streaming apply loop."""
