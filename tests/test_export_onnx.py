@@ -21,7 +21,8 @@ from onnx import TensorProto as TP
 from onnx import helper, numpy_helper
 
 from embfilter_cli.cli import app
-from embfilter_cli.export import onnx_export
+from embfilter_cli.errors import ExportError
+from embfilter_cli.export import onnx_check, onnx_data, onnx_export, onnx_graph, onnx_host, report
 from embfilter_cli.filters.artifact import load_artifact
 
 D, K = 16, 13  # make_filter's default: d=16, top 2 and bottom 1 removed
@@ -130,7 +131,7 @@ def test_standalone_graph_matches_float64_reference(runner, art, tmp_path, norma
     in_dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     out_dims = [d.dim_param or d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim]
     assert in_dims == ["batch", D] and out_dims == ["batch", K]
-    assert onnx_export.default_opset_version(model) == opset
+    assert onnx_graph.default_opset_version(model) == opset
     assert model.ir_version == helper.find_min_ir_version_for([helper.make_opsetid("", opset)])
     ops = [n.op_type for n in model.graph.node]
     assert ("ReduceL2" in ops) == normalize
@@ -200,7 +201,7 @@ def test_fp16_graph_is_half_precision_within_documented_bound(runner, art, tmp_p
     result = runner.invoke(app, ["export", str(art), "--onnx", "--fp16", "-o", str(out), "--json"])
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["dtype"] == "float16" and summary["bound"] == onnx_export.REL_BOUNDS["float16"] == 2e-3
+    assert summary["dtype"] == "float16" and summary["bound"] == onnx_check.REL_BOUNDS["float16"] == 2e-3
     assert 0 < summary["max_rel_error"] <= 2e-3
     model = onnx.load(str(out))
     assert model.graph.input[0].type.tensor_type.elem_type == TP.FLOAT16
@@ -254,7 +255,7 @@ def test_external_filter_data_sits_next_to_the_graph(runner, art, tmp_path):
 
 def test_failed_check_is_an_error_and_leaves_nothing(runner, art, tmp_path, monkeypatch):
     # A bound no float32 computation meets: the check must fail and the output must not appear.
-    monkeypatch.setitem(onnx_export.REL_BOUNDS, "float32", 0.0)
+    monkeypatch.setitem(onnx_check.REL_BOUNDS, "float32", 0.0)
     outdir = tmp_path / "o"
     outdir.mkdir()
     for extra in ([], ["--external-data"]):
@@ -467,16 +468,14 @@ def _vi(name: str, shape: list) -> onnx.ValueInfoProto:
 )
 def test_output_choice_rules(outputs, expected, reason):
     model = helper.make_model(helper.make_graph([], "g", [], outputs))
-    choice = onnx_export.choose_output(model, None)
+    choice = onnx_host.choose_output(model, None)
     assert (choice.name, choice.reason) == (expected, reason)
 
 
 def test_output_choice_ambiguous_lists_outputs():
     model = helper.make_model(helper.make_graph([], "g", [], [_vi("a", ["b", D]), _vi("c", ["b", 8])]))
-    with pytest.raises(
-        onnx_export.ExportError, match=r"pass --output NAME, one of: a \[b, 16\] float32, c \[b, 8\] float32"
-    ):
-        onnx_export.choose_output(model, None)
+    with pytest.raises(ExportError, match=r"pass --output NAME, one of: a \[b, 16\] float32, c \[b, 8\] float32"):
+        onnx_host.choose_output(model, None)
 
 
 def test_append_errors_are_one_line_and_leave_nothing(runner, art, make_filter, tmp_path):
@@ -532,7 +531,7 @@ def test_append_errors_are_one_line_and_leave_nothing(runner, art, make_filter, 
 
 
 def test_append_failed_check_leaves_nothing(runner, art, tmp_path, monkeypatch):
-    monkeypatch.setitem(onnx_export.REL_BOUNDS, "float32", 0.0)
+    monkeypatch.setitem(onnx_check.REL_BOUNDS, "float32", 0.0)
     host = gather_host(tmp_path / "h" / "model.onnx", external="model.data")
     outdir = tmp_path / "out"
     outdir.mkdir()
@@ -589,7 +588,7 @@ def test_append_to_external_data_host_next_to_it(runner, art, tmp_path, monkeypa
     assert data.read_bytes() == data_bytes and data.stat().st_mtime_ns == data_stat.st_mtime_ns
     model = onnx.load(str(out), load_external_data=False)
     table = next(t for t in model.graph.initializer if t.name == "E")
-    assert table.data_location == TP.EXTERNAL and onnx_export._location(table) == "model.onnx.weights"
+    assert table.data_location == TP.EXTERNAL and onnx_data._location(table) == "model.onnx.weights"
     feeds = {"input_ids": ids()}
     host_out, got = run_host(host, feeds), run_host(out, feeds)
     assert rel_err(got["sentence_embedding"], reference(host_out["sentence_embedding"], art)) <= 1e-5
@@ -662,7 +661,7 @@ def test_host_inputs_follow_the_signature(tmp_path):
     host = onnx.load(str(gather_host(tmp_path / "m.onnx", vocab=37)))
     host.graph.input.append(helper.make_tensor_value_info("attention_mask", TP.INT64, ["batch", "seq"]))
     host.graph.input.append(helper.make_tensor_value_info("pixel", TP.FLOAT, [1, 3]))
-    feeds = onnx_export.host_inputs(host)
+    feeds = onnx_check.host_inputs(host)
     assert feeds["input_ids"].shape == feeds["attention_mask"].shape == (2, 5)
     assert feeds["input_ids"].max() < 37 and feeds["input_ids"].dtype == np.int64
     assert (feeds["attention_mask"] == 1).all() and feeds["pixel"].shape == (1, 3)
@@ -670,11 +669,11 @@ def test_host_inputs_follow_the_signature(tmp_path):
 
 def test_max_relative_error_flags_nonfinite():
     ref = np.ones((2, 3))
-    assert onnx_export.max_relative_error(ref.copy(), ref) == 0.0
+    assert report.max_relative_error(ref.copy(), ref) == 0.0
     bad = ref.copy()
     bad[1, 2] = np.nan
-    assert onnx_export.max_relative_error(bad, ref) == float("inf")
-    assert onnx_export.max_relative_error(np.array([[0.0, 3.0]]), np.zeros((1, 2))) == 3.0
+    assert report.max_relative_error(bad, ref) == float("inf")
+    assert report.max_relative_error(np.array([[0.0, 3.0]]), np.zeros((1, 2))) == 3.0
 
 
 def _export_tiny_llama(tmp_path: Path) -> Path:
@@ -733,7 +732,7 @@ def test_append_to_transformers_exported_host(runner, make_filter, tmp_path):
     assert doc["per_token"] is True and doc["max_rel_error"] <= 1e-5
     assert doc["check"]["inputs"] == {"input_ids": [2, 5], "attention_mask": [2, 5]}
     # the check drew ids from the embedding table it found: 300 rows
-    assert onnx_export._gather_vocab(onnx.load(str(host), load_external_data=False), "input_ids") == 300
+    assert onnx_check._gather_vocab(onnx.load(str(host), load_external_data=False), "input_ids") == 300
     rng = np.random.default_rng(7)
     feeds = {"input_ids": rng.integers(0, 300, (3, 9)).astype(np.int64), "attention_mask": np.ones((3, 9), np.int64)}
     feeds["attention_mask"][0, :4] = 0  # left padding
@@ -748,7 +747,7 @@ def test_failed_forced_reexport_keeps_the_previous_output(runner, art, tmp_path,
     args = ["export", str(art), "--onnx", "--external-data", "-o", str(out)]
     assert runner.invoke(app, args).exit_code == 0
     before = {p.name: p.read_bytes() for p in out.parent.iterdir()}
-    monkeypatch.setitem(onnx_export.REL_BOUNDS, "float32", 0.0)
+    monkeypatch.setitem(onnx_check.REL_BOUNDS, "float32", 0.0)
     result = runner.invoke(app, [*args, "--force", "--normalize"])
     assert result.exit_code == 1 and "max relative error" in result.stderr
     # the old graph and the data file it refers to are both back, byte for byte; no backups left
@@ -786,7 +785,7 @@ def test_bfloat16_host_needs_no_check_and_computes_in_float32(runner, art, tmp_p
         ["sentence_embedding_f32", "sentence_embedding_unfiltered_f32"], {"ids": np.arange(5)}
     )
     assert np.abs(unfiltered - table[:5]).max() <= 2**-8 * np.abs(table[:5]).max()  # bf16 rounding of the host
-    assert rel_err(filtered, reference(unfiltered, art)) <= onnx_export.REL_BOUNDS["bfloat16"]
+    assert rel_err(filtered, reference(unfiltered, art)) <= onnx_check.REL_BOUNDS["bfloat16"]
 
 
 def test_projector_filter_keeps_the_dimension(runner, make_filter, tmp_path):

@@ -132,6 +132,7 @@ def export(
 
     if kind == "onnx":
         from embfilter_cli.export import onnx_export
+        from embfilter_cli.export.onnx_graph import DEFAULT_OPSET
 
         if append_to:
             result = onnx_export.export_appended(
@@ -151,7 +152,7 @@ def export(
                 artifact,
                 target,
                 normalize=normalize,
-                opset=opset or onnx_export.DEFAULT_OPSET,
+                opset=opset or DEFAULT_OPSET,
                 fp16=fp16,
                 per_token=per_token,
                 check=check,
@@ -250,7 +251,7 @@ def _check_flags(
 def _check_opset(opset: int) -> None:
     import onnx
 
-    from embfilter_cli.export.onnx_export import MIN_OPSET
+    from embfilter_cli.export.onnx_graph import MIN_OPSET
 
     latest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= latest:

@@ -37,7 +37,7 @@ import numpy as np
 
 from embfilter_cli import __version__
 from embfilter_cli.errors import ExportError, OutputExistsError
-from embfilter_cli.export.onnx_export import CheckReport, ExportResult, max_relative_error
+from embfilter_cli.export.report import CheckReport, ExportResult, max_relative_error
 from embfilter_cli.files import atomic_path, check_writable
 from embfilter_cli.filters.artifact import FilterArtifact, array_sha256, load_artifact, save_artifact
 
