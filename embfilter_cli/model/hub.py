@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from embfilter_cli.errors import HubAccessError, ModelNotFoundError
-from embfilter_cli.model.location import ModelLocation
+from embfilter_cli.model.location import ModelLocation, read_weight_map
 
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -126,7 +126,12 @@ def fetch_head_files(
 
     index_path = next((p for p in (fetcher.optional(name, commit) for name in INDEX_FILES) if p is not None), None)
     if index_path is not None:
-        weight_map = _weight_map(index_path, repo_id)
+        weight_map = read_weight_map(
+            index_path,
+            f"{index_path.name} of {repo_id}",
+            fix=f"delete {index_path} from the cache and run again; if that does not help, the repo's index is broken: "
+            "report it or try another --revision",
+        )
         from embfilter_cli.model.unembedding import choose_unembedding  # imports torch: only once it is needed
 
         tensor, _ = choose_unembedding(list(weight_map), config, tensor_name, f"{repo_id} ({index_path.name})")
@@ -170,17 +175,6 @@ def _read_json(path: Path, repo_id: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ModelNotFoundError(f"{path.name} of {repo_id} is not a JSON object; delete {path} and run again")
     return data
-
-
-def _weight_map(index_path: Path, repo_id: str) -> dict[str, str]:
-    data = _read_json(index_path, repo_id)
-    weight_map = data.get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise ModelNotFoundError(
-            f"{index_path.name} of {repo_id} has no weight_map; the repo's index is broken: report it or try "
-            "another --revision"
-        )
-    return {str(k): str(v) for k, v in weight_map.items()}
 
 
 class _Fetcher:

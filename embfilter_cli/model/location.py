@@ -35,3 +35,22 @@ class ModelLocation:
             return json.loads(cfg.read_text())
         except json.JSONDecodeError as exc:
             raise ModelNotFoundError(f"{cfg} is not valid JSON ({exc}); fix or remove it") from exc
+
+
+def read_weight_map(index_file: Path, name: str | None = None, fix: str = "re-download the model") -> dict[str, str]:
+    """Tensor name → shard file, from a sharded checkpoint's index JSON (`*.index.json`).
+
+    Args:
+        index_file: the index on disk.
+        name: how to call the index in messages (default: its path).
+        fix: the next step, appended to every message.
+    """
+    label = name or str(index_file)
+    try:
+        data = json.loads(index_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelNotFoundError(f"{label} is not valid JSON ({exc}); {fix}") from exc
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelNotFoundError(f"{label} has no weight_map; {fix}")
+    return {str(k): str(v) for k, v in weight_map.items()}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,13 @@ import numpy as np
 import torch
 
 from embfilter_cli.errors import BadTensorError, ModelNotFoundError, UnembeddingNotFoundError
-from embfilter_cli.model.location import ModelLocation
+from embfilter_cli.model.location import ModelLocation, read_weight_map
+from embfilter_cli.safetensors_header import (
+    MAX_HEADER_BYTES,
+    SafetensorsHeader,
+    SafetensorsHeaderError,
+    read_header,
+)
 
 HEAD_NAMES = ("lm_head.weight", "embed_out.weight", "output.weight")
 TIED_NAMES = (
@@ -121,33 +126,41 @@ class _SafetensorsEntry:
     end: int
 
 
-def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """Parse a safetensors header; returns (header dict, absolute offset of the data section)."""
+def read_safetensors_header(path: Path) -> SafetensorsHeader:
+    """Parse a checkpoint's safetensors header (the shared parser, with model-reader messages).
+
+    Only structure is checked here: other tensors may use dtypes embfilter never reads, and the
+    chosen tensor's dtype, shape and byte range are checked when it is mapped.
+    """
     size = path.stat().st_size
-    with path.open("rb") as handle:
-        raw = handle.read(8)
-        if len(raw) < 8:
-            raise ModelNotFoundError(f"{path} is too short to be a safetensors file ({size} bytes); re-download it")
-        (length,) = struct.unpack("<Q", raw)
-        if length > min(size - 8, 100 << 20):
-            raise ModelNotFoundError(f"{path} has a corrupt safetensors header (claims {length} bytes); re-download it")
-        try:
-            header = json.loads(handle.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ModelNotFoundError(f"{path} has an unreadable safetensors header ({exc}); re-download it") from exc
-    return header, 8 + length
+    try:
+        with path.open("rb") as handle:
+            return read_header(handle, max_length=min(size - 8, MAX_HEADER_BYTES), itemsizes=None)
+    except SafetensorsHeaderError as exc:
+        if exc.problem == "short":
+            raise ModelNotFoundError(
+                f"{path} is too short to be a safetensors file ({size} bytes); re-download it"
+            ) from None
+        if exc.problem == "length":
+            raise ModelNotFoundError(
+                f"{path} has a corrupt safetensors header (claims {exc.length} bytes); re-download it"
+            ) from None
+        if exc.problem == "json":
+            raise ModelNotFoundError(
+                f"{path} has an unreadable safetensors header ({exc.cause}); re-download it"
+            ) from None
+        raise ModelNotFoundError(
+            f"{path} has a malformed safetensors header entry {exc.names[0]!r}; re-download it"
+        ) from None
 
 
 def _safetensors_entries(files: list[Path]) -> dict[str, _SafetensorsEntry]:
     entries: dict[str, _SafetensorsEntry] = {}
     for file in files:
-        header, data_start = read_safetensors_header(file)
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            begin, end = info["data_offsets"]
-            entries[name] = _SafetensorsEntry(
-                file, info["dtype"], tuple(info["shape"]), data_start + begin, data_start + end
+        header = read_safetensors_header(file)
+        for e in header.entries:
+            entries[e.name] = _SafetensorsEntry(
+                file, e.dtype, e.shape, header.data_start + e.begin, header.data_start + e.end
             )
     return entries
 
@@ -244,7 +257,7 @@ def _read_folder(location: ModelLocation, tensor_name: str | None) -> Unembeddin
     shard = location.files.get("head_shard")
     if st_index.exists() or any(folder.glob("*.safetensors")):
         if st_index.exists():
-            weight_map = _weight_map(st_index)
+            weight_map = read_weight_map(st_index)
             name, _ = choose_unembedding(list(weight_map), config, tensor_name, str(folder))
             files = [folder / weight_map[name]]
         else:
@@ -258,21 +271,13 @@ def _read_folder(location: ModelLocation, tensor_name: str | None) -> Unembeddin
             )
         return _read_safetensors(location, files, tensor_name, config, tok_vocab)
     if bin_index.exists():
-        weight_map = _weight_map(bin_index)
+        weight_map = read_weight_map(bin_index)
         name, _ = choose_unembedding(list(weight_map), config, tensor_name, str(folder))
         return _read_bin(location, [folder / weight_map[name]], name, config, tok_vocab)
     bins = sorted(folder.glob("pytorch_model*.bin"))
     if bins:
         return _read_bin(location, bins, tensor_name, config, tok_vocab)
     raise ModelNotFoundError(f"{folder} holds no safetensors or pytorch_model*.bin weights")
-
-
-def _weight_map(index_file: Path) -> dict[str, str]:
-    try:
-        weight_map = json.loads(index_file.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ModelNotFoundError(f"{index_file} is not a valid checkpoint index ({exc}); re-download it") from exc
-    return dict(weight_map)
 
 
 def _read_safetensors(

@@ -1,0 +1,162 @@
+"""The one safetensors header parser: 8-byte length, JSON header, tensor table.
+
+Layout (https://github.com/huggingface/safetensors): a little-endian u64 N, N bytes of UTF-8 JSON
+mapping each tensor name to `{"dtype", "shape", "data_offsets": [begin, end]}` (offsets relative
+to the data section that starts at byte 8 + N) plus an optional `__metadata__` str→str map.
+
+Both the model reader (`model/unembedding.py`, W_U straight from a checkpoint) and the vector
+streams (`vectors/`, safetensors in and out) read headers, but they word their errors for
+different users ("re-download the model" vs "recreate the file"). So this module raises one
+`SafetensorsHeaderError` whose `problem` says what was wrong and carries the facts; each caller
+turns it into its own `EmbfilterError`.
+
+This is a base-layer module (next to `errors` and `files`): it imports only the standard library.
+
+Not handled: reading tensor data (callers memory-map or stream it), writing headers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import IO, Any, Literal
+
+MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
+
+# Every dtype tag of the safetensors format and its item size in bytes.
+ITEMSIZE: dict[str, int] = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "F64": 8,
+    "I64": 8,
+    "U64": 8,
+}
+
+Problem = Literal["short", "length", "json", "entry", "range", "overlap"]
+
+
+class SafetensorsHeaderError(Exception):
+    """The bytes are not a readable safetensors header; callers reword it as an `EmbfilterError`.
+
+    Attributes:
+        problem: "short" (fewer than 8 bytes), "length" (the u64 is 0 or over the limit),
+            "json" (the header is not a UTF-8 JSON object), "entry" (a tensor entry lacks
+            dtype/shape/offsets), "range" (a tensor's byte range does not fit its dtype and shape),
+            "overlap" (two tensors share bytes).
+        length: bytes read for "short", else the header length the first 8 bytes give.
+        names: the tensor(s) concerned ("entry", "range", "overlap").
+        entry: the offending entry ("range").
+        cause: the JSON parser's message ("json"), when there was one.
+    """
+
+    def __init__(
+        self,
+        problem: Problem,
+        length: int,
+        names: tuple[str, ...] = (),
+        entry: TensorEntry | None = None,
+        cause: str = "",
+    ) -> None:
+        super().__init__(f"safetensors header: {problem} ({length} bytes{'; ' + cause if cause else ''})")
+        self.problem: Problem = problem
+        self.length = length
+        self.names = names
+        self.entry = entry
+        self.cause = cause
+
+
+@dataclass
+class TensorEntry:
+    """One tensor of a safetensors header."""
+
+    name: str
+    dtype: str  # safetensors tag, e.g. "F32"
+    shape: tuple[int, ...]
+    begin: int  # byte offsets relative to the data section
+    end: int
+
+
+@dataclass
+class SafetensorsHeader:
+    """A parsed header: metadata, tensors sorted by their position in the data section."""
+
+    metadata: dict[str, str]
+    entries: list[TensorEntry]
+    data_start: int  # absolute offset of the data section (8 + header length)
+
+    def by_name(self) -> dict[str, TensorEntry]:
+        """Tensor name → entry."""
+        return {e.name: e for e in self.entries}
+
+
+def read_header(
+    fp: IO[bytes], max_length: int = MAX_HEADER_BYTES, itemsizes: Mapping[str, int] | None = ITEMSIZE
+) -> SafetensorsHeader:
+    """Parse the header at the stream's current position (its start); leaves it at the data section.
+
+    Args:
+        fp: a binary stream (a file or a pipe: only `read` is used).
+        max_length: the largest header length accepted (callers that know the file size pass
+            `min(size - 8, MAX_HEADER_BYTES)`).
+        itemsizes: dtype tag → item size; every entry must then have a known dtype, a byte range
+            of exactly prod(shape) × itemsize, and no overlap with another. None skips these
+            checks (a model reader that only needs one tensor must not fail on exotic dtypes of
+            the others; it checks its own tensor).
+
+    Raises:
+        SafetensorsHeaderError: see its `problem` attribute.
+    """
+    head = fp.read(8)
+    if len(head) < 8:
+        raise SafetensorsHeaderError("short", len(head))
+    n = int.from_bytes(head, "little")
+    if not 0 < n <= max_length:
+        raise SafetensorsHeaderError("length", n)
+    raw = fp.read(n)
+    header: Any = None
+    cause = f"the stream ended after {len(raw)} of {n} header bytes" if len(raw) != n else ""
+    if not cause:
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            cause = str(exc)
+    if not isinstance(header, dict):
+        raise SafetensorsHeaderError("json", n, cause=cause or "not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    entries = []
+    for key, value in header.items():
+        try:
+            entry = TensorEntry(
+                str(key),
+                str(value["dtype"]),
+                tuple(int(s) for s in value["shape"]),
+                int(value["data_offsets"][0]),
+                int(value["data_offsets"][1]),
+            )
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise SafetensorsHeaderError("entry", n, names=(str(key),)) from None
+        if itemsizes is not None:
+            itemsize = itemsizes.get(entry.dtype)
+            if itemsize is None or entry.end - entry.begin != math.prod(entry.shape) * itemsize or entry.begin < 0:
+                raise SafetensorsHeaderError("range", n, names=(entry.name,), entry=entry)
+        entries.append(entry)
+    entries.sort(key=lambda e: (e.begin, e.end))
+    if itemsizes is not None:
+        for before, after in itertools.pairwise(entries):
+            if after.begin < before.end:
+                raise SafetensorsHeaderError("overlap", n, names=(before.name, after.name))
+    meta = {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
+    return SafetensorsHeader(meta, entries, 8 + n)
