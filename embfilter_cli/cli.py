@@ -31,9 +31,9 @@ COMMANDS: dict[str, str] = {
 
 def _known_errors() -> dict[type[BaseException], int]:
     """Exception type -> exit status for failures we can explain in one line."""
-    from embfilter_cli.errors import BandError, EmbfilterError
+    from embfilter_cli.errors import EmbfilterError, UsageError
 
-    return {BandError: 2, EmbfilterError: 1}
+    return {UsageError: 2, EmbfilterError: 1}
 
 
 def _one_line(message: str) -> str:
@@ -53,8 +53,22 @@ class EmbfilterGroup(click.Group):
         module_name, attr = target.split(":")
         return getattr(importlib.import_module(module_name), attr)
 
-    def _subcommand_context(self, ctx: click.Context) -> click.Context:
-        """A context for the failed subcommand, so usage errors print `embfilter fit [OPTIONS]`."""
+    def _subcommand_context(self, ctx: click.Context, exc: BaseException) -> click.Context:
+        """The context of the (sub)command that raised `exc`, so usage errors print its usage line.
+
+        The innermost click context on the traceback is the command that was running (e.g.
+        `embfilter inspect directions`); click has popped it by now. When none is found, a
+        context for the first-level subcommand is rebuilt from its name.
+        """
+        innermost = None
+        tb = exc.__traceback__
+        while tb is not None:
+            local = tb.tb_frame.f_locals.get("ctx")
+            if isinstance(local, click.Context) and local.command is not self:
+                innermost = local
+            tb = tb.tb_next
+        if innermost is not None:
+            return innermost
         name = ctx.invoked_subcommand
         command = self.get_command(ctx, name) if name else None
         return click.Context(command, info_name=name, parent=ctx) if command else ctx
@@ -70,7 +84,7 @@ class EmbfilterGroup(click.Group):
             for exc_type, status in _known_errors().items():
                 if isinstance(exc, exc_type):
                     if status == 2:
-                        raise click.UsageError(_one_line(str(exc)), ctx=self._subcommand_context(ctx)) from exc
+                        raise click.UsageError(_one_line(str(exc)), ctx=self._subcommand_context(ctx, exc)) from exc
                     raise click.ClickException(_one_line(str(exc))) from exc
             if isinstance(exc, KeyboardInterrupt):
                 raise

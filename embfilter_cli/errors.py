@@ -1,7 +1,9 @@
 """Errors the core raises for known bad input.
 
 Every message says what was wrong (with the numbers or the path) and what to do next; the CLI
-prints it as one line `Error: …` and exits 1. Anything else is a bug and keeps its traceback.
+prints it as one line `Error: …` and exits 1, or, for a `UsageError` (an impossible combination
+of options or arguments), after the command's usage line with exit 2. The mapping lives in one
+place, `cli.EmbfilterGroup`. Anything else is a bug and keeps its traceback.
 """
 
 
@@ -21,7 +23,15 @@ class BadTensorError(EmbfilterError):
     """The unembedding exists but cannot be used (NaN/Inf, wrong rank, unsupported dtype)."""
 
 
-class BandError(EmbfilterError):
+class UsageError(EmbfilterError):
+    """Options or arguments that cannot go together (or are missing); the CLI exits 2 with the usage line.
+
+    Core modules and commands raise this one class for every usage mistake (never `click.UsageError`),
+    so every command reports the same kind of mistake the same way.
+    """
+
+
+class BandError(UsageError):
     """An impossible band (which directions to keep/remove)."""
 
 

@@ -10,6 +10,7 @@ from typing import IO, Any
 import click
 
 from embfilter_cli.commands._options import force_option, output_options
+from embfilter_cli.errors import UsageError
 
 # Mirrors embfilter_cli.vectors.stream (kept here so `--help` never imports numpy; a test checks they agree).
 FORMATS = ("npy", "jsonl", "safetensors")
@@ -104,10 +105,10 @@ def apply(
     """
     to_stdout = output == "-"
     if json_ and to_stdout:
-        raise click.UsageError("--json prints a summary on stdout, which already carries the vectors; add -o FILE")
+        raise UsageError("--json prints a summary on stdout, which already carries the vectors; add -o FILE")
     out_ext_format = None if to_stdout else _EXTENSIONS.get(Path(output).suffix.lower())
     if output_format and out_ext_format and output_format != out_ext_format:
-        raise click.UsageError(f"--to {output_format} contradicts the output name {output} ({out_ext_format})")
+        raise UsageError(f"--to {output_format} contradicts the output name {output} ({out_ext_format})")
     if not to_stdout:
         from embfilter_cli.files import check_writable
 
@@ -121,7 +122,7 @@ def apply(
         out_format = output_format or out_ext_format or source.format
         out_dtype = _output_dtype(dtype, source.dtype, out_format)
         if to_stdout and out_format != "jsonl" and sys.stdout.isatty():
-            raise click.UsageError(
+            raise UsageError(
                 f"refusing to write binary {out_format} data to a terminal; add -o FILE or redirect stdout"
             )
         stats = _run(
@@ -168,7 +169,7 @@ def _open_input(
             fp.seek(0)
         name, head = str(path), b""
     if fmt is None:
-        raise click.UsageError(f"cannot tell the format of {name}; pass --format {'|'.join(FORMATS)}")
+        raise UsageError(f"cannot tell the format of {name}; pass --format {'|'.join(FORMATS)}")
     source = open_source(
         fp, fmt, name, path=path, field=field, tensor=tensor, expected_dim=artifact.hidden_size, dim_context=context
     )
@@ -191,7 +192,7 @@ def _dim_context(artifact: Any) -> str:
 
 def _output_dtype(requested: str | None, input_dtype: str, out_format: str) -> str:
     if requested == "bfloat16" and out_format != "safetensors":
-        raise click.UsageError(f"{out_format} cannot store bfloat16; use --to safetensors or another --dtype")
+        raise UsageError(f"{out_format} cannot store bfloat16; use --to safetensors or another --dtype")
     if requested:
         return requested
     if input_dtype == "bfloat16" and out_format != "safetensors":

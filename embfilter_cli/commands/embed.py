@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from embfilter_cli.commands._options import device_option, force_option, output_options
+from embfilter_cli.errors import UsageError
 
 OUTPUT_SUFFIXES = (".npy", ".jsonl")
 
@@ -115,9 +116,7 @@ def embed(
             f"{output!r} must end in .npy or .jsonl (or be - for JSONL on stdout)", param_hint="-o/--output"
         )
     if to_stdout and json_:
-        raise click.UsageError(
-            "--json prints a summary on stdout, which -o - already uses for the embeddings; drop one"
-        )
+        raise UsageError("--json prints a summary on stdout, which -o - already uses for the embeddings; drop one")
 
     from embfilter_cli.console import info, warn
     from embfilter_cli.text.embedding import resolve_recipe

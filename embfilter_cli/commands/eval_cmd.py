@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from embfilter_cli.commands._options import device_option, force_option, output_options
+from embfilter_cli.errors import UsageError
 
 DEFAULT_TOPS = "0,1,2,4,8,16,32,64,128"
 DEFAULT_BOTTOMS = "0,4,8,16,32,64"
@@ -127,9 +128,9 @@ def eval_cmd(
     ratio_list = parse_float_list(ratios, "--ratio") if ratios is not None else []
     needs_spectrum = tops is not None or bool(ratio_list)
     if plot_path is not None and tops is None:
-        raise click.UsageError("--plot draws the sweep heatmap; add --sweep-top and/or --sweep-bottom")
+        raise UsageError("--plot draws the sweep heatmap; add --sweep-top and/or --sweep-bottom")
     if save_best is not None and not needs_spectrum:
-        raise click.UsageError("--save-best saves the best band; add --sweep-top/--sweep-bottom or --ratio")
+        raise UsageError("--save-best saves the best band; add --sweep-top/--sweep-bottom or --ratio")
     from embfilter_cli.text.embedding import resolve_recipe
 
     rec = resolve_recipe(recipe)

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from embfilter_cli.commands._options import force_option, output_options
+from embfilter_cli.errors import UsageError
 
 FORMATS = ("onnx", "sentence-transformers", "npy", "safetensors")
 
@@ -182,10 +183,6 @@ def info(message: str) -> None:
     console_info(escape(message))
 
 
-def _usage(message: str) -> click.UsageError:
-    return click.UsageError(message, ctx=click.get_current_context(silent=True))
-
-
 def _check_flags(
     onnx_flag: bool,
     fmt: str | None,
@@ -200,17 +197,17 @@ def _check_flags(
 ) -> str:
     """Reject impossible flag combinations before any work; return the format."""
     if onnx_flag and fmt not in (None, "onnx"):
-        raise _usage(f"--onnx and --format {fmt} contradict each other; pass one of them")
+        raise UsageError(f"--onnx and --format {fmt} contradict each other; pass one of them")
     kind = "onnx" if onnx_flag else fmt
     if kind is None:
-        raise _usage("say what to export: --onnx, or --format sentence-transformers|npy|safetensors")
+        raise UsageError("say what to export: --onnx, or --format sentence-transformers|npy|safetensors")
     if append_to is None:
         if host_output is not None:
-            raise _usage(
+            raise UsageError(
                 "--output names the host output to filter and needs --append-to MODEL.onnx; the file to write is -o/--out"
             )
         if filtered_name is not None:
-            raise _usage("--filtered-name needs --append-to MODEL.onnx")
+            raise UsageError("--filtered-name needs --append-to MODEL.onnx")
     if kind != "onnx":
         for flag, given in (
             ("--append-to", append_to),
@@ -219,29 +216,29 @@ def _check_flags(
             ("--external-data/--inline-data", external_data is not None),
         ):
             if given:
-                raise _usage(f"{flag} applies to --onnx only")
+                raise UsageError(f"{flag} applies to --onnx only")
         if normalize:
             hint = (
                 "add a sentence-transformers Normalize module after the Dense one"
                 if kind == "sentence-transformers"
                 else "a matrix cannot normalise; normalise after applying it (embfilter apply --normalize)"
             )
-            raise _usage(f"--normalize applies to --onnx only; {hint}")
+            raise UsageError(f"--normalize applies to --onnx only; {hint}")
         if fp16 and kind == "sentence-transformers":
-            raise _usage(
+            raise UsageError(
                 "--fp16 is not available for sentence-transformers (a float16 Dense layer fails on float32 "
                 "embeddings); convert the whole model with model.half() instead"
             )
     elif append_to is not None:
         if opset is not None:
-            raise _usage("--opset applies to standalone graphs; with --append-to the host's opset is kept")
+            raise UsageError("--opset applies to standalone graphs; with --append-to the host's opset is kept")
         if fp16:
-            raise _usage(
+            raise UsageError(
                 "--fp16 applies to standalone graphs; with --append-to the host output's dtype decides "
                 "(a float16 output gets a float16 filtered output)"
             )
         if per_token:
-            raise _usage(
+            raise UsageError(
                 "--per-token applies to standalone graphs; with --append-to a token-level host output "
                 "is filtered per token automatically"
             )

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import click
 
 from embfilter_cli.commands._options import device_option, force_option, output_options
+from embfilter_cli.errors import UsageError
 from embfilter_cli.text.directions import DEFAULT_RANK
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -213,7 +214,7 @@ def _resolve_location(model: str | None, revision: str | None, artifact: Any) ->
 def _check_band_conflict(has_filter: bool, *band_values: Any) -> None:
     """A usage error, raised before anything is loaded, for a filter plus band options."""
     if has_filter and any(v is not None for v in band_values):
-        raise click.UsageError("--filter already fixes the band; drop --rank/--bottom/--ratio/--start/--keep")
+        raise UsageError("--filter already fixes the band; drop --rank/--bottom/--ratio/--start/--keep")
 
 
 def _band_for(
@@ -302,7 +303,7 @@ def directions(
       embfilter inspect directions --filter artifacts/smollm2-135m-r64-b16.safetensors --kept --json
     """
     if sum([band_sel is not None, removed, kept]) > 1:
-        raise click.UsageError("choose one of --band, --removed and --kept")
+        raise UsageError("choose one of --band, --removed and --kept")
     from embfilter_cli.text.directions import (
         DirectionSource,
         band_groups,
@@ -489,7 +490,7 @@ def text(
 
     items = _collect_texts(texts, warn)
     if not items:
-        raise click.UsageError("give at least one TEXT argument (or - to read texts from stdin)")
+        raise UsageError("give at least one TEXT argument (or - to read texts from stdin)")
     check_pooling(pooling)
     resolve_recipe(recipe)  # a bad template fails before the model loads
     ctx = _Context(model, revision, filter_)
