@@ -85,7 +85,7 @@ def run_measured(code: str, args: list[str] | None = None) -> tuple[float, float
 
 def write_input(path: Path, rows: int, dim: int, seed: int = 0, chunk: int = 8192) -> None:
     """A float32 (rows, dim) .npy written chunk by chunk (never whole in memory)."""
-    from embfilter_cli.vectors.stream import npy_header
+    from embfilter_cli.vectors.npy_format import npy_header
 
     rng = np.random.default_rng(seed)
     with path.open("wb") as fh:

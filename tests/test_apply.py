@@ -1,4 +1,4 @@
-"""`embfilter apply` and the streaming readers/writers in `embfilter_cli.vectors.stream`.
+"""`embfilter apply` and the streaming readers/writers in `embfilter_cli.vectors`.
 
 Every numeric result is compared with a float64 numpy reference x @ Pᵀ; every bad input is checked
 for its one-line message, exit status, and that no output (or temp file) was left behind.
@@ -22,7 +22,7 @@ from safetensors.numpy import save_file
 from embfilter_cli.cli import app
 from embfilter_cli.commands import apply as apply_cmd
 from embfilter_cli.filters.artifact import load_artifact
-from embfilter_cli.vectors import stream as vectors
+from embfilter_cli.vectors import detect, dtypes, npy_format, registry, stream
 
 D, K = 16, 13  # make_filter's default: d=16, top 2 and bottom 1 removed
 
@@ -312,13 +312,13 @@ def test_safetensors_bfloat16_in_and_out_match_torch_rounding(runner, filt, tmp_
 def test_bfloat16_conversions_match_torch():
     special = np.array([0.0, -0.0, 1.0, 1.00390625, 1.01171875, 3.4e38, np.inf, -np.inf, 1e-40], np.float32)
     values = np.concatenate([special, np.random.default_rng(0).standard_normal(1000).astype(np.float32) * 100])
-    bits = vectors.float32_to_bfloat16(values)
+    bits = dtypes.float32_to_bfloat16(values)
     assert np.array_equal(bits, torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16))
     np.testing.assert_array_equal(
-        vectors.bfloat16_to_float32(bits), torch.from_numpy(values).to(torch.bfloat16).float().numpy()
+        dtypes.bfloat16_to_float32(bits), torch.from_numpy(values).to(torch.bfloat16).float().numpy()
     )
-    nan_bits = vectors.float32_to_bfloat16(np.array([np.nan, np.uint32(0x7F800001).view(np.float32)], np.float32))
-    assert np.isnan(vectors.bfloat16_to_float32(nan_bits)).all()
+    nan_bits = dtypes.float32_to_bfloat16(np.array([np.nan, np.uint32(0x7F800001).view(np.float32)], np.float32))
+    assert np.isnan(dtypes.bfloat16_to_float32(nan_bits)).all()
 
 
 def test_safetensors_tensor_choice(runner, filt, tmp_path):
@@ -557,9 +557,9 @@ def test_filter_stream_reports_progress_to_the_total(filt, tmp_path):
     np.save(tmp_path / "x.npy", _x(20))
     calls = []
     with open(tmp_path / "x.npy", "rb") as fp:
-        source = vectors.open_source(fp, "npy", "x.npy", path=tmp_path / "x.npy", expected_dim=D)
-        sink = vectors.NpySink(io.BytesIO(), seekable=True)
-        stats = vectors.filter_stream(
+        source = registry.open_source(fp, "npy", "x.npy", path=tmp_path / "x.npy", expected_dim=D)
+        sink = npy_format.NpySink(io.BytesIO(), seekable=True)
+        stats = stream.filter_stream(
             source,
             sink,
             load_artifact(filt).projection,
@@ -582,20 +582,20 @@ def test_filter_stream_reports_progress_to_the_total(filt, tmp_path):
     ],
 )
 def test_sniff_format(head, fmt):
-    assert vectors.sniff_format(head) == fmt
+    assert detect.sniff_format(head) == fmt
 
 
 def test_cli_choices_mirror_the_core():
-    assert apply_cmd.FORMATS == vectors.FORMATS
-    assert apply_cmd.DTYPE_NAMES == vectors.DTYPE_NAMES
-    assert apply_cmd._EXTENSIONS == vectors.EXTENSIONS
+    assert apply_cmd.FORMATS == registry.FORMATS
+    assert apply_cmd.DTYPE_NAMES == dtypes.DTYPE_NAMES
+    assert apply_cmd._EXTENSIONS == registry.EXTENSIONS
 
 
 def test_npy_header_patch_keeps_alignment():
     for rows in (0, 7, 10**12):
-        short = vectors.npy_header(np.dtype(np.float32), (rows, 3))
-        padded = vectors.npy_header(
-            np.dtype(np.float32), (rows, 3), min_len=len(vectors.npy_header(np.dtype(np.float32), (10**19 - 1, 3)))
+        short = npy_format.npy_header(np.dtype(np.float32), (rows, 3))
+        padded = npy_format.npy_header(
+            np.dtype(np.float32), (rows, 3), min_len=len(npy_format.npy_header(np.dtype(np.float32), (10**19 - 1, 3)))
         )
         for header in (short, padded):
             assert len(header) % 64 == 0
@@ -644,7 +644,7 @@ def test_resident_memory_is_bounded_by_the_batch_not_the_file(filt, tmp_path):
     path = tmp_path / "big.npy"
     block = _x(500_000)
     with open(path, "wb") as fp:
-        fp.write(vectors.npy_header(np.dtype(np.float32), (rows, D)))
+        fp.write(npy_format.npy_header(np.dtype(np.float32), (rows, D)))
         for _ in range(rows // len(block)):
             fp.write(block.tobytes())
     size_mb = path.stat().st_size / 2**20
@@ -671,4 +671,4 @@ def test_finite_row_check_is_exact_even_when_row_sums_overflow():
     x[2, :2] = 3e38  # finite values whose sum overflows float32: must not be reported
     x[3, 0], x[3, 1] = np.inf, -np.inf
     x[4, 3] = -np.inf
-    assert vectors._finite_rows(x).tolist() == [True, False, True, False, False]
+    assert stream._finite_rows(x).tolist() == [True, False, True, False, False]

@@ -12,7 +12,7 @@ import click
 from embfilter_cli.commands._options import force_option, output_options
 from embfilter_cli.errors import UsageError
 
-# Mirrors embfilter_cli.vectors.stream (kept here so `--help` never imports numpy; a test checks they agree).
+# Mirrors embfilter_cli.vectors.registry and .dtypes (kept here so `--help` never imports numpy; a test checks they agree).
 FORMATS = ("npy", "jsonl", "safetensors")
 DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
 _EXTENSIONS = {".npy": "npy", ".jsonl": "jsonl", ".ndjson": "jsonl", ".safetensors": "safetensors"}
@@ -152,7 +152,8 @@ def _open_input(
     artifact: Any,
 ) -> Any:
     """Open INPUT with the right reader; the format comes from --format, the extension, or the first bytes."""
-    from embfilter_cli.vectors.stream import format_from_path, open_source, peek_head, sniff_format
+    from embfilter_cli.vectors.detect import format_from_path, peek_head, sniff_format
+    from embfilter_cli.vectors.registry import open_source
 
     context = _dim_context(artifact)
     if input_path == "-":
@@ -219,9 +220,10 @@ def _run(
     force: bool,
 ) -> Any:
     from embfilter_cli.files import atomic_path
-    from embfilter_cli.vectors.stream import DEFAULT_BATCH_ROWS, JSONL_BATCH_ROWS, filter_stream
+    from embfilter_cli.vectors.registry import get_format
+    from embfilter_cli.vectors.stream import filter_stream
 
-    rows = batch_size or (JSONL_BATCH_ROWS if source.format == "jsonl" else DEFAULT_BATCH_ROWS)
+    rows = batch_size or get_format(source.format).batch_rows
     context = _dim_context(artifact)
     if to_stdout:
         out_fp = _binary(sys.stdout)
@@ -257,25 +259,19 @@ def _make_sink(
     tensor: str | None,
     normalize: bool,
 ) -> Any:
-    from embfilter_cli.vectors.stream import JsonlSink, NpySink, SafetensorsSink
+    from embfilter_cli.vectors.base import SinkOptions
+    from embfilter_cli.vectors.registry import open_sink
 
-    if out_format == "jsonl":
-        return JsonlSink(out_fp, field)
-    if out_format == "npy":
-        return NpySink(out_fp, seekable)
-    metadata = dict(getattr(source, "metadata", {}) or {})
     # Record which filter made these vectors: an index is only comparable with queries filtered the same way.
-    metadata.update(
-        {
-            "embfilter.projection_sha256": artifact.metadata.get("projection_sha256", ""),
-            "embfilter.model_source": artifact.model_source,
-            "embfilter.unembedding_sha256": artifact.unembedding_sha256,
-            "embfilter.normalized": "true" if normalize else "false",
-        }
-    )
-    if source.format == "safetensors":
-        return SafetensorsSink(out_fp, seekable, source.target.name, metadata, source.entries, source.target)
-    return SafetensorsSink(out_fp, seekable, tensor or "embeddings", metadata)
+    # (Formats that store string metadata keep it, after the input's own.)
+    provenance = {
+        "embfilter.projection_sha256": artifact.metadata.get("projection_sha256", ""),
+        "embfilter.model_source": artifact.model_source,
+        "embfilter.unembedding_sha256": artifact.unembedding_sha256,
+        "embfilter.normalized": "true" if normalize else "false",
+    }
+    options = SinkOptions(seekable=seekable, source=source, field=field, tensor=tensor, metadata=provenance)
+    return open_sink(out_fp, out_format, options)
 
 
 @contextlib.contextmanager
