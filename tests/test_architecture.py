@@ -62,7 +62,6 @@ OVERSIZED: set[str] = {
     "commands/inspect_cmd.py",
     "text/embedding.py",
     "text/evaluation.py",
-    "vectors/stream.py",
 }
 
 
