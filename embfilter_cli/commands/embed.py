@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from embfilter_cli.commands._options import device_option, force_option, output_options
+from embfilter_cli.commands._options import device_option, force_option, model_cache_option, output_options
 from embfilter_cli.errors import UsageError
 
 OUTPUT_SUFFIXES = (".npy", ".jsonl")
@@ -78,6 +78,7 @@ OUTPUT_SUFFIXES = (".npy", ".jsonl")
     show_default=True,
     help="auto: JSONL for .jsonl files or input whose first line starts with '{', else one text per line.",
 )
+@model_cache_option
 @force_option
 @output_options
 def embed(
@@ -94,6 +95,7 @@ def embed(
     device: str,
     dtype: str,
     input_format: str,
+    no_cache: bool,
     force: bool,
     json_: bool,
 ) -> None:
@@ -118,7 +120,7 @@ def embed(
     if to_stdout and json_:
         raise UsageError("--json prints a summary on stdout, which -o - already uses for the embeddings; drop one")
 
-    from embfilter_cli.console import info, warn
+    from embfilter_cli.console import info, info_text, warn
     from embfilter_cli.text.embedding import resolve_recipe
     from embfilter_cli.text.texts import describe_skipped, read_texts
 
@@ -147,7 +149,9 @@ def embed(
 
     info(f"Loading {location.source} ({location.kind.replace('_', ' ')})…")
     start = time.perf_counter()
-    encoder = load_encoder_at(location, device=device, dtype=dtype, revision=revision)
+    encoder = load_encoder_at(
+        location, device=device, dtype=dtype, revision=revision, use_cache=not no_cache, notify=info_text
+    )
     loaded = time.perf_counter()
     info(
         f"Loaded in {loaded - start:.1f}s: hidden size {encoder.hidden_size}, {encoder.device}, {str(encoder.dtype).replace('torch.', '')}"

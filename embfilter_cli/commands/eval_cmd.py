@@ -78,7 +78,11 @@ JSON_SCHEMA = "embfilter.eval/1"
     default=None,
     help="Embedding/spectrum cache [default: $EMBFILTER_CACHE or ~/.cache/embfilter].",
 )
-@click.option("--no-cache", is_flag=True, help="Neither read nor write the cache.")
+@click.option(
+    "--no-cache",
+    is_flag=True,
+    help="Neither read nor write the cache (a GGUF model is then loaded directly, not from its cached conversion).",
+)
 @force_option
 @output_options
 def eval_cmd(
@@ -261,7 +265,7 @@ def _raw_embeddings(
     model_fingerprint: Any,
 ) -> tuple[Any, dict[str, Any]]:
     """Raw pooled embeddings of every text, from the cache or by running the model once."""
-    from embfilter_cli.console import info, warn
+    from embfilter_cli.console import info, info_text, warn
     from embfilter_cli.filters.spectral import resolve_device
     from embfilter_cli.text.embedding import resolve_dtype
     from embfilter_cli.text.evaluation import cache_key
@@ -290,7 +294,16 @@ def _raw_embeddings(
 
     info(f"Loading {location.source} ({location.kind.replace('_', ' ')})…")
     started = time.perf_counter()
-    encoder = load_encoder_at(location, device=device, dtype=dtype, revision=revision)
+    # The cache's switch and folder also govern a GGUF model's cached Hugging Face conversion.
+    encoder = load_encoder_at(
+        location,
+        device=device,
+        dtype=dtype,
+        revision=revision,
+        cache_dir=cache.root,
+        use_cache=cache.enabled,
+        notify=info_text,
+    )
     loaded = time.perf_counter()
     info(f"Loaded in {loaded - started:.1f}s; embedding {len(data.texts)} texts")
     raw = encoder.embed(

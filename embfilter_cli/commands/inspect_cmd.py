@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import click
 
-from embfilter_cli.commands._options import device_option, force_option, output_options
+from embfilter_cli.commands._options import device_option, force_option, model_cache_option, output_options
 from embfilter_cli.errors import UsageError
 from embfilter_cli.text.directions import DEFAULT_RANK
 
@@ -457,6 +457,7 @@ def _print_directions(doc: dict[str, Any], with_zipf: bool) -> None:
     show_default=True,
     help="Model weights dtype for the forward pass.",
 )
+@model_cache_option
 @output_options
 def text(
     texts: tuple[str, ...],
@@ -470,6 +471,7 @@ def text(
     batch_size: int,
     device: str,
     dtype: str,
+    no_cache: bool,
     json_: bool,
 ) -> None:
     """Logit lens on pooled text embeddings: top tokens of W_U·e, before and after the filter.
@@ -482,7 +484,7 @@ def text(
       embfilter inspect text "The cat sat on the mat." "Stocks fell." --filter F
       echo "A dog ran in the park." | embfilter inspect text - --pooling last --recipe prompteol --json
     """
-    from embfilter_cli.console import emit_json, info, warn
+    from embfilter_cli.console import emit_json, info, info_text, warn
     from embfilter_cli.errors import InputDataError
     from embfilter_cli.text.directions import token_entries
     from embfilter_cli.text.embedding import check_pooling, load_encoder, resolve_recipe
@@ -496,7 +498,9 @@ def text(
     ctx = _Context(model, revision, filter_)
 
     info(f"Embedding {len(items)} text(s): pooling={pooling}, recipe={recipe}")
-    encoder = load_encoder(ctx.spec, device=device, dtype=dtype, revision=revision)
+    encoder = load_encoder(
+        ctx.spec, device=device, dtype=dtype, revision=revision, use_cache=not no_cache, notify=info_text
+    )
     embeddings = encoder.embed(items, pooling=pooling, recipe=recipe, batch_size=batch_size, max_length=max_length)
     if embeddings.shape[1] != ctx.unemb.hidden_size:
         raise InputDataError(

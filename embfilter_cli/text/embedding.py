@@ -21,7 +21,9 @@ prompt's tail (e.g. `means in one word:"`) always survives. Texts are batched by
 (longest first) to limit padding; results come back in input order.
 
 Loading: Hugging Face folders and Hub ids through `transformers.AutoModel` (the base model, no LM
-head), GGUF files through `from_pretrained(folder, gguf_file=name)` (dequantized to `dtype`).
+head). A GGUF file is converted once by transformers' own GGUF loader into a cached float32
+Hugging Face folder (`model.gguf_convert`) and loaded from there (seconds instead of ~45 s for the
+built-in model); `use_cache=False` loads it through `from_pretrained(folder, gguf_file=name)`.
 
 Not handled: encoder-only or encoder-decoder models, single `.safetensors`/`.bin` files without
 their folder (no config or tokenizer), chat templates (apply them yourself, or via a custom
@@ -34,6 +36,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +47,7 @@ import numpy as np
 from embfilter_cli.errors import ArtifactError, InputDataError, ModelNotFoundError
 from embfilter_cli.model.locate import resolve_model
 from embfilter_cli.model.location import ModelLocation
+from embfilter_cli.model.quiet import quiet_transformers as _quiet_transformers
 
 if TYPE_CHECKING:
     import torch
@@ -390,54 +394,41 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' info/warning logs and tqdm bars (they would clutter stderr)."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    # The GGUF converter calls tqdm.auto directly (not transformers' switchable wrapper), so its
-    # bar ignores disable_progress_bar(); swap in a disabled tqdm for the duration of the load.
-    gguf_utils: Any = None
-    original_tqdm: Any = None
-    with contextlib.suppress(ImportError):
-        import functools
-
-        from transformers import modeling_gguf_pytorch_utils as gguf_utils
-
-        original_tqdm = getattr(gguf_utils, "tqdm", None)
-        if original_tqdm is not None:
-            gguf_utils.tqdm = functools.partial(original_tqdm, disable=True)
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-        if gguf_utils is not None and original_tqdm is not None:
-            gguf_utils.tqdm = original_tqdm
-
-
 def load_encoder(
-    spec: str | None, device: str = "auto", dtype: str = "float32", revision: str | None = None
+    spec: str | None,
+    device: str = "auto",
+    dtype: str = "float32",
+    revision: str | None = None,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    use_cache: bool = True,
+    notify: Callable[[str], None] | None = None,
 ) -> Encoder:
     """Resolve `spec` (alias, Hub id, folder, .gguf; None = built-in default) and load it."""
-    return load_encoder_at(resolve_model(spec, revision=revision), device=device, dtype=dtype, revision=revision)
+    return load_encoder_at(
+        resolve_model(spec, revision=revision),
+        device=device,
+        dtype=dtype,
+        revision=revision,
+        cache_dir=cache_dir,
+        use_cache=use_cache,
+        notify=notify,
+    )
 
 
-def load_encoder_at(
-    location: ModelLocation, device: str = "auto", dtype: str = "float32", revision: str | None = None
-) -> Encoder:
-    """Load the base model and tokenizer found at `location` (see module docstring)."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+def model_target(
+    location: ModelLocation,
+    revision: str | None = None,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    use_cache: bool = True,
+    notify: Callable[[str], None] | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """What to hand `from_pretrained` for `location`: (folder or Hub id, extra kwargs).
 
-    from embfilter_cli.filters.spectral import resolve_device
-
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
+    A GGUF file becomes its cached Hugging Face conversion (`model.gguf_convert`, built on first
+    use; `use_cache=False` loads the GGUF itself every time).
+    """
     if location.kind in ("safetensors_file", "bin_file"):
         raise ModelNotFoundError(
             f"{location.path} is a single weights file; embedding needs the model's config.json and tokenizer "
@@ -445,16 +436,43 @@ def load_encoder_at(
         )
     kwargs: dict[str, Any] = {}
     if location.kind == "gguf_file":
-        target: str = str(location.path.parent)
+        if use_cache:
+            from embfilter_cli.model.gguf_convert import converted_folder
+
+            return str(converted_folder(location.path, cache_dir, notify=notify).folder), kwargs
         kwargs["gguf_file"] = location.path.name
-    elif Path(location.source).exists():
-        target = str(location.path)
-    else:
-        # A Hub id: locate.py fetched only the head; transformers downloads the rest into its cache.
-        target = location.source
-        rev = location.revision if location.revision not in ("", "local") else revision
-        if rev:
-            kwargs["revision"] = rev
+        return str(location.path.parent), kwargs
+    if Path(location.source).exists():
+        return str(location.path), kwargs
+    # A Hub id: locate.py fetched only the head; transformers downloads the rest into its cache.
+    rev = location.revision if location.revision not in ("", "local") else revision
+    if rev:
+        kwargs["revision"] = rev
+    return location.source, kwargs
+
+
+def load_encoder_at(
+    location: ModelLocation,
+    device: str = "auto",
+    dtype: str = "float32",
+    revision: str | None = None,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    use_cache: bool = True,
+    notify: Callable[[str], None] | None = None,
+) -> Encoder:
+    """Load the base model and tokenizer found at `location` (see module docstring).
+
+    A GGUF file is loaded from its cached Hugging Face conversion under `cache_dir` unless
+    `use_cache` is False; `notify` receives the one-line messages about building that conversion.
+    """
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    from embfilter_cli.filters.spectral import resolve_device
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    target, kwargs = model_target(location, revision, cache_dir=cache_dir, use_cache=use_cache, notify=notify)
     try:
         with _quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(target, **kwargs)
@@ -562,6 +580,7 @@ __all__ = [
     "load_encoder",
     "load_encoder_at",
     "model_fingerprint",
+    "model_target",
     "pad_batch",
     "pool_hidden",
     "resolve_recipe",

@@ -33,7 +33,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from embfilter_cli.errors import BandError, InputDataError, MissingDependencyError
+from embfilter_cli.files import default_cache_dir
 
 if TYPE_CHECKING:
     from embfilter_cli.filters.artifact import FilterArtifact
@@ -460,12 +460,6 @@ def best_band_artifact(
 
 
 # --------------------------------------------------------------------------- cache
-
-
-def default_cache_dir() -> Path:
-    """`$EMBFILTER_CACHE`, else `~/.cache/embfilter`."""
-    env = os.environ.get("EMBFILTER_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "embfilter"
 
 
 def cache_key(**parts: Any) -> str:

