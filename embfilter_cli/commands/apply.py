@@ -10,6 +10,7 @@ from typing import IO, Any
 import click
 
 from embfilter_cli.commands._options import force_option, output_options
+from embfilter_cli.commands._tables import TABLE_FORMATS
 from embfilter_cli.errors import UsageError
 
 # Mirrors embfilter_cli.vectors.registry and .dtypes (kept here so `--help` never imports numpy; a test checks they agree).
@@ -20,19 +21,18 @@ _EXTENSIONS = {".npy": "npy", ".jsonl": "jsonl", ".ndjson": "jsonl", ".safetenso
 
 @click.command()
 @click.argument("filter_path", metavar="FILTER")
-@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, allow_dash=True, exists=True))
+@click.argument("input_path", metavar="INPUT")
 @click.option(
     "-o",
     "--output",
     default="-",
     show_default=True,
-    type=click.Path(dir_okay=False, allow_dash=True),
-    help="Output file, or - for stdout.",
+    help="Output file, or - for stdout; a folder for a folder or glob of Parquet/Arrow files.",
 )
 @click.option(
     "--format",
     "input_format",
-    type=click.Choice(FORMATS),
+    type=click.Choice(FORMATS + TABLE_FORMATS),
     default=None,
     help="Input format. [default: from the file extension, else sniffed from the first bytes; "
     "empty stdin counts as empty JSONL]",
@@ -40,7 +40,7 @@ _EXTENSIONS = {".npy": "npy", ".jsonl": "jsonl", ".ndjson": "jsonl", ".safetenso
 @click.option(
     "--to",
     "output_format",
-    type=click.Choice(FORMATS),
+    type=click.Choice(FORMATS + TABLE_FORMATS),
     default=None,
     help="Output format. [default: from -o's extension, else the input's]",
 )
@@ -64,6 +64,37 @@ _EXTENSIONS = {".npy": "npy", ".jsonl": "jsonl", ".ndjson": "jsonl", ".safetenso
     default=None,
     help="Rows per batch; memory is about batch × (d + k) × 4 bytes. [default: 8192; 1024 for JSONL]",
 )
+@click.option(
+    "--column",
+    default=None,
+    metavar="NAME",
+    help="Parquet/Arrow: the vector column [default: embedding, embeddings or vector, else the only float-list column].",
+)
+@click.option(
+    "--shard",
+    "shard_text",
+    default=None,
+    metavar="I/N",
+    help="Parquet/Arrow: process only shard I of N (0-based): whole files of a dataset, row groups of one file.",
+)
+@click.option("--resume", is_flag=True, help="Parquet/Arrow: skip outputs already complete; redo the others.")
+@click.option("--allow-null", is_flag=True, help="Parquet/Arrow: keep null vectors null instead of failing.")
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="Parquet/Arrow files: run here, or on Ray Data (pip install 'embfilter[ray]').",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    metavar="ADDR",
+    help="--engine ray: join this cluster (`auto` for the running one) [default: start a local Ray].",
+)
+@click.option(
+    "--concurrency", type=click.IntRange(min=1), default=None, help="--engine ray: actors [default: the CPUs]."
+)
 @click.option("--normalize", is_flag=True, help="L2-normalise each filtered vector.")
 @click.option(
     "--allow-nonfinite",
@@ -84,6 +115,13 @@ def apply(
     batch_size: int | None,
     normalize: bool,
     allow_nonfinite: bool,
+    column: str | None,
+    shard_text: str | None,
+    resume: bool,
+    allow_null: bool,
+    engine: str,
+    ray_address: str | None,
+    concurrency: int | None,
     force: bool,
     json_: bool,
 ) -> None:
@@ -100,9 +138,47 @@ def apply(
       cat vectors.jsonl | embfilter apply F - --format jsonl > filtered.jsonl
       embfilter apply F vectors.jsonl --to npy --dtype float32 --normalize -o index.npy
 
+    \b
+    Parquet and Arrow (a file, a folder or a quoted glob; folders give folders with the same names):
+      embfilter apply F vectors.parquet -o filtered.parquet
+      embfilter apply F data/ -o out/ --column emb --shard 3/16 --resume
+      producer | embfilter apply F - --format arrow -o - | consumer
+      embfilter apply F 'data/*.parquet' -o out/ --engine ray --concurrency 8
+
     With -o FILE the output appears only when every row succeeded. On stdout, rows are written as they
     are processed: after an error (exit 1) stdout may already hold the earlier rows.
     """
+    from embfilter_cli.commands._tables import is_table_job, run_table_apply
+
+    if is_table_job(input_path, input_format, output_format, output):
+        run_table_apply(
+            filter_path=filter_path,
+            input_path=input_path,
+            output=output,
+            input_format=input_format,
+            output_format=output_format,
+            column=column,
+            dtype=dtype,
+            batch_size=batch_size,
+            normalize=normalize,
+            allow_nonfinite=allow_nonfinite,
+            allow_null=allow_null,
+            shard_text=shard_text,
+            resume=resume,
+            force=force,
+            json_=json_,
+            engine=engine,
+            ray_address=ray_address,
+            concurrency=concurrency,
+        )
+        return
+    table_only = {"--column": column, "--shard": shard_text, "--resume": resume, "--allow-null": allow_null}
+    table_only["--engine"] = engine if engine != "local" else None
+    used = [flag for flag, value in table_only.items() if value]
+    if used:
+        raise UsageError(f"{', '.join(used)} apply to Parquet/Arrow inputs only")
+    if input_path != "-" and not Path(input_path).exists():
+        raise UsageError(f"INPUT {input_path} does not exist; pass a vectors file or - for stdin")
     to_stdout = output == "-"
     if json_ and to_stdout:
         raise UsageError("--json prints a summary on stdout, which already carries the vectors; add -o FILE")

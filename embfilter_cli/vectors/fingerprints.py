@@ -1,0 +1,108 @@
+"""Which filter made a file of vectors: the `embfilter.*` metadata of Parquet, Arrow and safetensors outputs.
+
+`apply` records the filter's fingerprints in every output that has a place for metadata (Parquet
+and Arrow schema metadata, the safetensors header). `vector_files` + `read_fingerprint` let
+`embfilter verify F --vectors PATH` check a file or a whole folder against a filter; `--resume`
+uses the same reader to tell finished outputs from foreign or incomplete ones.
+
+Not handled: .npy and JSONL outputs carry no metadata, so they cannot be verified.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from embfilter_cli.errors import InputDataError
+
+FINGERPRINT_SUFFIXES = (".parquet", ".pq", ".arrow", ".feather", ".ipc", ".safetensors")
+
+
+def read_fingerprint(path: str | os.PathLike[str]) -> tuple[int, dict[str, str]]:
+    """(rows, metadata) of a Parquet, Arrow IPC or safetensors file, reading headers/footers only.
+
+    Raises:
+        InputDataError: unreadable file, or a format without metadata.
+    """
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        from embfilter_cli.vectors.parquet import parquet_footer
+
+        return parquet_footer(p)
+    if suffix in (".arrow", ".feather", ".ipc"):
+        from embfilter_cli.vectors.arrow_ipc import ipc_footer
+
+        return ipc_footer(p)
+    if suffix == ".safetensors":
+        return _safetensors_fingerprint(p)
+    raise InputDataError(
+        f"{p} is not a Parquet, Arrow or safetensors file; only those formats record which filter made them"
+    )
+
+
+def _safetensors_fingerprint(path: Path) -> tuple[int, dict[str, str]]:
+    with open(path, "rb") as fp:
+        head = fp.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        raw = fp.read(n) if 0 < n <= 100 << 20 else b""
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise InputDataError(f"{path} is not a readable safetensors file; recreate it")
+    meta = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+    shapes = [v.get("shape", [0]) for v in header.values() if isinstance(v, dict)]
+    rows = int(shapes[0][0]) if len(shapes) == 1 and shapes[0] else -1
+    return rows, meta
+
+
+def vector_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The file itself, or every Parquet/Arrow/safetensors file under a folder (recursive, sorted)."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        files = sorted(
+            f
+            for f in p.rglob("*")
+            if f.is_file()
+            and f.suffix.lower() in FINGERPRINT_SUFFIXES
+            and not any(part.startswith((".", "_")) for part in f.relative_to(p).parts)
+        )
+        if not files:
+            raise InputDataError(f"folder {p} holds no Parquet, Arrow or safetensors files to verify")
+        return files
+    raise InputDataError(f"{p} does not exist; pass the file or folder that `embfilter apply` wrote")
+
+
+@dataclass
+class VectorCheck:
+    """The outcome of checking one file's fingerprint against a filter."""
+
+    path: str
+    ok: bool
+    rows: int
+    projection_sha256: str | None
+    detail: str
+
+
+def check_vector_file(path: Path, projection_sha256: str) -> VectorCheck:
+    """Whether `path` records `projection_sha256` as the filter that made it."""
+    rows, meta = read_fingerprint(path)
+    found = meta.get("embfilter.projection_sha256")
+    if found is None:
+        return VectorCheck(str(path), False, rows, None, f"{path} records no filter (no embfilter.* metadata)")
+    if found != projection_sha256:
+        return VectorCheck(
+            str(path),
+            False,
+            rows,
+            found,
+            f"{path} was made by another filter (projection SHA-256 {found[:16]}…, this filter's is "
+            f"{projection_sha256[:16]}…); do not mix them in one index",
+        )
+    return VectorCheck(str(path), True, rows, found, f"{rows} rows, made by this filter")
