@@ -27,6 +27,7 @@ _EXTENSIONS = {".npy": "npy", ".jsonl": "jsonl", ".ndjson": "jsonl", ".safetenso
     "--output",
     default="-",
     show_default=True,
+    metavar="PATH",
     help="Output file, or - for stdout; a folder for a folder or glob of Parquet/Arrow files.",
 )
 @click.option(
@@ -79,22 +80,6 @@ _EXTENSIONS = {".npy": "npy", ".jsonl": "jsonl", ".ndjson": "jsonl", ".safetenso
 )
 @click.option("--resume", is_flag=True, help="Parquet/Arrow: skip outputs already complete; redo the others.")
 @click.option("--allow-null", is_flag=True, help="Parquet/Arrow: keep null vectors null instead of failing.")
-@click.option(
-    "--engine",
-    type=click.Choice(["local", "ray"]),
-    default="local",
-    show_default=True,
-    help="Parquet/Arrow files: run here, or on Ray Data (pip install 'embfilter[ray]').",
-)
-@click.option(
-    "--ray-address",
-    default=None,
-    metavar="ADDR",
-    help="--engine ray: join this cluster (`auto` for the running one) [default: start a local Ray].",
-)
-@click.option(
-    "--concurrency", type=click.IntRange(min=1), default=None, help="--engine ray: actors [default: the CPUs]."
-)
 @click.option("--normalize", is_flag=True, help="L2-normalise each filtered vector.")
 @click.option(
     "--allow-nonfinite",
@@ -119,9 +104,6 @@ def apply(
     shard_text: str | None,
     resume: bool,
     allow_null: bool,
-    engine: str,
-    ray_address: str | None,
-    concurrency: int | None,
     force: bool,
     json_: bool,
 ) -> None:
@@ -143,7 +125,6 @@ def apply(
       embfilter apply F vectors.parquet -o filtered.parquet
       embfilter apply F data/ -o out/ --column emb --shard 3/16 --resume
       producer | embfilter apply F - --format arrow -o - | consumer
-      embfilter apply F 'data/*.parquet' -o out/ --engine ray --concurrency 8
 
     With -o FILE the output appears only when every row succeeded. On stdout, rows are written as they
     are processed: after an error (exit 1) stdout may already hold the earlier rows.
@@ -167,13 +148,9 @@ def apply(
             resume=resume,
             force=force,
             json_=json_,
-            engine=engine,
-            ray_address=ray_address,
-            concurrency=concurrency,
         )
         return
     table_only = {"--column": column, "--shard": shard_text, "--resume": resume, "--allow-null": allow_null}
-    table_only["--engine"] = engine if engine != "local" else None
     used = [flag for flag, value in table_only.items() if value]
     if used:
         raise UsageError(f"{', '.join(used)} apply to Parquet/Arrow inputs only")
