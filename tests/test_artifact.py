@@ -40,7 +40,8 @@ def test_header_layout_is_stable(make_filter):
     assert header["singular_values"]["dtype"] == "F64"
     assert header["kept_indices"]["dtype"] == "I64"
     meta = header["__metadata__"]
-    assert meta["format"] == "embfilter.filter" and meta["format_version"] == "1"
+    assert meta["format"] == "embfilter.filter" and meta["format_version"] == "2"
+    assert "mean" not in header and "centering" not in meta and "mean_sha256" not in meta  # uncentred
     for key in (
         "model_source",
         "model_revision",

@@ -152,7 +152,7 @@ def test_standalone_metadata_records_the_filter(runner, art, tmp_path):
     assert runner.invoke(app, ["export", str(art), "--onnx", "-o", str(out), "--normalize"]).exit_code == 0
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     a = load_artifact(art)
-    assert meta["embfilter.format_version"] == a.metadata["format_version"] == "1"
+    assert meta["embfilter.format_version"] == a.metadata["format_version"] == "2"
     assert meta["embfilter.model_source"] == "test/planted"
     assert json.loads(meta["embfilter.band"]) == a.band
     assert meta["embfilter.unembedding_sha256"] == a.unembedding_sha256

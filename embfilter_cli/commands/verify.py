@@ -41,7 +41,9 @@ def verify(
     \b
     Checks: the file is a readable artifact of a known format version; the projection matches its
     stored SHA-256; its rows are orthonormal (float32 tolerance) and orthogonal to the removed
-    directions; with --model, the model's W_U has the SHA-256 stored at fit time.
+    directions; a centred filter's mean matches its stored SHA-256 (and its record of how it was
+    made is complete and names the filter's own W_U); with --model, the model's W_U has the SHA-256
+    stored at fit time.
     Exit status 0 when every check passes, 1 otherwise (the report still goes to stdout when the
     file could be read; an unreadable file gets only the error line).
 

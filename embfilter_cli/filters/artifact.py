@@ -1,6 +1,6 @@
 """The filter artifact: a versioned safetensors file, its writer and its validating loader.
 
-Layout (format version 1):
+Layout (format version 2 = version 1 plus an optional mean; version-1 files load unchanged):
     tensors   projection          float32 (k, d) reduced map P with orthonormal rows, or
                                   (d, d) projector I - V_e V_eᵀ when metadata `projection_kind`
                                   is "projector"
@@ -8,10 +8,17 @@ Layout (format version 1):
               kept_indices        int64 (k,) indices of the kept directions (empty when the kept
                                   basis is not a set of singular directions, e.g. randomized solver)
               removed_directions  float32 (r, d) the removed right singular vectors, top then bottom
+              mean                float32 (k,) OPTIONAL (version 2): the mean m of the filtered
+                                  background vectors; the filter is then y = P·x − m
     metadata  str -> str, see `REQUIRED_METADATA`; JSON-encoded values where a field is structured.
+              With a mean (and only then): `centering` (JSON, see `filters.centering.Centering`:
+              count, source, SHA-256 of the texts, pooling, recipe, template, max_length, model)
+              and `mean_sha256` (SHA-256 of the mean's float32 bytes).
 
 The loader checks the format tag and version, the shapes against each other and the stored
-SHA-256 of the projection bytes, and says what is wrong with anything that is not an artifact.
+SHA-256s of the projection and the mean, and says what is wrong with anything that is not an
+artifact. The writer always writes version 2 (an uncentred filter is a version-2 file without
+`mean`).
 """
 
 from __future__ import annotations
@@ -27,9 +34,11 @@ import numpy as np
 
 from embfilter_cli.errors import ArtifactError
 from embfilter_cli.files import atomic_path
+from embfilter_cli.filters.centering import Centering, apply_affine
 
 FORMAT_TAG = "embfilter.filter"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # what save_artifact writes
+READABLE_VERSIONS = ("1", "2")
 DEFAULT_ARTIFACT_DIR = Path("artifacts")
 
 REQUIRED_METADATA = (
@@ -51,6 +60,8 @@ REQUIRED_METADATA = (
     "created_utc",
 )
 TENSOR_NAMES = ("projection", "singular_values", "kept_indices", "removed_directions")
+MEAN_TENSOR = "mean"
+CENTERING_METADATA = ("centering", "mean_sha256")  # present exactly when the `mean` tensor is
 
 
 def array_sha256(array: np.ndarray) -> str:
@@ -68,6 +79,7 @@ class FilterArtifact:
     removed_directions: np.ndarray
     metadata: dict[str, str] = field(default_factory=dict)
     path: Path | None = None
+    mean: np.ndarray | None = None  # (k,) float32: the filter is y = P·x − mean (None: y = P·x)
 
     @property
     def hidden_size(self) -> int:
@@ -93,18 +105,56 @@ class FilterArtifact:
     def unembedding_sha256(self) -> str:
         return self.metadata.get("unembedding_sha256", "")
 
+    @property
+    def centered(self) -> bool:
+        return self.mean is not None
+
+    @property
+    def centering(self) -> Centering | None:
+        """How the mean was made (None for an uncentred filter)."""
+        if self.mean is None:
+            return None
+        return Centering.from_json(self.metadata["centering"], str(self.path or "the filter"))
+
     def json_field(self, key: str) -> Any:
         return json.loads(self.metadata[key])
 
+    def with_mean(self, mean: np.ndarray | None, centering: Centering | None) -> FilterArtifact:
+        """A copy of this filter (same P, not yet saved) centred on `mean`, or uncentred with None."""
+        metadata = {k: v for k, v in self.metadata.items() if k not in CENTERING_METADATA}
+        if mean is not None:
+            if centering is None:
+                raise ValueError("a mean needs its Centering record")  # a bug in the caller
+            if centering.unembedding_sha256 != self.unembedding_sha256:
+                raise ArtifactError(
+                    f"the background was embedded with a model whose W_U sha256 is {centering.unembedding_sha256[:16]}… "
+                    f"but the filter was fitted on {self.unembedding_sha256[:16]}…; embed it with the filter's model"
+                )
+            mean = np.asarray(mean, dtype=np.float32).reshape(-1)
+            if mean.shape != (self.output_dim,):
+                raise ArtifactError(f"the mean has {mean.size} values but the filter outputs {self.output_dim} dims")
+            metadata["centering"] = centering.to_json()
+        return FilterArtifact(
+            projection=self.projection,
+            singular_values=self.singular_values,
+            kept_indices=self.kept_indices,
+            removed_directions=self.removed_directions,
+            metadata=metadata,
+            path=None,
+            mean=mean,
+        )
+
     def apply(self, vectors: np.ndarray) -> np.ndarray:
-        """Project `vectors` (..., d) to (..., k) in float32 (float64 input stays float64)."""
+        """Filter `vectors` (..., d) to (..., k): P·x, minus the mean when the filter has one.
+
+        float32 out, except float64 input stays float64.
+        """
         if vectors.shape[-1] != self.hidden_size:
             raise ArtifactError(
                 f"vectors have dimension {vectors.shape[-1]} but the filter expects {self.hidden_size} "
                 f"(fitted on {self.model_source or 'another model'}); use a filter fitted on the model that made them"
             )
-        proj = self.projection.astype(np.float64) if vectors.dtype == np.float64 else self.projection
-        return vectors @ proj.T
+        return apply_affine(vectors, self.projection, self.mean)
 
     def summary(self) -> dict[str, Any]:
         """The facts a person wants about a filter, JSON-ready."""
@@ -122,6 +172,8 @@ class FilterArtifact:
             "band": self.band,
             "solver": self.metadata.get("solver"),
             "certificate": self.json_field("certificate"),
+            "centering": self.centering.as_dict() if self.centered else None,
+            "mean_sha256": self.metadata.get("mean_sha256") if self.centered else None,
             "created_utc": self.metadata.get("created_utc"),
             "tool_version": self.metadata.get("tool_version"),
         }
@@ -143,6 +195,17 @@ def save_artifact(artifact: FilterArtifact, path: str | os.PathLike[str], force:
     metadata["format"] = FORMAT_TAG
     metadata["format_version"] = FORMAT_VERSION
     metadata["projection_sha256"] = array_sha256(tensors["projection"])
+    for key in CENTERING_METADATA:
+        metadata.pop(key, None)  # an uncentred copy of a centred filter must not keep the old record
+    if artifact.mean is not None:
+        mean = np.ascontiguousarray(artifact.mean, dtype=np.float32)
+        if mean.shape != (tensors["projection"].shape[0],) or not np.isfinite(mean).all():
+            raise ValueError(f"mean must be {tensors['projection'].shape[0]} finite floats, got {mean.shape}")
+        if "centering" not in artifact.metadata:
+            raise ValueError("a mean needs its `centering` metadata")  # a bug in the caller
+        tensors[MEAN_TENSOR] = mean
+        metadata["centering"] = artifact.metadata["centering"]
+        metadata["mean_sha256"] = array_sha256(mean)
     missing = [k for k in REQUIRED_METADATA if k not in metadata]
     if missing:
         raise ValueError(f"artifact metadata is missing {missing}")  # a bug in the caller, not user input
@@ -153,6 +216,8 @@ def save_artifact(artifact: FilterArtifact, path: str | os.PathLike[str], force:
         save_file(tensors, str(tmp), metadata=metadata)
     artifact.metadata = metadata
     artifact.path = Path(path)
+    if artifact.mean is not None:
+        artifact.mean = tensors[MEAN_TENSOR]
     return Path(path)
 
 
@@ -178,6 +243,7 @@ def load_artifact(path: str | os.PathLike[str], verify_digest: bool = True) -> F
             if missing_t:
                 raise ArtifactError(f"{p} lacks tensor(s) {missing_t}; it is damaged or not from embfilter, refit it")
             tensors = {name: handle.get_tensor(name) for name in TENSOR_NAMES}
+            mean = handle.get_tensor(MEAN_TENSOR) if MEAN_TENSOR in keys else None
     except ArtifactError:
         raise
     except Exception as exc:  # safetensors raises its own error types for truncated/garbled files
@@ -186,10 +252,10 @@ def load_artifact(path: str | os.PathLike[str], verify_digest: bool = True) -> F
             "written by `embfilter fit` (if it is one, it is truncated or damaged: refit it)"
         ) from exc
     version = metadata.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ArtifactError(
-            f"{p} has filter format version {version!r}, this embfilter reads version {FORMAT_VERSION}; "
-            "refit it or upgrade embfilter"
+            f"{p} has filter format version {version!r}, this embfilter reads versions "
+            f"{' and '.join(READABLE_VERSIONS)}; refit it or upgrade embfilter"
         )
     missing = [k for k in REQUIRED_METADATA if k not in metadata]
     if missing:
@@ -208,6 +274,7 @@ def load_artifact(path: str | os.PathLike[str], verify_digest: bool = True) -> F
     removed = tensors["removed_directions"]
     if removed.ndim != 2 or (removed.size and removed.shape[1] != d):
         raise ArtifactError(f"{p}: removed_directions has shape {removed.shape}, expected (r, {d}); refit it")
+    _check_mean(p, version, mean, metadata, proj.shape[0], verify_digest)
     return FilterArtifact(
         projection=proj,
         singular_values=tensors["singular_values"],
@@ -215,7 +282,45 @@ def load_artifact(path: str | os.PathLike[str], verify_digest: bool = True) -> F
         removed_directions=removed,
         metadata=metadata,
         path=p,
+        mean=mean,
     )
+
+
+def _check_mean(
+    p: Path, version: str, mean: np.ndarray | None, metadata: dict[str, str], k: int, verify_digest: bool
+) -> None:
+    """The optional mean: only in version 2, with its metadata, k finite float32s, matching its digest."""
+    present = [key for key in CENTERING_METADATA if key in metadata]
+    if mean is None:
+        if present:
+            raise ArtifactError(f"{p} has {present} metadata but no `mean` tensor; it is damaged, recentre or refit it")
+        return
+    if version == "1":
+        raise ArtifactError(
+            f"{p} is a version-1 filter but holds a `mean` tensor (version 2 only); it is damaged, refit it"
+        )
+    missing = [key for key in CENTERING_METADATA if key not in metadata]
+    if missing:
+        raise ArtifactError(f"{p} has a `mean` tensor but lacks metadata {missing}; it is damaged, recentre it")
+    if mean.dtype != np.float32 or mean.shape != (k,):
+        raise ArtifactError(
+            f"{p}: the mean must be {k} float32 values (one per output dimension), found {mean.dtype} {mean.shape}; "
+            "recentre it with `embfilter center`"
+        )
+    if not np.isfinite(mean).all():
+        raise ArtifactError(f"{p}: the mean holds NaN or Inf; recentre it with `embfilter center`")
+    centering = Centering.from_json(metadata["centering"], str(p))
+    if centering.unembedding_sha256 != metadata["unembedding_sha256"]:
+        raise ArtifactError(
+            f"{p}: the mean was made with a model whose W_U sha256 is {centering.unembedding_sha256[:16]}… but the "
+            f"filter was fitted on W_U sha256 {metadata['unembedding_sha256'][:16]}…; recentre it with "
+            "`embfilter center` on the filter's own model"
+        )
+    if verify_digest and array_sha256(mean) != metadata["mean_sha256"]:
+        raise ArtifactError(
+            f"{p}: the mean does not match its stored SHA-256 (stored {metadata['mean_sha256'][:16]}…, actual "
+            f"{array_sha256(mean)[:16]}…); the file was modified or damaged, recentre it with `embfilter center`"
+        )
 
 
 def newest_artifact(directory: str | os.PathLike[str] = DEFAULT_ARTIFACT_DIR) -> Path:

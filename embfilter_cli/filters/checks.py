@@ -97,7 +97,27 @@ def integrity_checks(artifact: Any) -> list[Check]:
             f"{where}: the kept and removed directions do not split the hidden space ({what}); refit it",
         )
     )
+    if artifact.centered:
+        checks.append(mean_check(artifact))
     return checks
+
+
+def mean_check(artifact: Any) -> Check:
+    """A centred filter's mean matches its stored SHA-256 (the loader already checked shape, finiteness, record)."""
+    from embfilter_cli.filters.artifact import array_sha256
+
+    stored, actual = artifact.metadata["mean_sha256"], array_sha256(artifact.mean)
+    ok = stored == actual
+    centering = artifact.centering
+    return Check(
+        "mean",
+        ok,
+        f"{centering.describe()}; sha256 {actual[:16]}… "
+        + ("matches the stored digest" if ok else f"≠ stored {stored[:16]}…"),
+        {"stored": stored, "actual": actual, "centering": centering.as_dict()},
+        f"{artifact.path}: the mean does not match its stored SHA-256 (stored {stored}, actual {actual}); "
+        "the file was modified or damaged, recentre it with `embfilter center`",
+    )
 
 
 def unembedding_check(
