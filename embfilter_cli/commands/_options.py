@@ -56,3 +56,71 @@ def device_option(func: F) -> F:
         show_default=True,
         help="cpu, cuda, cuda:N, mps or auto (cuda when available, else cpu).",
     )(func)
+
+
+# ---------------------------------------------------------------- how texts are embedded
+# `embed` defines these; `fit --center-on` and `center` embed background texts with the same
+# options and defaults, so a mean is made exactly the way the vectors it centres are.
+
+
+def pooling_option(func: F) -> F:
+    return click.option(
+        "--pooling",
+        type=click.Choice(["mean", "last"]),
+        default="mean",
+        show_default=True,
+        help="mean over tokens (echo: over the second copy), or the last token (left padding).",
+    )(func)
+
+
+def recipe_option(func: F) -> F:
+    return click.option(
+        "--recipe",
+        default="none",
+        show_default=True,
+        metavar="NAME|TEMPLATE",
+        help="none, prompteol, summarize, echo, or a custom template containing {text}.",
+    )(func)
+
+
+def batch_size_option(func: F) -> F:
+    return click.option(
+        "--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Texts per forward pass."
+    )(func)
+
+
+def max_length_option(func: F) -> F:
+    return click.option(
+        "--max-length",
+        type=click.IntRange(min=1),
+        default=512,
+        show_default=True,
+        help="Token budget per prompt, template included; longer texts are cut, the template is kept.",
+    )(func)
+
+
+def dtype_option(func: F) -> F:
+    return click.option(
+        "--dtype",
+        type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+        default="auto",
+        show_default=True,
+        help="Model weights dtype; auto = float32 on CPU, bfloat16 on CUDA.",
+    )(func)
+
+
+def input_format_option(func: F) -> F:
+    return click.option(
+        "--input-format",
+        type=click.Choice(["auto", "lines", "jsonl"]),
+        default="auto",
+        show_default=True,
+        help="auto: JSONL for .jsonl files or input whose first line starts with '{', else one text per line.",
+    )(func)
+
+
+def embedding_options(func: F) -> F:
+    """--pooling, --recipe, --batch-size, --max-length, --dtype and --input-format, as `embed` has them."""
+    for option in (input_format_option, dtype_option, max_length_option, batch_size_option, recipe_option):
+        func = option(func)
+    return pooling_option(func)

@@ -8,7 +8,18 @@ from typing import Any
 
 import click
 
-from embfilter_cli.commands._options import device_option, force_option, model_cache_option, output_options
+from embfilter_cli.commands._options import (
+    batch_size_option,
+    device_option,
+    dtype_option,
+    force_option,
+    input_format_option,
+    max_length_option,
+    model_cache_option,
+    output_options,
+    pooling_option,
+    recipe_option,
+)
 from embfilter_cli.errors import UsageError
 
 OUTPUT_SUFFIXES = (".npy", ".jsonl")
@@ -33,51 +44,22 @@ OUTPUT_SUFFIXES = (".npy", ".jsonl")
     help="Alias, Hub id, model folder or .gguf file. Default: the built-in SmolLM2-135M-Instruct GGUF.",
 )
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) for a Hub id.")
-@click.option(
-    "--pooling",
-    type=click.Choice(["mean", "last"]),
-    default="mean",
-    show_default=True,
-    help="mean over tokens (echo: over the second copy), or the last token (left padding).",
-)
-@click.option(
-    "--recipe",
-    default="none",
-    show_default=True,
-    metavar="NAME|TEMPLATE",
-    help="none, prompteol, summarize, echo, or a custom template containing {text}.",
-)
+@pooling_option
+@recipe_option
 @click.option(
     "--filter",
     "filter_path",
     default=None,
     metavar="FILTER",
-    help="Apply this filter artifact (before --normalize). Refused if fitted on another model.",
+    help="Apply this filter artifact: P·x, minus its mean when it is centred, then --normalize. Refused if "
+    "fitted on another model, or centred on vectors of another --pooling/--recipe.",
 )
 @click.option("--normalize", is_flag=True, help="L2-normalise every output vector.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Texts per forward pass.")
-@click.option(
-    "--max-length",
-    type=click.IntRange(min=1),
-    default=512,
-    show_default=True,
-    help="Token budget per prompt, template included; longer texts are cut, the template is kept.",
-)
+@batch_size_option
+@max_length_option
 @device_option
-@click.option(
-    "--dtype",
-    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-    default="auto",
-    show_default=True,
-    help="Model weights dtype; auto = float32 on CPU, bfloat16 on CUDA.",
-)
-@click.option(
-    "--input-format",
-    type=click.Choice(["auto", "lines", "jsonl"]),
-    default="auto",
-    show_default=True,
-    help="auto: JSONL for .jsonl files or input whose first line starts with '{', else one text per line.",
-)
+@dtype_option
+@input_format_option
 @model_cache_option
 @force_option
 @output_options
@@ -124,7 +106,7 @@ def embed(
     from embfilter_cli.text.embedding import resolve_recipe
     from embfilter_cli.text.texts import describe_skipped, read_texts
 
-    resolve_recipe(recipe)  # a bad template fails before anything is loaded
+    rec = resolve_recipe(recipe)  # a bad template fails before anything is loaded
     if not to_stdout:
         from embfilter_cli.files import check_writable
 
@@ -139,9 +121,11 @@ def embed(
     artifact = None
     if filter_path is not None:
         from embfilter_cli.filters.artifact import load_artifact
+        from embfilter_cli.filters.centering import check_centering_use
         from embfilter_cli.text.embedding import check_filter_matches, unembedding_fingerprint
 
         artifact = load_artifact(filter_path)
+        check_centering_use(artifact.centering, pooling, rec.name, rec.template, str(artifact.path))
         sha, hidden = unembedding_fingerprint(location, artifact.metadata.get("tensor_name"))
         check_filter_matches(artifact, hidden_size=hidden, unembedding_sha256=sha, model_source=location.source)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from embfilter_cli.commands._options import device_option, force_option, output_options
+from embfilter_cli.commands._options import device_option, embedding_options, force_option, output_options
 
 AUTO_EXACT_MAX_HIDDEN = 16384  # exact's d×d float64 Gram is 2 GiB at this size; beyond it, randomized
 
@@ -96,6 +96,16 @@ AUTO_EXACT_MAX_HIDDEN = 16384  # exact's d×d float64 Gram is 2 GiB at this size
     default=None,
     help="Artifact path [default: artifacts/<model>-<band>.safetensors].",
 )
+@click.option(
+    "--center-on",
+    "center_on",
+    default=None,
+    metavar="TEXTS",
+    help="Also centre the filter: store the mean of the filtered TEXTS (unlabeled texts from your domain, "
+    "as `embed` reads them, or -; or a .npy of raw embeddings) so it becomes y = P·x − m. The texts are "
+    "embedded with this model and the --pooling/--recipe/--max-length/--batch-size/--dtype below.",
+)
+@embedding_options
 @force_option
 @output_options
 def fit(
@@ -118,6 +128,13 @@ def fit(
     precision: str,
     padding_rows: str,
     output: str | None,
+    center_on: str | None,
+    pooling: str,
+    recipe: str,
+    batch_size: int,
+    max_length: int,
+    dtype: str,
+    input_format: str,
     force: bool,
     json_: bool,
 ) -> None:
@@ -131,12 +148,14 @@ def fit(
       embfilter fit --model Qwen/Qwen2.5-0.5B --ratio 2
       embfilter fit --band auto                      # R and B from the spectrum alone
       embfilter fit --model model.gguf --rank 64 --solver randomized --device cuda --json
+      embfilter fit --rank 64 --bottom 16 --center-on background.txt   # y = P·x − m (see `embfilter center`)
     """
     iters = _parse_power_iters(power_iters)
     if output is not None:
         from embfilter_cli.files import check_writable
 
         check_writable(output, force)  # fail before any download or decomposition
+    background = _read_background_early(center_on, pooling, recipe, input_format)
 
     from embfilter_cli.console import info, progress_enabled
     from embfilter_cli.filters.band import resolve_band
@@ -165,6 +184,10 @@ def fit(
 
     unemb = read_unembedding(location, tensor_name=tensor_name, drop_padding_rows=padding_rows == "drop")
     d = unemb.hidden_size
+    if background is not None:
+        from embfilter_cli.text.background import check_background_dim
+
+        check_background_dim(background, d, f"a filter for {location.source}")  # before the decomposition
     dropped = unemb.stored_rows - unemb.vocab_size
     info(
         f"W_U: {unemb.tensor_name} {unemb.stored_rows}×{d} {unemb.stored_dtype}"
@@ -200,14 +223,76 @@ def fit(
         stored_rows=unemb.stored_rows,
     )
     out = Path(output) if output else Path("artifacts") / f"{_slug(location)}-{band.label()}.safetensors"
+    report = None
+    if background is not None:
+        from embfilter_cli.files import check_writable
+
+        check_writable(out, force)  # the default name is known only now: fail before embedding
+        artifact, report = _centre(
+            artifact, background, location, pooling, recipe, max_length, batch_size, device, dtype
+        )
     save_artifact(artifact, out, force=force)
     summary = fit_summary(artifact, spectrum, band, rule)
+    if report is not None:
+        from embfilter_cli.commands.center import centring_summary
+
+        summary["centering"] = centring_summary(artifact, report)
     if json_:
         from embfilter_cli.console import emit_json
 
         emit_json(summary)
     else:
         _print_summary(summary)
+
+
+def _read_background_early(center_on: str | None, pooling: str, recipe: str, input_format: str) -> Any:
+    """Read --center-on before the decomposition, so empty or unreadable texts fail in a second."""
+    if center_on is None:
+        return None
+    from embfilter_cli.console import warn
+    from embfilter_cli.text.background import read_background
+    from embfilter_cli.text.embedding import check_pooling, resolve_recipe
+    from embfilter_cli.text.texts import describe_skipped
+
+    check_pooling(pooling)
+    resolve_recipe(recipe)
+    background = read_background(center_on, input_format)
+    if background.skipped:
+        warn(describe_skipped(background.skipped))
+    return background
+
+
+def _centre(
+    artifact: Any,
+    background: Any,
+    location: Any,
+    pooling: str,
+    recipe: str,
+    max_length: int,
+    batch_size: int,
+    device: str,
+    dtype: str,
+) -> tuple[Any, Any]:
+    from embfilter_cli.console import info, warn
+    from embfilter_cli.text.background import centre_filter
+
+    what = "texts" if background.embeddings is None else "pre-computed embeddings"
+    info(f"Centring on {background.count} {what} from {background.input} ({pooling} pooling, recipe {recipe})…")
+    centred, report = centre_filter(
+        artifact,
+        background,
+        location=location,
+        pooling=pooling,
+        recipe=recipe,
+        max_length=max_length,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        progress=True,
+    )
+    if report.truncated:
+        warn(f"{report.truncated} background text(s) exceeded --max-length {max_length} tokens and were cut")
+    return centred, report
 
 
 def _check_band_early(
@@ -334,5 +419,13 @@ def _print_summary(summary: dict[str, Any]) -> None:
     )
     table.add_row("solver", f"{summary['solver']} in {summary['solve_seconds']:.2f}s ({detail})")
     table.add_row("sha256(W_U)", summary["unembedding_sha256"])
+    if summary.get("centering"):
+        c = summary["centering"]
+        rec = c["centering"]
+        table.add_row(
+            "centred on",
+            f"{rec['count']} {'texts' if rec['source'] == 'texts' else 'embeddings'} from {rec['input']} "
+            f"({rec['pooling']} pooling, recipe {rec['recipe']}); ‖m‖ = {c['mean_norm']:.4g}",
+        )
     table.add_row("saved", summary["output"])
     out_console.print(table)

@@ -1,0 +1,166 @@
+"""`embfilter center`: (re)centre an existing filter on a background set, without refitting."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from embfilter_cli.commands._options import device_option, embedding_options, force_option, output_options
+
+
+@click.command()
+@click.argument("filter_path", metavar="FILTER")
+@click.argument("texts", metavar="TEXTS")
+@click.option(
+    "-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the centred filter."
+)
+@click.option(
+    "-m",
+    "--model",
+    "model",
+    default=None,
+    metavar="SPEC",
+    help="The model that embeds TEXTS [default: the one the filter was fitted on]. Its W_U must match the filter's.",
+)
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) for a Hub id.")
+@embedding_options
+@device_option
+@force_option
+@output_options
+def center(
+    filter_path: str,
+    texts: str,
+    output: str,
+    model: str | None,
+    revision: str | None,
+    pooling: str,
+    recipe: str,
+    batch_size: int,
+    max_length: int,
+    dtype: str,
+    input_format: str,
+    device: str,
+    force: bool,
+    json_: bool,
+) -> None:
+    """Centre FILTER on the mean of the filtered TEXTS, writing a new filter (y = P·x − m).
+
+    \b
+    TEXTS is a background set of unlabeled texts from the domain you will embed (one per line,
+    JSONL with a `text` field, or - for stdin), embedded with the filter's model and the given
+    --pooling/--recipe; or a .npy of raw (n, d) embeddings you made the same way (no model run;
+    the --pooling/--recipe/--max-length you give are recorded as how they were made).
+    The projection P is kept; a filter that already has a mean gets the new one instead.
+    Use the centred filter only with the same --pooling and --recipe (embed, eval and inspect refuse
+    any other); centre again for another recipe or domain.
+
+    \b
+    Examples:
+      embfilter center artifacts/f.safetensors background.txt -o artifacts/f-news.safetensors
+      embfilter center F docs.jsonl --pooling last --recipe summarize -o F-summarize.safetensors
+      embfilter center F raw_background.npy -o F2.safetensors
+    """
+    from embfilter_cli.console import info, warn
+    from embfilter_cli.files import check_writable
+    from embfilter_cli.filters.artifact import load_artifact, save_artifact
+    from embfilter_cli.text.background import centre_filter, check_background_dim, read_background
+    from embfilter_cli.text.embedding import check_pooling, resolve_recipe
+    from embfilter_cli.text.texts import describe_skipped
+
+    check_writable(output, force)
+    check_pooling(pooling)
+    resolve_recipe(recipe)  # a bad template fails before anything is read or loaded
+    artifact = load_artifact(filter_path)
+    background = read_background(texts, input_format)
+    if background.skipped:
+        warn(describe_skipped(background.skipped))
+    check_background_dim(background, artifact.hidden_size, str(artifact.path))
+    location = None
+    if background.embeddings is None:
+        location = _filter_model(artifact, model, revision)
+        info(f"Model: {location.source} ({location.kind.replace('_', ' ')})")
+    centred, report = centre_filter(
+        artifact,
+        background,
+        location=location,
+        pooling=pooling,
+        recipe=recipe,
+        max_length=max_length,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        progress=True,
+    )
+    if report.truncated:
+        warn(f"{report.truncated} background text(s) exceeded --max-length {max_length} tokens and were cut")
+    save_artifact(centred, output, force=force)
+    summary = centring_summary(centred, report)
+    summary["filter"] = str(artifact.path)
+    if json_:
+        from embfilter_cli.console import emit_json
+
+        emit_json(summary)
+    else:
+        print_centring(summary)
+
+
+def _filter_model(artifact: Any, model: str | None, revision: str | None) -> Any:
+    """Resolve --model (default: the filter's own model) and refuse one with another W_U."""
+    from embfilter_cli.model.locate import resolve_model
+    from embfilter_cli.text.embedding import check_filter_matches, unembedding_fingerprint
+
+    if model is None:
+        model, stored_revision = default_model_of(artifact)
+        revision = revision or stored_revision
+    location = resolve_model(model, revision=revision)
+    sha, hidden = unembedding_fingerprint(location, artifact.metadata.get("tensor_name"))
+    check_filter_matches(artifact, hidden_size=hidden, unembedding_sha256=sha, model_source=location.source)
+    return location
+
+
+def default_model_of(artifact: Any) -> tuple[str | None, str | None]:
+    """The --model spec and revision that name the model a filter was fitted on (None: the built-in one)."""
+    from embfilter_cli.model.aliases import DEFAULT_MODEL_ALIAS, MODEL_ALIASES
+
+    source = artifact.model_source
+    if not source or source.startswith(MODEL_ALIASES[DEFAULT_MODEL_ALIAS] + " (GGUF"):
+        return None, None
+    revision = artifact.metadata.get("model_revision") or None
+    return source, None if revision == "local" else revision
+
+
+def centring_summary(artifact: Any, report: Any) -> dict[str, Any]:
+    """JSON-ready facts about a freshly centred filter (shared with `fit --center-on`)."""
+    return {
+        "output": str(artifact.path),
+        "output_dim": artifact.output_dim,
+        "centering": artifact.centering.as_dict(),
+        "mean_sha256": artifact.metadata["mean_sha256"],
+        "mean_norm": report.mean_norm,
+        "truncated": report.truncated,
+        "seconds": round(report.seconds, 3),
+    }
+
+
+def print_centring(summary: dict[str, Any]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from embfilter_cli.console import out_console
+
+    c = summary["centering"]
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    if "filter" in summary:
+        table.add_row("filter", escape(summary["filter"]))
+    table.add_row(
+        "background",
+        escape(f"{c['input']}: {c['count']} {'texts' if c['source'] == 'texts' else 'pre-computed embeddings'}"),
+    )
+    table.add_row("embedded as", escape(f"{c['pooling']} pooling, recipe {c['recipe']}, max length {c['max_length']}"))
+    table.add_row("mean", f"‖m‖ = {summary['mean_norm']:.4g} over {summary['output_dim']} dims (y = P·x − m)")
+    table.add_row("sha256(texts)" if c["source"] == "texts" else "sha256(.npy)", c["sha256"])
+    table.add_row("saved", escape(summary["output"]))
+    out_console.print(table)
