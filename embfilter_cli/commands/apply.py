@@ -170,6 +170,13 @@ def apply(
     from embfilter_cli.filters.artifact import load_artifact
 
     artifact = load_artifact(filter_path)
+    if artifact.centered:  # TEMPORARY until the streaming loop subtracts the mean (issue 9): never drop it silently
+        from embfilter_cli.errors import ArtifactError
+
+        raise ArtifactError(
+            f"{artifact.path} is centred (y = P·x − m) and apply does not subtract the mean yet; use the "
+            "uncentred filter it was made from"
+        )
     with contextlib.ExitStack() as stack:
         source = _open_input(stack, input_path, input_format, field, tensor, artifact)
         out_format = output_format or out_ext_format or source.format

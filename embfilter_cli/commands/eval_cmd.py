@@ -44,7 +44,12 @@ JSON_SCHEMA = "embfilter.eval/1"
     help="none, prompteol, summarize, echo, or a custom template containing {text}.",
 )
 @click.option(
-    "--filter", "filter_paths", multiple=True, metavar="FILTER", help="Evaluate this filter artifact (repeatable)."
+    "--filter",
+    "filter_paths",
+    multiple=True,
+    metavar="FILTER",
+    help="Evaluate this filter artifact (repeatable); a centred one is applied with its mean and "
+    "must have been centred with this --pooling/--recipe.",
 )
 @click.option("--sweep-top", default=None, metavar="LIST", help="Top-R values to sweep, e.g. 0,4,16,64.")
 @click.option("--sweep-bottom", default=None, metavar="LIST", help="Bottom-B values to sweep, e.g. 0,8,16.")
@@ -155,6 +160,10 @@ def eval_cmd(
     data = load_dataset(data_spec)
     info(f"Data: {data.name}: {len(data.pairs)} pairs over {len(data.texts)} texts")
     filters = [load_artifact(p) for p in filter_paths]
+    from embfilter_cli.filters.centering import check_centering_use
+
+    for art in filters:  # a centred filter's mean belongs to one pooling/recipe
+        check_centering_use(art.centering, pooling, rec.name, rec.template, str(art.path))
     location = resolve_model(model, revision=revision)
     cache = Cache(Path(cache_dir) if cache_dir else None, enabled=not no_cache)
 

@@ -129,6 +129,13 @@ def export(
         info(f"Writing {target}")
     _refuse_existing(kind, target, force)  # before loading anything
     artifact = load_artifact(path)
+    if artifact.centered:  # TEMPORARY until the exports carry the bias (issue 9): never drop the mean silently
+        from embfilter_cli.errors import ArtifactError
+
+        raise ArtifactError(
+            f"{artifact.path} is centred (y = P·x − m) and export does not write the mean yet; export the "
+            "uncentred filter it was made from"
+        )
     check = not no_check
 
     if kind == "onnx":

@@ -476,8 +476,11 @@ def text(
 ) -> None:
     """Logit lens on pooled text embeddings: top tokens of W_U·e, before and after the filter.
 
-    After = W_U·Pᵀ·P·e, the part of e the filter keeps. TEXTS are arguments; `-` reads one text
-    per line from stdin (empty lines are skipped with a warning).
+    After = W_U·Pᵀ·P·e, the part of e the filter keeps; for a centred filter (y = P·x − m) after =
+    W_U·Pᵀ·(P·e − m), which subtracts the average background text's logits, so the tokens shown
+    are those that set the text apart. A centred filter must be used with the --pooling/--recipe it
+    was centred with. TEXTS are arguments; `-` reads one text per line from stdin (empty lines are
+    skipped with a warning).
 
     \b
     Examples:
@@ -494,8 +497,12 @@ def text(
     if not items:
         raise UsageError("give at least one TEXT argument (or - to read texts from stdin)")
     check_pooling(pooling)
-    resolve_recipe(recipe)  # a bad template fails before the model loads
+    rec = resolve_recipe(recipe)  # a bad template fails before the model loads
     ctx = _Context(model, revision, filter_)
+    if ctx.artifact is not None:
+        from embfilter_cli.filters.centering import check_centering_use
+
+        check_centering_use(ctx.artifact.centering, pooling, rec.name, rec.template, str(ctx.artifact.path))
 
     info(f"Embedding {len(items)} text(s): pooling={pooling}, recipe={recipe}")
     encoder = load_encoder(
@@ -513,6 +520,7 @@ def text(
         embeddings,
         top,
         projection=art.projection if art is not None else None,
+        mean=art.mean if art is not None else None,
         valid_rows=ctx.valid_rows,
     )
     vocab = ctx.vocab
@@ -528,6 +536,7 @@ def text(
         "unembedding_sha256": ctx.unemb.sha256,
         "filter": str(art.path) if art is not None else None,
         "band": art.band if art is not None else None,
+        "centered": art.centered if art is not None else None,
         "pooling": pooling,
         "recipe": recipe,
         "top": top,
@@ -540,7 +549,8 @@ def text(
         info("No --filter given: showing the raw embedding only")
     click.echo(f"model: {document['model_source']}  pooling={pooling} recipe={recipe}")
     if art is not None:
-        click.echo(f"filter: {art.path} ({_band_text(art.band)})")
+        centred = f"; centred: {art.centering.describe()}" if art.centered else ""
+        click.echo(f"filter: {art.path} ({_band_text(art.band)}{centred})")
     for n, entry in enumerate(entries, 1):
         click.echo("")
         click.echo(f"[{n}] {entry['text']}")

@@ -5,8 +5,9 @@ kept: W_U is streamed in row chunks, each chunk's top k are merged into a runnin
 full V×n logit matrix never exists (W_U may be a memory-mapped bf16 tensor with 150k+ rows).
 Rows at or past `valid_rows` (padding rows that no tokenizer emits) are never candidates.
 
-Uses: a pooled text embedding before and after a filter (after = W_U·Pᵀ·P·e, the part of e the
-filter keeps, written back in hidden space), and singular directions at both signs (+v and −v,
+Uses: a pooled text embedding before and after a filter (after = W_U·Pᵀ·(P·e − m): the filter's
+output, centred when the filter has a mean m, written back in hidden space; without a mean this is
+W_U·Pᵀ·P·e, the part of e the filter keeps), and singular directions at both signs (+v and −v,
 since the sign of a singular vector is arbitrary). `zipf_summary` averages word frequencies of
 the top tokens of groups of directions.
 
@@ -102,17 +103,27 @@ def _stream_topk(
     return out
 
 
-def filtered_in_hidden_space(embeddings: np.ndarray, projection: np.ndarray) -> np.ndarray:
-    """Pᵀ·P·e for each row e: what the filter keeps, expressed back in the hidden space.
+def filtered_in_hidden_space(
+    embeddings: np.ndarray, projection: np.ndarray, mean: np.ndarray | None = None
+) -> np.ndarray:
+    """Pᵀ·(P·e − m) for each row e: the filter's output expressed back in the hidden space.
+
+    Without a mean this is Pᵀ·P·e, what the filter keeps of e. With a mean m (a centred filter,
+    y = P·x − m) the background's mean is taken out too: since logits are linear, the lens of the
+    result is W_U·Pᵀ·P·e − W_U·Pᵀ·m, the text's kept logits minus those of the average background
+    text, so it shows what sets this text apart rather than what every text shares.
 
     Works for both artifact kinds: a reduced P (k×d, orthonormal rows) and a d×d projector
-    I − V_e V_eᵀ (symmetric and idempotent, so PᵀP = P).
+    I − V_e V_eᵀ (symmetric and idempotent, so PᵀP = P, and Pᵀ·m = m for a mean of projected vectors).
     """
     p = np.asarray(projection, dtype=np.float64)
     e = np.asarray(embeddings, dtype=np.float64)
     if e.shape[-1] != p.shape[1]:
         raise ValueError(f"embeddings have dimension {e.shape[-1]} but the projection expects {p.shape[1]}")
-    return (e @ p.T) @ p
+    y = e @ p.T
+    if mean is not None:
+        y = y - np.asarray(mean, dtype=np.float64)
+    return y @ p
 
 
 @dataclass
@@ -129,13 +140,14 @@ def lens_embeddings(
     k: int,
     *,
     projection: np.ndarray | None = None,
+    mean: np.ndarray | None = None,
     valid_rows: int | None = None,
 ) -> LensResult:
-    """The logit lens on pooled embeddings (n, d), and on their filtered version when given P."""
+    """The logit lens on pooled embeddings (n, d), and on their filtered version when given P (and m)."""
     before = top_tokens(matrix, embeddings, k, valid_rows=valid_rows)
     after = None
     if projection is not None:
-        kept = filtered_in_hidden_space(embeddings, projection).astype(np.float32)
+        kept = filtered_in_hidden_space(embeddings, projection, mean).astype(np.float32)
         after = top_tokens(matrix, kept, k, valid_rows=valid_rows)
     return LensResult(before, after)
 
