@@ -524,7 +524,7 @@ def text(
         valid_rows=ctx.valid_rows,
     )
     vocab = ctx.vocab
-    entries = []
+    entries: list[dict[str, Any]] = []
     for n, item in enumerate(items):
         before = token_entries(vocab, result.before.indices[n], result.before.values[n])
         after = None
@@ -649,6 +649,7 @@ def spectrum(
     if filter_ is not None and model is None:
         ctx = _Context(None, revision, filter_, need_matrix=False)
         art = ctx.artifact
+        assert art is not None  # filter_ was given
         sigma = np.asarray(art.singular_values, dtype=np.float64)
         d = art.hidden_size
         sha = art.unembedding_sha256

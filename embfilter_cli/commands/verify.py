@@ -7,6 +7,7 @@ call them without the CLI); this module resolves the inputs and formats the repo
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import click
@@ -62,9 +63,11 @@ def verify(
     from embfilter_cli.filters.artifact import load_artifact, newest_artifact
     from embfilter_cli.filters.checks import integrity_checks, unembedding_check
 
+    path: str | Path
     if filter_path is None:
-        path = newest_artifact()
-        info(f"Filter: {path} (the newest in {path.parent}/)")
+        newest = newest_artifact()
+        info(f"Filter: {newest} (the newest in {newest.parent}/)")
+        path = newest
     else:
         path = filter_path
     artifact = load_artifact(path, verify_digest=False)  # the digest is checked below, with both hashes reported

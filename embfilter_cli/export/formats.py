@@ -189,10 +189,10 @@ def export_safetensors(
         save_file({"projection": matrix}, str(tmp), metadata=meta)
         _normal_mode(tmp)
         if check:
-            back = load_file(str(tmp))["projection"]
-            if back.dtype != np.float16 or not np.array_equal(back, matrix):
+            stored = load_file(str(tmp))["projection"]
+            if stored.dtype != np.float16 or not np.array_equal(stored, matrix):
                 raise ExportError(f"re-reading {out} gave a different matrix; nothing was written")
-            report = _matrix_check(artifact, back, REL_BOUND_FP16)
+            report = _matrix_check(artifact, stored, REL_BOUND_FP16)
     return ExportResult(
         path=out,
         kind="safetensors",
@@ -246,7 +246,7 @@ def _load_dense(folder: Path) -> Any | None:
         try:  # 5.x+ location; 2.x-4.x only have sentence_transformers.models
             from sentence_transformers.sentence_transformer.modules import Dense
         except ImportError:
-            from sentence_transformers.models import Dense
+            from sentence_transformers.models import Dense  # type: ignore[no-redef]
     except ImportError:
         return None
     return Dense.load(str(folder))

@@ -132,7 +132,7 @@ def _gather_vocab(model: onnx.ModelProto, input_name: str) -> int | None:
     passthrough = {"Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten"}
     frontier, seen, sizes = {input_name}, set(), []
     for _ in range(6):
-        nxt = set()
+        nxt: set[str] = set()
         for node in graph.node:
             for pos, name in enumerate(node.input):
                 if name not in frontier:

@@ -20,6 +20,7 @@ from embfilter_cli.export.onnx_graph import first_line, onnx_module
 
 if TYPE_CHECKING:
     import onnx
+    from onnx import GraphProto, TensorProto
 
 
 # Protobuf refuses messages of 2 GiB; keep a margin for the graph's own bytes.
@@ -29,7 +30,7 @@ PROTOBUF_LIMIT = 2**31 - 64 * 2**20
 def _external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     onnx = onnx_module()
 
-    def from_graph(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    def from_graph(graph: GraphProto) -> Iterator[TensorProto]:
         yield from graph.initializer
         for sp in graph.sparse_initializer:
             yield sp.values

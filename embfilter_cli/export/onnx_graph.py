@@ -27,6 +27,7 @@ from embfilter_cli.errors import ExportError
 
 if TYPE_CHECKING:  # onnx is imported inside functions so that importing this module stays cheap
     import onnx
+    from onnx import NodeProto
 
     from embfilter_cli.filters.artifact import FilterArtifact
 
@@ -150,7 +151,7 @@ def filter_nodes(
     tp = onnx.TensorProto
     half = (tp.FLOAT16, tp.BFLOAT16)
     norm_type = tp.FLOAT if mat_type in half else mat_type
-    nodes: list[onnx.NodeProto] = []
+    nodes: list[NodeProto] = []
     # The op sequence first, then the wiring, so that the last node writes `y` whichever ops occur.
     ops: list[tuple[str, dict[str, Any]]] = []
     if io_type != mat_type:

@@ -183,7 +183,7 @@ def save_artifact(artifact: FilterArtifact, path: str | os.PathLike[str], force:
     """Write `artifact` atomically; refuses to overwrite unless `force`."""
     from safetensors.numpy import save_file
 
-    tensors = {
+    tensors: dict[str, np.ndarray] = {
         "projection": np.ascontiguousarray(artifact.projection, dtype=np.float32),
         "singular_values": np.ascontiguousarray(artifact.singular_values, dtype=np.float64),
         "kept_indices": np.ascontiguousarray(artifact.kept_indices, dtype=np.int64),

@@ -118,10 +118,10 @@ def resolve_band(
         raise BandError("--ratio cannot be combined with --rank/--bottom/--start; pick one way to name the band")
     if by_window and by_rank:
         raise BandError("--start/--keep cannot be combined with --rank/--bottom; pick one way to name the band")
-    if by_ratio:
+    if ratio is not None:
         if keep is not None and keep != int(hidden_size // ratio):
             raise BandError(f"--ratio {ratio} keeps {int(hidden_size // ratio)} directions but --keep says {keep}")
-        return band_from_ratio(hidden_size, ratio)  # type: ignore[arg-type]
+        return band_from_ratio(hidden_size, ratio)
     if by_window:
         return band_from_window(hidden_size, start, keep)  # type: ignore[arg-type]
     if keep is not None:

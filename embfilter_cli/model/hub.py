@@ -162,6 +162,7 @@ def fetch_head_files(
                 f"Hub repo {repo_id} at {commit[:12]} has none of {', '.join(INDEX_FILES + SINGLE_WEIGHT_FILES)}; "
                 f"{_NO_INDEX_HINT}"
             )
+    assert head_shard is not None  # both branches above either found the shard or raised
     return ModelLocation(spec or repo_id, "hf_folder", snapshot, repo_id, commit, files={"head_shard": head_shard})
 
 

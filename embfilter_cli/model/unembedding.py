@@ -317,7 +317,7 @@ def _read_bin(
     if not matrix.is_floating_point():
         raise BadTensorError(f"{name} is {matrix.dtype}; embfilter reads floating-point heads")
     raw = matrix.contiguous().view(torch.uint8).numpy()
-    sha = hashlib.sha256(memoryview(raw)).hexdigest()
+    sha = hashlib.sha256(raw.data).hexdigest()
     stored = str(matrix.dtype).replace("torch.", "")
     return Unembedding(matrix, name, sha, int(matrix.shape[0]), stored, tok_vocab, tied)
 
@@ -353,7 +353,7 @@ def _read_gguf(path: Path, tensor_name: str | None) -> Unembedding:
     if info.offset + rows * row_bytes > path.stat().st_size:
         raise BadTensorError(f"{name} in {path} runs past the end of the file; the file is truncated, re-download it")
     raw = np.memmap(path, dtype=np.uint8, mode="r", offset=info.offset, shape=(rows, row_bytes))
-    sha = hashlib.sha256(memoryview(np.ascontiguousarray(raw).reshape(-1))).hexdigest()
+    sha = hashlib.sha256(np.ascontiguousarray(raw).reshape(-1).data).hexdigest()
     return Unembedding(
         _dequantize(raw, qtype, dequantize, name, path, (rows, cols)),
         name,
@@ -393,7 +393,7 @@ def _read_gguf_with_reader(path: Path, tensor_name: str | None) -> Unembedding:
     name, tied = choose_unembedding(list(tensors), {}, tensor_name, str(path))
     info = tensors[name]
     raw = np.ascontiguousarray(info.data)
-    sha = hashlib.sha256(memoryview(raw.view(np.uint8).reshape(-1))).hexdigest()
+    sha = hashlib.sha256(raw.view(np.uint8).reshape(-1).data).hexdigest()
     shape = tuple(int(x) for x in reversed(info.shape.tolist()))  # GGUF lists dims fastest-first
     matrix = _dequantize(info.data, info.tensor_type, dequantize, name, path, shape)  # type: ignore[arg-type]
     tok_field = reader.fields.get("tokenizer.ggml.tokens")

@@ -245,7 +245,7 @@ class Encoder:
         if len(ids) <= budget:
             return text
         # A cut inside a multi-byte character decodes to U+FFFD; drop it rather than invent text.
-        return self.tokenizer.decode(ids[:budget], clean_up_tokenization_spaces=False).rstrip("\ufffd")
+        return str(self.tokenizer.decode(ids[:budget], clean_up_tokenization_spaces=False)).rstrip("\ufffd")
 
     def prepare(self, text: str, recipe: Recipe, max_length: int) -> Prepared:
         """Render, tokenize and if needed truncate one text (the template is never cut)."""
@@ -361,7 +361,8 @@ def pad_batch(
 def _progress(progress: bool | ProgressFn, total: int) -> Iterator[Callable[[int], None]]:
     """Yield report(done); a True `progress` shows a bar on stderr that is removed even on errors."""
     if callable(progress):
-        yield lambda done: progress(done, total)  # type: ignore[misc]
+        report = progress
+        yield lambda done: report(done, total)
         return
     if progress:
         # The project's stderr console decides whether a bar is shown (interactive, not -q).

@@ -132,8 +132,8 @@ def load_tsv(path: Path) -> PairData:
     try:
         raw = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise InputDataError(f"{path} line {line} is not valid UTF-8; convert the file to UTF-8") from exc
+        line_no = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise InputDataError(f"{path} line {line_no} is not valid UTF-8; convert the file to UTF-8") from exc
     index: dict[str, int] = {}
     pairs: list[tuple[int, int]] = []
     scores: list[float] = []
@@ -611,10 +611,10 @@ def head_spectrum(
             spectrum, head = hit
             return HeadFacts(**head), spectrum, True
     else:
-        head = cache.load_json("heads", key)
-        if head is not None:
+        cached = cache.load_json("heads", key)
+        if cached is not None:
             with contextlib.suppress(TypeError):
-                return HeadFacts(**head), None, True
+                return HeadFacts(**cached), None, True
     from embfilter_cli.model.unembedding import read_unembedding
 
     unemb = read_unembedding(location)

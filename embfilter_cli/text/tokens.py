@@ -267,14 +267,15 @@ def _from_gguf(path: Path) -> Vocabulary:
         raise ModelNotFoundError(
             f"{path} has no tokenizer.ggml.tokens array; use a GGUF file that embeds its tokenizer"
         )
-    pieces: list[str | None] = list(tokens)  # type: ignore[arg-type]
+    pieces: list[str | None] = list(tokens)  # type: ignore[call-overload]
     model = str(fields.get("tokenizer.ggml.model") or "")
-    scheme: Scheme = {"gpt2": "byte_level", "llama": "sentencepiece", "t5": "sentencepiece"}.get(model, "plain")
+    schemes: dict[str, Scheme] = {"gpt2": "byte_level", "llama": "sentencepiece", "t5": "sentencepiece"}
+    scheme = schemes.get(model, "plain")
     special: set[int] = set()
     types = fields.get("tokenizer.ggml.token_type")
     if types is not None:
         # llama.cpp token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
-        special = {i for i, t in enumerate(types) if int(t) in (2, 3, 4, 5)}  # type: ignore[arg-type]
+        special = {i for i, t in enumerate(types) if int(t) in (2, 3, 4, 5)}  # type: ignore[arg-type,var-annotated]
     return Vocabulary(pieces, scheme, special, str(path))
 
 

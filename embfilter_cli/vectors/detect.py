@@ -53,4 +53,4 @@ def peek_head(fp: IO[bytes], n: int = 16) -> tuple[IO[bytes], bytes]:
     Works on pipes, where neither seeking back nor `peek` (which may return fewer bytes) is reliable.
     """
     head = fp.read(n)
-    return io.BufferedReader(_PrefixedRaw(head, fp), buffer_size=1 << 20), head  # type: ignore[arg-type]
+    return io.BufferedReader(_PrefixedRaw(head, fp), buffer_size=1 << 20), head

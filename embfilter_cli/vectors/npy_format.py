@@ -58,7 +58,7 @@ class NpySource(VectorSource):
             shape = (0, 0)  # np.save(np.array([])): an empty input, dimension unknown
         self.lead_shape, self.dim = shape[:-1], shape[-1]
         self._fortran_whole: np.ndarray | None = None
-        if fortran and len(shape) > 1 and math.prod(shape):
+        if fortran and len(shape) > 1 and math.prod(shape) > 0:
             # Column-major rows are scattered over the whole file, so they cannot be streamed by rows.
             nbytes = math.prod(shape) * dtype.itemsize
             data = fp.read(nbytes)

@@ -84,7 +84,7 @@ class RawMatrix:
         buf = np.empty((min(batch_rows, max(self.rows, 1)), self.dim), dtype=self.dtype)
         for start in range(0, self.rows, batch_rows):
             m = min(batch_rows, self.rows - start)
-            view = memoryview(buf[:m].reshape(-1).view(np.uint8))
+            view = buf[:m].reshape(-1).view(np.uint8).data
             got = read_exact_into(self.fp, view)
             if got < len(view):
                 rows_read = start + got // row_bytes
@@ -148,7 +148,7 @@ class BinarySink(VectorSink):
         return self._spool if self._spool is not None else self.fp
 
     def write(self, vectors: np.ndarray, batch: Batch) -> None:
-        self._data().write(memoryview(np.ascontiguousarray(vectors)).cast("B"))
+        self._data().write(np.ascontiguousarray(vectors).data.cast("B"))
         self.rows_written += len(vectors)
 
     def finish(self) -> None:

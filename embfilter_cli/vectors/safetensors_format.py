@@ -167,12 +167,12 @@ class SafetensorsSource(VectorSource):
                 self.fp.seek(self.data_start + entry.begin)
             left = entry.end - entry.begin
             while left:
-                chunk = self.fp.read(min(left, COPY_CHUNK))
-                if not chunk:
+                data = self.fp.read(min(left, COPY_CHUNK))
+                if not data:
                     raise InputDataError(f"{self.name} ended inside tensor {entry.name!r}; the input is truncated")
-                left -= len(chunk)
+                left -= len(data)
                 if passthrough:
-                    yield Passthrough(entry.name, chunk)
+                    yield Passthrough(entry.name, data)
             position = entry.end
 
     def close(self) -> None:
