@@ -192,7 +192,7 @@ def apply_tables(
         with atomic_path(unit.output, force=True) as tmp:
             stats.rows += filter_batches(
                 table.batches(batch_rows, unit.parts),
-                lambda schema, tmp=tmp, unit=unit: make_sink(tmp, unit.out_format, schema),
+                lambda schema, tmp=tmp, unit=unit: make_sink(tmp, unit.out_format, schema),  # type: ignore[misc]
                 table.schema,
                 fb,
                 table.name,
