@@ -549,7 +549,7 @@ def text(
         info("No --filter given: showing the raw embedding only")
     click.echo(f"model: {document['model_source']}  pooling={pooling} recipe={recipe}")
     if art is not None:
-        centred = f"; centred: {art.centering.describe()}" if art.centered else ""
+        centred = f"; centred: {c.describe()}" if (c := art.centering) is not None else ""
         click.echo(f"filter: {art.path} ({_band_text(art.band)}{centred})")
     for n, entry in enumerate(entries, 1):
         click.echo("")

@@ -172,7 +172,7 @@ class FilterArtifact:
             "band": self.band,
             "solver": self.metadata.get("solver"),
             "certificate": self.json_field("certificate"),
-            "centering": self.centering.as_dict() if self.centered else None,
+            "centering": c.as_dict() if (c := self.centering) is not None else None,
             "mean_sha256": self.metadata.get("mean_sha256") if self.centered else None,
             "created_utc": self.metadata.get("created_utc"),
             "tool_version": self.metadata.get("tool_version"),

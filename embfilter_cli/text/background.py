@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
@@ -56,7 +56,7 @@ class Background:
         return None if self.embeddings is None else int(self.embeddings.shape[1])
 
 
-def read_background(source: str, input_format: str = "auto", stdin: IO[str] | None = None) -> Background:
+def read_background(source: str, input_format: str = "auto", stdin: TextIO | None = None) -> Background:
     """Read a background: a `.npy` of (n, d) float embeddings, or texts as `read_texts` reads them.
 
     Raises:
