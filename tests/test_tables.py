@@ -441,3 +441,36 @@ def test_nan_needs_allow_nonfinite(runner, filt, tmp_path):
     assert result.exit_code == 1
     _one_line_error(result, "v.parquet row 2 has nan at position 5")
     assert runner.invoke(app, [*args, "--allow-nonfinite"]).exit_code == 0
+
+
+# --------------------------------------------------------------------------- verify --vectors
+
+
+def test_verify_vectors_checks_a_file_and_a_folder(runner, filt, make_filter, tmp_path):
+    _dataset(tmp_path / "data", sizes=(3, 4))
+    out = tmp_path / "out"
+    assert runner.invoke(app, ["apply", str(filt), str(tmp_path / "data"), "-o", str(out), "-q"]).exit_code == 0
+    ok = runner.invoke(app, ["verify", str(filt), "--vectors", str(out), "--json"])
+    assert ok.exit_code == 0, ok.stderr
+    check = next(c for c in json.loads(ok.stdout)["checks"] if c["name"] == "vectors")
+    assert check["ok"] and check["values"] == {"path": str(out), "files": 2, "rows": 7, "files_failed": 0}
+    other = make_filter(seed=5, name="g.safetensors")
+    bad = runner.invoke(app, ["verify", str(other), "--vectors", str(out)])
+    assert bad.exit_code == 1
+    _one_line_error(bad, f"{out / 'a.parquet'} was made by another filter")
+    pq.write_table(_table(_x(2)), out / "raw.parquet")  # vectors filtered by nothing
+    none = runner.invoke(app, ["verify", str(filt), "--vectors", str(out / "raw.parquet")])
+    assert none.exit_code == 1
+    _one_line_error(none, "raw.parquet records no filter")
+    missing = runner.invoke(app, ["verify", str(filt), "--vectors", str(tmp_path / "nope")])
+    assert missing.exit_code == 1
+    _one_line_error(missing, "does not exist")
+
+
+def test_verify_vectors_reads_safetensors_outputs_of_apply(runner, filt, tmp_path):
+    np.save(tmp_path / "x.npy", _x(5))
+    out = tmp_path / "y.safetensors"
+    assert runner.invoke(app, ["apply", str(filt), str(tmp_path / "x.npy"), "-o", str(out)]).exit_code == 0
+    result = runner.invoke(app, ["verify", str(filt), "--vectors", str(out), "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert next(c for c in json.loads(result.stdout)["checks"] if c["name"] == "vectors")["values"]["rows"] == 5

@@ -33,9 +33,22 @@ from embfilter_cli.commands._options import output_options
     metavar="NAME",
     help="Use this tensor as W_U [default: the name stored in the filter, else the one `fit` would pick].",
 )
+@click.option(
+    "--vectors",
+    "vectors_path",
+    default=None,
+    metavar="PATH",
+    help="Also check that these vectors (a Parquet/Arrow/safetensors file from `apply`, or a folder of them) "
+    "were made by this filter.",
+)
 @output_options
 def verify(
-    filter_path: str | None, model: str | None, revision: str | None, tensor_name: str | None, json_: bool
+    filter_path: str | None,
+    model: str | None,
+    revision: str | None,
+    tensor_name: str | None,
+    vectors_path: str | None,
+    json_: bool,
 ) -> None:
     """Check a filter's integrity and, with --model, that it belongs to that model.
 
@@ -53,6 +66,7 @@ def verify(
       embfilter verify                                  # the newest filter in ./artifacts
       embfilter verify artifacts/qwen2-7b-top256.safetensors --model qwen2-7b
       embfilter verify F --model ./my-llama --json
+      embfilter verify F --vectors out/                 # every output file made by F?
 
     Vectors filtered by different filters live in different bases: an index built with one filter
     cannot be queried with vectors filtered by another. Verify both against the same model and
@@ -80,6 +94,10 @@ def verify(
         info(f"Model: {location.source} ({location.kind.replace('_', ' ')})")
         check, model_info = unembedding_check(artifact, location, model, tensor_name)
         checks.append(check)
+    if vectors_path is not None:
+        from embfilter_cli.vectors.fingerprints import vectors_check
+
+        checks.append(vectors_check(artifact, vectors_path))
     if json_:
         from embfilter_cli.console import emit_json
 

@@ -106,3 +106,21 @@ def check_vector_file(path: Path, projection_sha256: str) -> VectorCheck:
             f"{projection_sha256[:16]}…); do not mix them in one index",
         )
     return VectorCheck(str(path), True, rows, found, f"{rows} rows, made by this filter")
+
+
+def vectors_check(artifact: object, path: str | os.PathLike[str]) -> object:
+    """One `filters.checks.Check` over a file or folder of vectors: all made by `artifact`?
+
+    The check fails naming the first file made by another filter, or by none.
+    """
+    from embfilter_cli.filters.checks import Check
+
+    sha = artifact.metadata.get("projection_sha256", "")  # type: ignore[attr-defined]
+    results = [check_vector_file(f, sha) for f in vector_files(path)]
+    bad = [r for r in results if not r.ok]
+    rows = sum(max(r.rows, 0) for r in results)
+    values = {"path": str(path), "files": len(results), "rows": rows, "files_failed": len(bad)}
+    if bad:
+        detail = f"{len(bad)} of {len(results)} file(s) not made by this filter; first: {bad[0].path}"
+        return Check("vectors", False, detail, values, error=bad[0].detail)
+    return Check("vectors", True, f"{len(results)} file(s), {rows:,} rows, all made by this filter", values)
