@@ -474,3 +474,23 @@ def test_verify_vectors_reads_safetensors_outputs_of_apply(runner, filt, tmp_pat
     result = runner.invoke(app, ["verify", str(filt), "--vectors", str(out), "--json"])
     assert result.exit_code == 0, result.stderr
     assert next(c for c in json.loads(result.stdout)["checks"] if c["name"] == "vectors")["values"]["rows"] == 5
+
+
+def test_centred_filter_subtracts_its_mean_and_is_told_apart(runner, filt, tmp_path):
+    from embfilter_cli.filters.artifact import save_artifact
+    from tests.test_centering import _record
+
+    mean = np.linspace(-1, 1, K).astype(np.float32)
+    centred = save_artifact(load_artifact(filt).with_mean(mean, _record()), tmp_path / "c.safetensors")
+    x = _x(6)
+    pq.write_table(_table(x), tmp_path / "v.parquet")
+    out = tmp_path / "o.parquet"
+    assert runner.invoke(app, ["apply", str(centred), str(tmp_path / "v.parquet"), "-o", str(out)]).exit_code == 0
+    np.testing.assert_allclose(_vectors(pq.read_table(out)), _ref(x, filt) - mean, rtol=1e-5, atol=1e-5)
+    assert runner.invoke(app, ["verify", str(centred), "--vectors", str(out)]).exit_code == 0
+    plain = runner.invoke(app, ["verify", str(filt), "--vectors", str(out)])
+    assert plain.exit_code == 1
+    _one_line_error(plain, "was made with the same projection but a mean")
+    resumed = runner.invoke(app, ["apply", str(filt), str(tmp_path / "v.parquet"), "-o", str(out), "--resume"])
+    assert resumed.exit_code == 1
+    _one_line_error(resumed, "was not made by this filter")

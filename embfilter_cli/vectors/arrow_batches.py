@@ -96,6 +96,7 @@ def fingerprint_metadata(artifact: Any, normalize: bool, column: str) -> dict[st
         "embfilter.model_source": artifact.model_source,
         "embfilter.unembedding_sha256": artifact.unembedding_sha256,
         "embfilter.band": json.dumps(artifact.band, sort_keys=True) if "band" in artifact.metadata else "",
+        "embfilter.mean_sha256": artifact.metadata.get("mean_sha256", ""),  # empty: an uncentred filter
         "embfilter.normalized": "true" if normalize else "false",
         "embfilter.column": column,
     }

@@ -90,8 +90,8 @@ class VectorCheck:
     detail: str
 
 
-def check_vector_file(path: Path, projection_sha256: str) -> VectorCheck:
-    """Whether `path` records `projection_sha256` as the filter that made it."""
+def check_vector_file(path: Path, projection_sha256: str, mean_sha256: str = "") -> VectorCheck:
+    """Whether `path` records `projection_sha256` (and the mean's SHA-256, empty when uncentred) as its filter."""
     rows, meta = read_fingerprint(path)
     found = meta.get("embfilter.projection_sha256")
     if found is None:
@@ -105,6 +105,16 @@ def check_vector_file(path: Path, projection_sha256: str) -> VectorCheck:
             f"{path} was made by another filter (projection SHA-256 {found[:16]}…, this filter's is "
             f"{projection_sha256[:16]}…); do not mix them in one index",
         )
+    if meta.get("embfilter.mean_sha256", "") != mean_sha256:
+        return VectorCheck(
+            str(path),
+            False,
+            rows,
+            found,
+            f"{path} was made with the same projection but {'another mean' if mean_sha256 else 'a mean'} "
+            f"(centring differs: stored mean SHA-256 {meta.get('embfilter.mean_sha256') or 'none'}); "
+            "do not mix them in one index",
+        )
     return VectorCheck(str(path), True, rows, found, f"{rows} rows, made by this filter")
 
 
@@ -116,7 +126,8 @@ def vectors_check(artifact: object, path: str | os.PathLike[str]) -> object:
     from embfilter_cli.filters.checks import Check
 
     sha = artifact.metadata.get("projection_sha256", "")  # type: ignore[attr-defined]
-    results = [check_vector_file(f, sha) for f in vector_files(path)]
+    mean_sha = artifact.metadata.get("mean_sha256", "")  # type: ignore[attr-defined]
+    results = [check_vector_file(f, sha, mean_sha) for f in vector_files(path)]
     bad = [r for r in results if not r.ok]
     rows = sum(max(r.rows, 0) for r in results)
     values = {"path": str(path), "files": len(results), "rows": rows, "files_failed": len(bad)}

@@ -9,7 +9,7 @@ concatenating the outputs of shards 0…N−1 gives exactly the unsharded output
 row by row.
 
 An existing output is "complete" when it is readable, has the expected row count, and carries
-this filter's fingerprint (same projection SHA-256, same normalisation); "foreign" when it is
+this filter's fingerprint (same projection and mean SHA-256, same normalisation); "foreign" when it is
 readable but made by another filter or by none; else "incomplete". `--resume` skips complete
 outputs and redoes incomplete ones; a foreign output is only replaced with `--force`.
 """
@@ -168,7 +168,9 @@ def plan_units(
     return units
 
 
-def output_state(unit: WorkUnit, expected_rows: int, projection_sha256: str, normalized: bool) -> str:
+def output_state(
+    unit: WorkUnit, expected_rows: int, projection_sha256: str, normalized: bool, mean_sha256: str = ""
+) -> str:
     """ "missing", "complete", "foreign" or "incomplete" (see the module docstring)."""
     from embfilter_cli.vectors.fingerprints import read_fingerprint
 
@@ -178,7 +180,10 @@ def output_state(unit: WorkUnit, expected_rows: int, projection_sha256: str, nor
         rows, meta = read_fingerprint(unit.output)
     except EmbfilterError:
         return "incomplete"
-    if meta.get("embfilter.projection_sha256") != projection_sha256:
+    if (
+        meta.get("embfilter.projection_sha256") != projection_sha256
+        or meta.get("embfilter.mean_sha256", "") != mean_sha256
+    ):
         return "foreign"
     if meta.get("embfilter.normalized") != ("true" if normalized else "false") or rows != expected_rows:
         return "incomplete"
@@ -198,7 +203,7 @@ def check_outputs(states: dict[str, str], units: Sequence[WorkUnit], force: bool
             )
         if state == "foreign":
             raise OutputExistsError(
-                f"{unit.output} was not made by this filter (its embfilter.projection_sha256 differs or is missing); "
+                f"{unit.output} was not made by this filter (its projection or mean SHA-256 differs, or it records none); "
                 "--resume will not replace it: remove it or pass --force"
             )
 

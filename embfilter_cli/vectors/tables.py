@@ -143,7 +143,9 @@ def plan_states(units: Sequence[WorkUnit], fb: FilterBatch) -> tuple[dict[str, s
     for unit in units:
         rows = TableInput(unit.input, unit.in_format).rows(unit.parts) if unit.output.exists() else -1
         expected[str(unit.output)] = rows
-        states[str(unit.output)] = output_state(unit, rows, sha, fb.normalize)
+        states[str(unit.output)] = output_state(
+            unit, rows, sha, fb.normalize, fb.artifact.metadata.get("mean_sha256", "")
+        )
     return states, expected
 
 
