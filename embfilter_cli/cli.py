@@ -7,7 +7,9 @@ and imports torch, transformers or onnx inside its function body, so `embfilter 
 
 from __future__ import annotations
 
+import errno
 import importlib
+import io
 import os
 import sys
 from typing import Any
@@ -30,6 +32,22 @@ COMMANDS: dict[str, str] = {
 }
 
 
+_STDOUT_ERRNOS = frozenset({errno.EPIPE, errno.EBADF, errno.ENOSPC})
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        if isinstance(getattr(sys.stdout, "buffer", None), io.BufferedWriter) and isinstance(
+            sys.stdout.buffer.raw, _ClosedStream
+        ):
+            sys.stdout = io.StringIO()  # drop what is still buffered for the closed descriptor
+
+
 def _known_errors() -> dict[type[BaseException], int]:
     """Exception type -> exit status for failures we can explain in one line."""
     from embfilter_cli.errors import EmbfilterError, UsageError
@@ -38,7 +56,10 @@ def _known_errors() -> dict[type[BaseException], int]:
 
 
 def _one_line(message: str) -> str:
-    return " ".join(str(message).split())
+    """An error message as one printable line (messages quote file contents: names, tokens, paths)."""
+    from embfilter_cli.errors import printable
+
+    return " ".join(printable(message).split())
 
 
 class EmbfilterGroup(click.Group):
@@ -79,6 +100,23 @@ class EmbfilterGroup(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
+        except KeyboardInterrupt as exc:
+            # Ctrl-C, or SIGTERM/SIGHUP turned into an exception by `main`: by now every atomic
+            # output has removed its temporary file. click would print "Aborted!" and exit 1.
+            if os.environ.get("EMBFILTER_DEBUG"):
+                raise
+            click.echo(INTERRUPTED_MESSAGE, err=True)
+            raise click.exceptions.Exit(getattr(exc, "status", 130)) from None
+        except OSError as exc:
+            # Left uncaught by the core, these come from writing data to stdout: a closed pipe
+            # (`| head`), a closed descriptor (`>&-`) or a full device (`> /dev/full`).
+            if exc.errno not in _STDOUT_ERRNOS or os.environ.get("EMBFILTER_DEBUG"):
+                raise
+            _silence_stdout()
+            reason = {errno.EPIPE: "the reader closed the pipe", errno.EBADF: "it is closed"}.get(
+                exc.errno or 0, "the device is full"
+            )
+            raise click.ClickException(f"could not write to standard output: {reason}") from None
         except Exception as exc:
             if os.environ.get("EMBFILTER_DEBUG"):
                 raise
@@ -115,10 +153,53 @@ def app(quiet: bool) -> None:
     set_quiet(quiet)
 
 
+INTERRUPTED_MESSAGE = "Interrupted; no output file was written."
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program was so that cleanup (`atomic_path`) runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.status = 128 + signum
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
+def install_signal_handlers() -> None:
+    """Turn the signals a batch scheduler or a closing terminal sends into exceptions.
+
+    Python's default for SIGTERM/SIGHUP is to die on the spot, skipping every `finally`, which
+    leaves the hidden `*.tmp` file of an atomic output behind. As exceptions they unwind like
+    Ctrl-C: temporary files are removed, one line is printed and the exit status is 128 + signal.
+    """
+    import signal
+
+    for name in ("SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        if signum is not None and signal.getsignal(signum) in (signal.SIG_DFL, None):
+            signal.signal(signum, _raise_terminated)
+
+
+class _ClosedStream(io.RawIOBase):
+    """Stands in for a stdout the shell closed (`>&-`): every write fails like a closed descriptor."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: object) -> int:
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+
 def main() -> None:
     """Console-script entry point."""
+    install_signal_handlers()
+    if sys.stdout is None:  # started with descriptor 1 closed
+        sys.stdout = io.TextIOWrapper(io.BufferedWriter(_ClosedStream()))
     try:
         app.main(prog_name="embfilter")
-    except KeyboardInterrupt:  # pragma: no cover - interactive only
-        click.echo("Interrupted; no output was written.", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:  # interrupted outside a subcommand (while parsing or importing)
+        click.echo(INTERRUPTED_MESSAGE, err=True)
+        sys.exit(getattr(exc, "status", 130))

@@ -65,3 +65,22 @@ class HubAccessError(EmbfilterError):
 
 class ConversionError(EmbfilterError):
     """Converting a GGUF model to a cached Hugging Face folder gave something other than the GGUF model."""
+
+
+def printable(text: object) -> str:
+    """`text` safe to show on a terminal: control characters (ESC sequences, carriage returns, bidi
+    overrides, NUL…) become visible `\\xNN`/`\\uNNNN` escapes.
+
+    The one sanitiser for everything read from a file or a model and printed: model names, tensor
+    names, tokens, paths, metadata. Newlines and tabs are kept; callers that need one line join words.
+    """
+    return str(text).translate(_ESCAPES)
+
+
+def _escape(code: int) -> str:
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+_UNSAFE = [*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0), 0x061C, 0x200E, 0x200F]
+_UNSAFE += [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]  # bidi embeddings, overrides, isolates
+_ESCAPES = {code: _escape(code) for code in _UNSAFE}

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import IO, Any, Literal
 
 MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
+MAX_ELEMENTS = 1 << 48  # far beyond any real tensor: a header claiming more is corrupt, not big
 
 # Every dtype tag of the safetensors format and its item size in bytes.
 ITEMSIZE: dict[str, int] = {
@@ -45,7 +46,7 @@ ITEMSIZE: dict[str, int] = {
     "U64": 8,
 }
 
-Problem = Literal["short", "length", "json", "entry", "range", "overlap"]
+Problem = Literal["short", "length", "json", "metadata", "entry", "range", "overlap", "truncated"]
 
 
 class SafetensorsHeaderError(Exception):
@@ -53,9 +54,12 @@ class SafetensorsHeaderError(Exception):
 
     Attributes:
         problem: "short" (fewer than 8 bytes), "length" (the u64 is 0 or over the limit),
-            "json" (the header is not a UTF-8 JSON object), "entry" (a tensor entry lacks
-            dtype/shape/offsets), "range" (a tensor's byte range does not fit its dtype and shape),
-            "overlap" (two tensors share bytes).
+            "json" (the header is not a UTF-8 JSON object), "metadata" (`__metadata__` is not an
+            object of strings), "entry" (a tensor entry is not an object with a string dtype, a
+            shape of non-negative integers and data_offsets of two integers 0 <= begin <= end, or
+            claims more than MAX_ELEMENTS elements), "range" (a tensor's byte range does not fit
+            its dtype and shape), "overlap" (two tensors share bytes), "truncated" (a tensor ends
+            past the end of the data section, when the caller knows its size).
         length: bytes read for "short", else the header length the first 8 bytes give.
         names: the tensor(s) concerned ("entry", "range", "overlap").
         entry: the offending entry ("range").
@@ -102,8 +106,29 @@ class SafetensorsHeader:
         return {e.name: e for e in self.entries}
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _entry(key: str, value: object) -> TensorEntry | None:
+    """A checked entry, or None when any field has the wrong JSON type or an impossible value."""
+    if not isinstance(value, dict):
+        return None
+    dtype, shape, offsets = value.get("dtype"), value.get("shape"), value.get("data_offsets")
+    if not isinstance(dtype, str) or not isinstance(shape, list) or not isinstance(offsets, list):
+        return None
+    if not all(_is_int(s) and s >= 0 for s in shape) or math.prod(shape) > MAX_ELEMENTS:
+        return None
+    if len(offsets) != 2 or not all(_is_int(o) for o in offsets) or not 0 <= offsets[0] <= offsets[1]:
+        return None
+    return TensorEntry(key, dtype, tuple(shape), offsets[0], offsets[1])
+
+
 def read_header(
-    fp: IO[bytes], max_length: int = MAX_HEADER_BYTES, itemsizes: Mapping[str, int] | None = ITEMSIZE
+    fp: IO[bytes],
+    max_length: int = MAX_HEADER_BYTES,
+    itemsizes: Mapping[str, int] | None = ITEMSIZE,
+    data_size: int | None = None,
 ) -> SafetensorsHeader:
     """Parse the header at the stream's current position (its start); leaves it at the data section.
 
@@ -114,7 +139,9 @@ def read_header(
         itemsizes: dtype tag → item size; every entry must then have a known dtype, a byte range
             of exactly prod(shape) × itemsize, and no overlap with another. None skips these
             checks (a model reader that only needs one tensor must not fail on exotic dtypes of
-            the others; it checks its own tensor).
+            the others; it checks its own tensor). The JSON types and signs of every field are
+            checked either way.
+        data_size: bytes after the header, when known (a file): no tensor may end past it.
 
     Raises:
         SafetensorsHeaderError: see its `problem` attribute.
@@ -133,30 +160,31 @@ def read_header(
             header = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             cause = str(exc)
+        except RecursionError:
+            cause = "JSON nested too deeply"
     if not isinstance(header, dict):
         raise SafetensorsHeaderError("json", n, cause=cause or "not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SafetensorsHeaderError("metadata", n)
     entries = []
     for key, value in header.items():
-        try:
-            entry = TensorEntry(
-                str(key),
-                str(value["dtype"]),
-                tuple(int(s) for s in value["shape"]),
-                int(value["data_offsets"][0]),
-                int(value["data_offsets"][1]),
-            )
-        except (KeyError, TypeError, ValueError, IndexError):
-            raise SafetensorsHeaderError("entry", n, names=(str(key),)) from None
+        entry = _entry(str(key), value)
+        if entry is None:
+            raise SafetensorsHeaderError("entry", n, names=(str(key),))
         if itemsizes is not None:
             itemsize = itemsizes.get(entry.dtype)
-            if itemsize is None or entry.end - entry.begin != math.prod(entry.shape) * itemsize or entry.begin < 0:
+            if itemsize is None or entry.end - entry.begin != math.prod(entry.shape) * itemsize:
                 raise SafetensorsHeaderError("range", n, names=(entry.name,), entry=entry)
+        if data_size is not None and entry.end > data_size:
+            raise SafetensorsHeaderError("truncated", n, names=(entry.name,), entry=entry)
         entries.append(entry)
     entries.sort(key=lambda e: (e.begin, e.end))
     if itemsizes is not None:
         for before, after in itertools.pairwise(entries):
             if after.begin < before.end:
                 raise SafetensorsHeaderError("overlap", n, names=(before.name, after.name))
-    meta = {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
+    meta = dict(metadata)
     return SafetensorsHeader(meta, entries, 8 + n)

@@ -10,7 +10,10 @@ needs one tensor and a few keys. This walks the little-endian v2/v3 layout with 
     padding to `general.alignment` (default 32), then the tensor data.
 
 Not handled (callers fall back to GGUFReader, signalled by `UnsupportedGGUF`): big-endian and v1
-files, nested arrays, value types this walker does not know.
+files, nested arrays, value types this walker does not know. A file that is corrupt rather than
+unusual (too short, counts or strings past its end, an alignment that is not a power of two, more
+than 4 dimensions, tensor data past the end) raises `CorruptGGUF`, an EmbfilterError: no fallback
+reader is tried on it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from embfilter_cli.errors import ModelNotFoundError
+
 # GGUF value type -> byte size, for the fixed-size scalar types.
 _FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _STRING, _ARRAY = 8, 9
@@ -28,6 +33,15 @@ _INT_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7
 
 class UnsupportedGGUF(Exception):
     """The file uses a layout this walker does not read; use gguf.GGUFReader instead."""
+
+
+class CorruptGGUF(ModelNotFoundError):
+    """The file claims to be GGUF but its header is inconsistent; one line for the user."""
+
+
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_MIN_KV_BYTES = 8 + 4  # empty key + value type
+_MIN_TENSOR_BYTES = 8 + 4 + 4 + 8  # empty name + n_dims + type + offset
 
 
 @dataclass
@@ -48,11 +62,18 @@ class GGUFHeader:
 
 def read_header(path: Path, wanted: frozenset[str] = frozenset(), tensors: bool = True) -> GGUFHeader:
     """Read the header; with tensors=False, stop as soon as every wanted key was seen."""
+    size = path.stat().st_size
+    if size < 24:
+        raise CorruptGGUF(f"{path} is {size} bytes, too short to be a GGUF file; re-download it")
     with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         try:
             return _walk(buf, wanted, tensors)
-        except (struct.error, IndexError) as exc:
-            raise UnsupportedGGUF(f"header runs past the end of the file ({exc})") from exc
+        except CorruptGGUF as exc:
+            raise CorruptGGUF(f"{path} has a corrupt GGUF header ({exc}); re-download it") from None
+        except (struct.error, IndexError, OverflowError, MemoryError) as exc:
+            raise CorruptGGUF(
+                f"{path} has a corrupt GGUF header (it runs past the end: {exc}); re-download it"
+            ) from None
 
 
 def _walk(buf: mmap.mmap, wanted: frozenset[str], tensors: bool) -> GGUFHeader:
@@ -62,6 +83,8 @@ def _walk(buf: mmap.mmap, wanted: frozenset[str], tensors: bool) -> GGUFHeader:
     if version not in (2, 3):
         raise UnsupportedGGUF(f"version {version}")
     tensor_count, kv_count = struct.unpack_from("<QQ", buf, 8)
+    if kv_count * _MIN_KV_BYTES > len(buf) or tensor_count * _MIN_TENSOR_BYTES > len(buf):
+        raise CorruptGGUF(f"it claims {tensor_count} tensors and {kv_count} keys, more than the file can hold")
     header = GGUFHeader(version)
     pos = 24
 
@@ -69,7 +92,7 @@ def _walk(buf: mmap.mmap, wanted: frozenset[str], tensors: bool) -> GGUFHeader:
         (length,) = struct.unpack_from("<Q", buf, at)
         end = at + 8 + length
         if end > len(buf):
-            raise UnsupportedGGUF("string runs past the end of the file")
+            raise CorruptGGUF("a string runs past the end of the file")
         return buf[at + 8 : end], end
 
     alignment = 32
@@ -85,6 +108,8 @@ def _walk(buf: mmap.mmap, wanted: frozenset[str], tensors: bool) -> GGUFHeader:
         elif vtype == _ARRAY:
             itype, count = struct.unpack_from("<IQ", buf, pos)
             pos += 12
+            if count > len(buf) - pos:
+                raise CorruptGGUF(f"array {key!r} claims {count} items, more than the file can hold")
             header.array_lengths[key] = count
             if itype == _STRING:
                 items = []
@@ -97,7 +122,7 @@ def _walk(buf: mmap.mmap, wanted: frozenset[str], tensors: bool) -> GGUFHeader:
             elif itype in _FIXED:
                 size = _FIXED[itype] * count
                 if pos + size > len(buf):
-                    raise UnsupportedGGUF("array runs past the end of the file")
+                    raise CorruptGGUF(f"array {key!r} runs past the end of the file")
                 if key in wanted:
                     import numpy as np
 
@@ -110,6 +135,8 @@ def _walk(buf: mmap.mmap, wanted: frozenset[str], tensors: bool) -> GGUFHeader:
                 (value,) = struct.unpack_from(_INT_FORMATS[vtype], buf, pos)
                 if key == "general.alignment":
                     alignment = int(value)
+                    if alignment <= 0 or alignment & (alignment - 1):
+                        raise CorruptGGUF(f"general.alignment is {alignment}, not a positive power of two")
                 if key in wanted:
                     header.fields[key] = value
             pos += _FIXED[vtype]
@@ -123,6 +150,8 @@ def _walk(buf: mmap.mmap, wanted: frozenset[str], tensors: bool) -> GGUFHeader:
     for _ in range(tensor_count):
         raw_name, pos = read_str(pos)
         (n_dims,) = struct.unpack_from("<I", buf, pos)
+        if n_dims > _MAX_DIMS:
+            raise CorruptGGUF(f"tensor {raw_name[:64]!r} claims {n_dims} dimensions (GGUF allows {_MAX_DIMS})")
         dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
         pos += 4 + 8 * n_dims
         ggml_type, offset = struct.unpack_from("<IQ", buf, pos)
@@ -132,5 +161,7 @@ def _walk(buf: mmap.mmap, wanted: frozenset[str], tensors: bool) -> GGUFHeader:
         )
     data_start = pos + (-pos % alignment)
     for name, shape, ggml_type, offset in infos:
+        if data_start + offset > len(buf):
+            raise CorruptGGUF(f"tensor {name!r} starts past the end of the file")
         header.tensors[name] = GGUFTensorInfo(name, shape, ggml_type, data_start + offset)
     return header

