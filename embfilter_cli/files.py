@@ -95,6 +95,23 @@ def remove_empty(folders: list[Path]) -> None:
             made.rmdir()
 
 
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP until the block ends (main thread, POSIX); elsewhere a no-op."""
+    import signal
+    import threading
+
+    held = {getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)}
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def publish(tmp: Path, out: Path, force: bool) -> None:
     """Move the finished `tmp` to `out`: a plain rename with `force`, an exclusive one without."""
     if force:
@@ -139,9 +156,10 @@ def atomic_path(path: str | os.PathLike[str], force: bool = False) -> Iterator[P
     writing = True  # False while the caller's body runs: its OSErrors may come from reading inputs
     try:
         made = make_parents(out.parent)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
+        with signals_deferred():  # a signal between creating the file and naming it would orphan it
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+            tmp = Path(tmp_name)
+            os.close(fd)
         writing = False
         yield tmp
         writing = True
@@ -151,7 +169,8 @@ def atomic_path(path: str | os.PathLike[str], force: bool = False) -> Iterator[P
         os.umask(umask)
         if tmp.is_file():
             os.chmod(tmp, 0o666 & ~umask)
-        publish(tmp, out, force)
+        with signals_deferred():  # published and tidied, or not published at all
+            publish(tmp, out, force)
     except BaseException as exc:
         if tmp is not None:
             with contextlib.suppress(FileNotFoundError):

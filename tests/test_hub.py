@@ -362,7 +362,7 @@ def _write(folder: Path, name: str, data: object) -> None:
                 "config.json": {},
                 "model.safetensors.index.json": {"weight_map": {"lm_head.weight": "../../x.safetensors"}},
             },
-            "maps lm_head.weight to '../../x.safetensors', which is not a file inside the repo",
+            "names '../../x.safetensors', a path outside the model folder",
         ),
         (
             {"config.json": {}, "model.safetensors.index.json": {"weight_map": {"model.layers.0.w": "a.safetensors"}}},

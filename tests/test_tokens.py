@@ -208,7 +208,7 @@ def test_gguf_sentencepiece_model_and_missing_token_list(tmp_path):
     assert vocab.pieces == [f"tok{i}" for i in range(8)] and vocab.scheme == "plain"
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 4)
-    with pytest.raises(ModelNotFoundError, match="not a readable GGUF file|too short to be a GGUF file"):
+    with pytest.raises(ModelNotFoundError, match=r"not a readable GGUF file|too short to be a GGUF file"):
         load_vocabulary(ModelLocation("", "gguf_file", bad, str(bad), "local"))
 
 

@@ -16,7 +16,6 @@ Not handled: tensors split across shards or ranks, quantization formats other th
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
