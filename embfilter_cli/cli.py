@@ -42,9 +42,8 @@ def _silence_stdout() -> None:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
     except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
-        if isinstance(getattr(sys.stdout, "buffer", None), io.BufferedWriter) and isinstance(
-            sys.stdout.buffer.raw, _ClosedStream
-        ):
+        buffer = getattr(sys.stdout, "buffer", None)
+        if isinstance(buffer, io.BufferedWriter) and isinstance(buffer.raw, _ClosedStream):
             sys.stdout = io.StringIO()  # drop what is still buffered for the closed descriptor
 
 

@@ -237,10 +237,12 @@ def tokenizer_vocab_size(folder: Path) -> int | None:
             path = folder / name
             if path.exists() or path.is_symlink():
                 ids.extend(read_json_object(path, fix).values())
-    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < _MAX_TOKEN_ID for i in ids):
-        bad = next(i for i in ids if not (isinstance(i, int) and not isinstance(i, bool) and 0 <= i < _MAX_TOKEN_ID))
-        raise ModelNotFoundError(f"{where} holds the token id {bad!r}, not a non-negative integer; {fix}")
-    return max(ids) + 1 if ids else None  # type: ignore[type-var]
+    checked: list[int] = []
+    for i in ids:
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < _MAX_TOKEN_ID:
+            raise ModelNotFoundError(f"{where} holds the token id {i!r}, not a non-negative integer; {fix}")
+        checked.append(i)
+    return max(checked) + 1 if checked else None
 
 
 # --------------------------------------------------------------------------- readers
