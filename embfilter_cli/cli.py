@@ -65,9 +65,11 @@ class EmbfilterGroup(click.Group):
     """A click group that loads subcommands by name and turns known errors into one line."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
+        """The subcommand names, sorted, without importing any command module."""
         return sorted(COMMANDS)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """Import and return the subcommand `cmd_name`, or None for an unknown name."""
         target = COMMANDS.get(cmd_name)
         if target is None:
             return None
@@ -95,6 +97,7 @@ class EmbfilterGroup(click.Group):
         return click.Context(command, info_name=name, parent=ctx) if command else ctx
 
     def invoke(self, ctx: click.Context) -> Any:
+        """Run the subcommand; known errors become one `Error:` line (exit 1) or a usage error (exit 2)."""
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):

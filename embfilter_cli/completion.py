@@ -25,6 +25,7 @@ def completion_source(shell: str) -> str:
 
 
 def write_all(folder: Path) -> list[Path]:
+    """Write the completion script of every shell into `folder`; returns the written paths."""
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for shell, name in SHELLS.items():

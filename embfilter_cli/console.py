@@ -28,6 +28,7 @@ def set_quiet(quiet: bool) -> None:
 
 
 def is_quiet() -> bool:
+    """Whether -q is in effect."""
     return _state["quiet"]
 
 
@@ -65,6 +66,7 @@ def _json_default(value: Any) -> Any:
 
 
 def progress_enabled() -> bool:
+    """Whether progress bars should show: not quiet and stderr is a terminal."""
     return not _state["quiet"] and sys.stderr.isatty()
 
 

@@ -36,6 +36,7 @@ def output_options(func: F) -> F:
 
 
 def force_option(func: F) -> F:
+    """`-f/--force`: overwrite an existing output file."""
     return click.option("-f", "--force", is_flag=True, help="Overwrite an existing output file.")(func)
 
 
@@ -50,6 +51,7 @@ def model_cache_option(func: F) -> F:
 
 
 def device_option(func: F) -> F:
+    """`--device`: cpu, cuda, cuda:N, mps or auto."""
     return click.option(
         "--device",
         default="auto",
@@ -64,6 +66,7 @@ def device_option(func: F) -> F:
 
 
 def pooling_option(func: F) -> F:
+    """`--pooling`: mean or last-token pooling."""
     return click.option(
         "--pooling",
         type=click.Choice(["mean", "last"]),
@@ -74,6 +77,7 @@ def pooling_option(func: F) -> F:
 
 
 def recipe_option(func: F) -> F:
+    """`--recipe`: a named prompt recipe or a custom template containing {text}."""
     return click.option(
         "--recipe",
         default="none",
@@ -84,12 +88,14 @@ def recipe_option(func: F) -> F:
 
 
 def batch_size_option(func: F) -> F:
+    """`--batch-size`: texts per forward pass."""
     return click.option(
         "--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Texts per forward pass."
     )(func)
 
 
 def max_length_option(func: F) -> F:
+    """`--max-length`: the token budget per prompt, template included."""
     return click.option(
         "--max-length",
         type=click.IntRange(min=1),
@@ -100,6 +106,7 @@ def max_length_option(func: F) -> F:
 
 
 def dtype_option(func: F) -> F:
+    """`--dtype`: the model weights' dtype (auto, float32, bfloat16, float16)."""
     return click.option(
         "--dtype",
         type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
@@ -110,6 +117,7 @@ def dtype_option(func: F) -> F:
 
 
 def input_format_option(func: F) -> F:
+    """`--input-format`: how to read the texts (auto, lines, jsonl)."""
     return click.option(
         "--input-format",
         type=click.Choice(["auto", "lines", "jsonl"]),

@@ -33,6 +33,7 @@ def is_table_job(input_path: str, input_format: str | None, output_format: str |
 
 
 def parse_shard(text: str | None) -> Any:
+    """Parse `--shard I/N` into a Shard, or None when the option is not given."""
     if text is None:
         return None
     from embfilter_cli.vectors.shards import Shard

@@ -144,6 +144,7 @@ def centring_summary(artifact: Any, report: Any) -> dict[str, Any]:
 
 
 def print_centring(summary: dict[str, Any]) -> None:
+    """Print the centring summary as a table on stdout."""
     from rich.markup import escape
     from rich.table import Table
 

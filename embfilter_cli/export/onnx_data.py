@@ -97,6 +97,7 @@ class SideFiles:
         self.created.append(path)
 
     def rollback(self) -> None:
+        """Remove the side files created so far and restore the backed-up originals."""
         for p in reversed(self.created):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
@@ -105,6 +106,7 @@ class SideFiles:
                 os.replace(backup, original)
 
     def commit(self) -> None:
+        """Keep the side files and delete the backups of what they replaced."""
         for backup, _ in self.backups:
             with contextlib.suppress(FileNotFoundError):
                 backup.unlink()

@@ -40,6 +40,7 @@ class ExportResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
+        """The export as a JSON-ready dict (what `--json` prints)."""
         doc: dict[str, Any] = {
             "path": str(self.path),
             "kind": self.kind,

@@ -83,30 +83,37 @@ class FilterArtifact:
 
     @property
     def hidden_size(self) -> int:
+        """d, the input dimension (the model's hidden size)."""
         return int(self.projection.shape[1])
 
     @property
     def output_dim(self) -> int:
+        """The output dimension: k for a reduced map, d for a projector."""
         return int(self.projection.shape[0])
 
     @property
     def reduced(self) -> bool:
+        """True for the k×d reduced map P, False for the d×d projector."""
         return self.metadata.get("projection_kind", "reduced") == "reduced"
 
     @property
     def band(self) -> dict[str, Any]:
+        """The band as stored: hidden_size, start, keep, top, bottom."""
         return json.loads(self.metadata["band"])
 
     @property
     def model_source(self) -> str:
+        """The model the filter was fitted on, as recorded at fit time."""
         return self.metadata.get("model_source", "")
 
     @property
     def unembedding_sha256(self) -> str:
+        """SHA-256 of the W_U bytes the filter was fitted on."""
         return self.metadata.get("unembedding_sha256", "")
 
     @property
     def centered(self) -> bool:
+        """Whether the filter subtracts a stored mean before projecting."""
         return self.mean is not None
 
     @property
@@ -117,6 +124,7 @@ class FilterArtifact:
         return Centering.from_json(self.metadata["centering"], str(self.path or "the filter"))
 
     def json_field(self, key: str) -> Any:
+        """A metadata value that is stored as JSON text, decoded."""
         return json.loads(self.metadata[key])
 
     def with_mean(self, mean: np.ndarray | None, centering: Centering | None) -> FilterArtifact:

@@ -46,12 +46,15 @@ class Band:
 
     @property
     def stop(self) -> int:
+        """One past the last kept direction."""
         return self.start + self.keep
 
     def kept_indices(self) -> list[int]:
+        """The kept direction indices, in order."""
         return list(range(self.start, self.stop))
 
     def removed_indices(self) -> list[int]:
+        """The removed direction indices: the top ones, then the bottom ones."""
         return list(range(0, self.start)) + list(range(self.stop, self.hidden_size))
 
     def label(self) -> str:
@@ -59,6 +62,7 @@ class Band:
         return f"r{self.top}-b{self.bottom}"
 
     def as_dict(self) -> dict[str, int]:
+        """The band as a JSON-ready dict (hidden_size, start, keep, top, bottom)."""
         return {
             "hidden_size": self.hidden_size,
             "start": self.start,

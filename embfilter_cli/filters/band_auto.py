@@ -46,6 +46,7 @@ class AutoBand:
     details: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
+        """The rule, its fit and the chosen band as a JSON-ready dict."""
         return {
             "rule": "outliers from the log-linear bulk trend",
             "factor": self.factor,

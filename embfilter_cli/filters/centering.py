@@ -126,6 +126,7 @@ class Centering:
     input: str = ""
 
     def to_json(self) -> str:
+        """The record as JSON text, for the artifact's metadata."""
         return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)
 
     @classmethod
@@ -172,6 +173,7 @@ class Centering:
         )
 
     def as_dict(self) -> dict[str, Any]:
+        """The record as a plain dict."""
         return asdict(self)
 
 

@@ -51,6 +51,7 @@ class Spectrum:
 
     @property
     def hidden_size(self) -> int:
+        """d, the length of each singular vector."""
         return int(self.vectors.shape[0])
 
     @property

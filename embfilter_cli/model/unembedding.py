@@ -68,10 +68,12 @@ class Unembedding:
 
     @property
     def vocab_size(self) -> int:
+        """Rows of `matrix` (padding rows excluded where they were dropped)."""
         return int(self.matrix.shape[0])
 
     @property
     def hidden_size(self) -> int:
+        """Columns of W_U: the model's hidden size."""
         return int(self.matrix.shape[1])
 
 

@@ -48,6 +48,7 @@ class Background:
 
     @property
     def count(self) -> int:
+        """Number of background texts or embeddings."""
         return len(self.texts) if self.texts is not None else int(self.embeddings.shape[0])  # type: ignore[union-attr]
 
     @property
@@ -110,6 +111,7 @@ class CentreReport:
     mean_norm: float
 
     def as_dict(self) -> dict[str, Any]:
+        """The report as a JSON-ready dict."""
         return {
             "count": self.count,
             "source": self.source,

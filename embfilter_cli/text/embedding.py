@@ -86,6 +86,7 @@ class Recipe:
 
     @property
     def copies(self) -> int:
+        """How many times the template contains the text (2 for echo)."""
         return self.template.count(TEXT_SLOT)
 
     def render(self, text: str) -> tuple[str, tuple[int, int]]:
@@ -110,6 +111,7 @@ def resolve_recipe(recipe: str) -> Recipe:
 
 
 def check_pooling(pooling: str) -> str:
+    """Return `pooling` if it is a known pooling; InputDataError otherwise."""
     if pooling not in POOLINGS:
         raise InputDataError(f"pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
     return pooling

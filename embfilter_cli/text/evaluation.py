@@ -76,6 +76,7 @@ class PairData:
         return digest.hexdigest()
 
     def summary(self) -> dict[str, Any]:
+        """Name, counts and SHA-256 of the data, for reports."""
         return {"name": self.name, "texts": len(self.texts), "pairs": len(self.pairs), "sha256": self.sha256}
 
 
@@ -229,6 +230,7 @@ class EvalResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
+        """The result as a JSON-ready dict."""
         out: dict[str, Any] = {
             "name": self.name,
             "kind": self.kind,
@@ -297,6 +299,8 @@ class SweepGrid:
     pearson: np.ndarray
 
     def as_dict(self) -> dict[str, Any]:
+        """The grid as a JSON-ready dict (NaN cells become null)."""
+
         def rows(matrix: np.ndarray) -> list[list[float | None]]:
             return [[_finite_or_none(float(v)) for v in row] for row in matrix]
 
@@ -318,6 +322,7 @@ class BandScorer:
         self.coords = np.asarray(raw, dtype=np.float64) @ spectrum.vectors
 
     def score(self, band: Band) -> tuple[float, float]:
+        """(Spearman, Pearson) of the pair cosines after filtering with `band`."""
         if band.stop > self.coords.shape[1]:
             raise BandError(
                 f"band {band.label()} needs {band.stop} directions; the spectrum has {self.coords.shape[1]}"
@@ -325,6 +330,7 @@ class BandScorer:
         return score_vectors(self.coords[:, band.start : band.stop], self.data)
 
     def grid(self, tops: Sequence[int], bottoms: Sequence[int]) -> SweepGrid:
+        """Score every (top, bottom) combination; impossible bands stay NaN."""
         from embfilter_cli.filters.band import Band
 
         d = self.spectrum.hidden_size
@@ -482,6 +488,7 @@ class Cache:
         return self.root / kind / f"{key}{suffix}"
 
     def load_embeddings(self, key: str) -> np.ndarray | None:
+        """Cached embeddings under `key`, or None (disabled, missing or unreadable)."""
         if not self.enabled:
             return None
         path = self._path("embeddings", key, ".npy")
@@ -494,6 +501,7 @@ class Cache:
         return array if array.ndim == 2 and array.dtype == np.float32 else None
 
     def save_embeddings(self, key: str, array: np.ndarray) -> None:
+        """Store embeddings under `key` (atomically; no-op when disabled)."""
         if not self.enabled:
             return
         from embfilter_cli.files import atomic_path
@@ -502,6 +510,7 @@ class Cache:
             np.save(handle, np.ascontiguousarray(array, dtype=np.float32))
 
     def load_spectrum(self, key: str) -> tuple[Spectrum, dict[str, Any]] | None:
+        """A cached (spectrum, head facts) under `key`, or None."""
         if not self.enabled:
             return None
         path = self._path("spectra", key, ".npz")
@@ -526,6 +535,7 @@ class Cache:
         return spectrum, meta["head"]
 
     def save_spectrum(self, key: str, spectrum: Spectrum, head: dict[str, Any]) -> None:
+        """Store a spectrum and its head facts under `key` (atomically; no-op when disabled)."""
         if not self.enabled:
             return
         from embfilter_cli.files import atomic_path
@@ -546,6 +556,7 @@ class Cache:
             )
 
     def load_json(self, kind: str, key: str) -> dict[str, Any] | None:
+        """A cached JSON object of `kind` under `key`, or None."""
         if not self.enabled:
             return None
         path = self._path(kind, key, ".json")
@@ -555,6 +566,7 @@ class Cache:
         return None
 
     def save_json(self, kind: str, key: str, value: dict[str, Any]) -> None:
+        """Store a JSON object of `kind` under `key` (atomically; no-op when disabled)."""
         if not self.enabled:
             return
         from embfilter_cli.files import atomic_path
@@ -585,6 +597,7 @@ class HeadFacts:
     hidden_size: int
 
     def as_dict(self) -> dict[str, Any]:
+        """The facts as a JSON-ready dict."""
         return {
             "sha256": self.sha256,
             "tensor_name": self.tensor_name,

@@ -188,6 +188,7 @@ class ZipfStats:
     mean_zipf: float | None  # over the words; None when there are none
 
     def as_dict(self) -> dict[str, float | int | None]:
+        """The statistics as a JSON-ready dict (means rounded to 4 digits)."""
         return {
             "tokens": self.tokens,
             "words": self.words,

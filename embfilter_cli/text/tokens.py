@@ -141,6 +141,7 @@ class Vocabulary:
         return len(self.pieces)
 
     def piece(self, token_id: int) -> str | None:
+        """The raw vocabulary piece of `token_id`, or None for an id outside the vocabulary."""
         return self.pieces[token_id] if 0 <= token_id < len(self.pieces) else None
 
     def text(self, token_id: int) -> tuple[str | None, bool]:

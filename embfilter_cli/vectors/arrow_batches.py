@@ -233,6 +233,7 @@ class FilterBatch:
 
     @property
     def artifact(self) -> Any:
+        """The filter, loaded from its path on first use."""
         if self._artifact is None:
             from embfilter_cli.filters.artifact import load_artifact
 
@@ -241,6 +242,7 @@ class FilterBatch:
 
     @property
     def dim_context(self) -> str:
+        """Words for a dimension mismatch: what the filter expects and the fix."""
         art = self.artifact
         return (
             f"the filter expects {art.hidden_size} (fitted on {art.model_source or 'another model'}); "

@@ -67,6 +67,7 @@ class IpcInput:
         return None if self._file is None else int(self._file.num_record_batches)
 
     def rows(self, parts: Sequence[int] | None = None) -> int | None:
+        """Rows in the chosen record batches, or None for a stream (unknown until read)."""
         if self._file is None:
             return None
         chosen = range(self._file.num_record_batches) if parts is None else parts
@@ -113,9 +114,11 @@ class IpcSink:
         self._writer = opener(self._sink, schema)
 
     def write(self, batch: pa.RecordBatch) -> None:
+        """Append one record batch."""
         self._writer.write_batch(batch)
 
     def close(self) -> None:
+        """Finish the IPC file (and close the output when this sink opened it)."""
         self._writer.close()
         if self._owns:
             self._sink.close()

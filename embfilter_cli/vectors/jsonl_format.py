@@ -83,6 +83,7 @@ class JsonlSource(VectorSource):
         return vec
 
     def items(self, batch_rows: int, passthrough: bool = False) -> Iterator[Batch | Passthrough]:
+        """Batches of vectors parsed from the records, with the records kept for the sink."""
         buf = np.empty((batch_rows, self.expected_dim), dtype=np.float64)
         records: list[dict[str, Any]] = []
         lines: list[int] = []
@@ -128,6 +129,7 @@ class JsonlSink(VectorSink):
         self.dtype = "float64"
 
     def begin(self, lead_shape: tuple[int, ...] | None, dim: int, dtype: str) -> None:
+        """Prepare the number format for `dtype` and `dim` values per row."""
         self.dtype = dtype
         digits = _JSONL_DIGITS.get(dtype)
         # %-formatting a whole row in one call is ~3× faster than json.dumps on a list of floats
@@ -140,6 +142,7 @@ class JsonlSink(VectorSink):
         return json.dumps(values, separators=(",", ":"))  # float64, or NaN/Infinity tokens (--allow-nonfinite)
 
     def write(self, vectors: np.ndarray, batch: Batch) -> None:
+        """Write each record with its filtered vector in the vector field."""
         if self.dtype == "bfloat16":
             vectors = bfloat16_to_float32(float32_to_bfloat16(vectors))
         out = []
@@ -168,6 +171,7 @@ class JsonlSink(VectorSink):
         raise AssertionError("unreachable: ASCII-only JSON always encodes")
 
     def finish(self) -> None:
+        """Nothing to complete: every line is written as it comes."""
         pass
 
 

@@ -76,6 +76,7 @@ class NpySource(VectorSource):
         self.progress_total = self.rows
 
     def items(self, batch_rows: int, passthrough: bool = False) -> Iterator[Batch | Passthrough]:
+        """Batches of rows in file order (memory-mapped for files, read in chunks for streams)."""
         if self._fortran_whole is not None:
             for start in range(0, len(self._fortran_whole), batch_rows):
                 chunk = self._fortran_whole[start : start + batch_rows]
@@ -86,6 +87,7 @@ class NpySource(VectorSource):
             yield Batch(start, as_float(chunk, self.dtype), start + len(chunk))
 
     def close(self) -> None:
+        """Release the memory map, if any."""
         if self._matrix is not None:
             self._matrix.close()
 

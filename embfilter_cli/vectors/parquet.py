@@ -65,6 +65,7 @@ def iter_parquet(
 
 
 def parquet_schema(file: pq.ParquetFile, name: str) -> pa.Schema:
+    """The file's Arrow schema; InputDataError for a damaged file."""
     try:
         return file.schema_arrow
     except (pa.ArrowException, OSError) as exc:
@@ -93,7 +94,9 @@ class ParquetSink:
         self._writer = pq.ParquetWriter(where if not isinstance(where, Path) else str(where), schema)
 
     def write(self, batch: pa.RecordBatch) -> None:
+        """Append one record batch."""
         self._writer.write_batch(batch)
 
     def close(self) -> None:
+        """Finish the Parquet file (writes the footer)."""
         self._writer.close()

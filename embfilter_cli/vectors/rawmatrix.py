@@ -100,6 +100,7 @@ class RawMatrix:
             skip_bytes(self.fp, self.nbytes, self.name)
 
     def close(self) -> None:
+        """Release the memory map, if any (kept alive while a caller still holds a view)."""
         if self._map is not None:
             try:
                 self._map.close()
@@ -134,6 +135,7 @@ class BinarySink(VectorSink):
         raise NotImplementedError
 
     def begin(self, lead_shape: tuple[int, ...] | None, dim: int, dtype: str) -> None:
+        """Write the header now when the shape is known, else reserve room (file) or spool (pipe)."""
         self.lead_shape, self.dim, self.dtype = lead_shape, dim, dtype
         if lead_shape is not None:
             self.fp.write(self._header(lead_shape))
@@ -148,10 +150,12 @@ class BinarySink(VectorSink):
         return self._spool if self._spool is not None else self.fp
 
     def write(self, vectors: np.ndarray, batch: Batch) -> None:
+        """Append the rows' raw bytes."""
         self._data().write(np.ascontiguousarray(vectors).data.cast("B"))
         self.rows_written += len(vectors)
 
     def finish(self) -> None:
+        """Write the final header once the row count is known (and the spooled rows after it)."""
         if self.lead_shape is not None:
             return
         final = self._header((self.rows_written,), min_len=self._reserved)

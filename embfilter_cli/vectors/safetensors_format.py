@@ -150,6 +150,7 @@ class SafetensorsSource(VectorSource):
         )
 
     def items(self, batch_rows: int, passthrough: bool = False) -> Iterator[Batch | Passthrough]:
+        """The target tensor's rows in batches and, with `passthrough`, the other tensors' bytes."""
         position = 0  # bytes consumed of the data section, for streams
         for entry in self.entries:
             if entry is self.target:
@@ -176,6 +177,7 @@ class SafetensorsSource(VectorSource):
             position = entry.end
 
     def close(self) -> None:
+        """Release the memory map, if any."""
         self._matrix.close()
 
 
@@ -225,9 +227,11 @@ class SafetensorsSink(BinarySink):
         return len(body).to_bytes(8, "little") + body
 
     def passthrough(self, item: Passthrough) -> None:
+        """Copy another tensor's bytes unchanged."""
         self._data().write(item.data)
 
     def write(self, vectors: np.ndarray, batch: Batch) -> None:
+        """Append the filtered rows little-endian (bfloat16 as rounded bit patterns)."""
         if self.dtype == "bfloat16":
             vectors = float32_to_bfloat16(vectors)
         super().write(vectors.astype(vectors.dtype.newbyteorder("<"), copy=False), batch)

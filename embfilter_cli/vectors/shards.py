@@ -77,6 +77,7 @@ class WorkUnit:
 
     @property
     def name(self) -> str:
+        """The input's name, for messages."""
         return str(self.input)
 
 

@@ -36,6 +36,7 @@ class FilterStats:
 
     @property
     def rows_per_second(self) -> float:
+        """Throughput; infinite when no time was measured."""
         return self.rows / self.seconds if self.seconds > 0 else float("inf")
 
 

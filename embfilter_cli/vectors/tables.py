@@ -45,6 +45,7 @@ class TableStats:
 
     @property
     def rows_per_second(self) -> float:
+        """Throughput; infinite when no time was measured."""
         return self.rows / self.seconds if self.seconds > 0 else float("inf")
 
 
@@ -74,6 +75,7 @@ class TableInput:
         return 1 if parts is None else parts
 
     def rows(self, parts: Sequence[int] | None = None) -> int:
+        """Rows in the chosen parts (row groups or record batches) of the input."""
         if self._pq is not None:
             from embfilter_cli.vectors.parquet import parquet_rows
 
@@ -88,6 +90,7 @@ class TableInput:
         return self.rows(range(parts[0]))
 
     def batches(self, batch_rows: int, parts: Sequence[int] | None = None) -> Iterator[pa.RecordBatch]:
+        """Record batches of at most `batch_rows` rows from the chosen parts."""
         if self._pq is not None:
             from embfilter_cli.vectors.parquet import iter_parquet
 
