@@ -17,10 +17,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from embfilter_cli.errors import BandError
 from embfilter_cli.filters.band import Band, resolve_band
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from embfilter_cli.filters.artifact import FilterArtifact
+    from embfilter_cli.filters.spectral import Spectrum
+    from embfilter_cli.text.lens import DirectionTokens
+    from embfilter_cli.text.tokens import Vocabulary
 
 DEFAULT_RANK = 64
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
@@ -35,7 +44,7 @@ def default_rank(hidden_size: int) -> int:
 
 def choose_band(
     hidden_size: int,
-    artifact: Any,
+    artifact: FilterArtifact | None,
     rank: int | None,
     bottom: int | None,
     ratio: float | None,
@@ -103,7 +112,7 @@ def group_of(index: int, band: Band) -> str:
     return "kept" if index < band.stop else "removed_bottom"
 
 
-def energy_removed(sigma: Any, band: Band) -> float:
+def energy_removed(sigma: np.ndarray, band: Band) -> float:
     """Share of ‖W_U‖²_F in the removed directions, from a complete spectrum."""
     s2 = sigma**2
     return float((s2[: band.start].sum() + s2[band.stop :].sum()) / s2.sum()) if s2.sum() > 0 else 0.0
@@ -115,13 +124,19 @@ class DirectionSource:
     `log` receives one line before the (slow) exact spectrum is computed.
     """
 
-    def __init__(self, matrix: Any, artifact: Any, band: Band, log: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        matrix: torch.Tensor,
+        artifact: FilterArtifact | None,
+        band: Band,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
         import numpy as np
 
         self.matrix = matrix
         self.vectors: dict[int, np.ndarray] = {}
         self.sigmas: np.ndarray | None = None
-        self._spectrum: Any = None
+        self._spectrum: Spectrum | None = None
         self._log = log
         if artifact is None:
             return
@@ -136,7 +151,7 @@ class DirectionSource:
             self.vectors.update({int(i): artifact.projection[r].astype(np.float64) for r, i in enumerate(kept_idx)})
         self.sigmas = np.asarray(artifact.singular_values, dtype=np.float64)
 
-    def spectrum(self) -> Any:
+    def spectrum(self) -> Spectrum:
         """The exact spectrum of W_U, computed once."""
         if self._spectrum is None:
             from embfilter_cli.filters.spectral import exact_spectrum
@@ -146,7 +161,7 @@ class DirectionSource:
             self._spectrum = exact_spectrum(self.matrix)
         return self._spectrum
 
-    def get(self, indices: list[int]) -> tuple[Any, list[float]]:
+    def get(self, indices: list[int]) -> tuple[np.ndarray, list[float]]:
         """(len(indices), d) float32 directions and their singular values."""
         import numpy as np
 
@@ -164,7 +179,7 @@ class DirectionSource:
         return vecs, [float(self.sigmas[i]) for i in indices]
 
 
-def token_entry(vocab: Any, token_id: int, value: float, zipf: Callable[[str], float] | None) -> dict[str, Any]:
+def token_entry(vocab: Vocabulary, token_id: int, value: float, zipf: Callable[[str], float] | None) -> dict[str, Any]:
     """One top token as reported: id, raw piece, printable text, logit and (with `zipf`) its Zipf value."""
     entry: dict[str, Any] = {
         "id": int(token_id),
@@ -179,7 +194,7 @@ def token_entry(vocab: Any, token_id: int, value: float, zipf: Callable[[str], f
 
 
 def token_entries(
-    vocab: Any, ids: Iterable[int], values: Iterable[float], zipf: Callable[[str], float] | None = None
+    vocab: Vocabulary, ids: Iterable[int], values: Iterable[float], zipf: Callable[[str], float] | None = None
 ) -> list[dict[str, Any]]:
     """`token_entry` for each (id, logit) pair."""
     return [token_entry(vocab, t, v, zipf) for t, v in zip(ids, values)]
@@ -191,8 +206,8 @@ def describe_directions(
     used: dict[str, list[int]],
     needed: Sequence[int],
     sigmas: Sequence[float],
-    toks: Any,
-    vocab: Any,
+    toks: DirectionTokens,
+    vocab: Vocabulary,
     zipf: Callable[[str], float] | None,
     band: Band,
     top: int,
@@ -257,7 +272,7 @@ def describe_directions(
     return shown_entries, summary
 
 
-def sparkline(values: Any, width: int) -> tuple[str, list[tuple[int, int]]]:
+def sparkline(values: np.ndarray, width: int) -> tuple[str, list[tuple[int, int]]]:
     """A log-scale sparkline of positive values in at most `width` columns.
 
     Returns the line and, per column, the (first, last) value index it covers. Each column shows
