@@ -14,8 +14,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from embfilter_cli.errors import InputDataError
+
+if TYPE_CHECKING:
+    from embfilter_cli.filters.artifact import FilterArtifact
+    from embfilter_cli.filters.checks import Check
 
 FINGERPRINT_SUFFIXES = (".parquet", ".pq", ".arrow", ".feather", ".ipc", ".safetensors")
 
@@ -118,15 +123,15 @@ def check_vector_file(path: Path, projection_sha256: str, mean_sha256: str = "")
     return VectorCheck(str(path), True, rows, found, f"{rows} rows, made by this filter")
 
 
-def vectors_check(artifact: object, path: str | os.PathLike[str]) -> object:
+def vectors_check(artifact: FilterArtifact, path: str | os.PathLike[str]) -> Check:
     """One `filters.checks.Check` over a file or folder of vectors: all made by `artifact`?
 
     The check fails naming the first file made by another filter, or by none.
     """
     from embfilter_cli.filters.checks import Check
 
-    sha = artifact.metadata.get("projection_sha256", "")  # type: ignore[attr-defined]
-    mean_sha = artifact.metadata.get("mean_sha256", "")  # type: ignore[attr-defined]
+    sha = artifact.metadata.get("projection_sha256", "")
+    mean_sha = artifact.metadata.get("mean_sha256", "")
     results = [check_vector_file(f, sha, mean_sha) for f in vector_files(path)]
     bad = [r for r in results if not r.ok]
     rows = sum(max(r.rows, 0) for r in results)
