@@ -9,7 +9,11 @@ Not handled: resolving the filter or model from user input (see `commands/verify
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from embfilter_cli.filters.artifact import FilterArtifact
+    from embfilter_cli.model.location import ModelLocation
 
 # Stored float32 rows of a float64-orthonormal basis deviate by ~1e-7 (measured: 6e-8 at d=16,
 # 1e-8 at d=2048); 1e-5 is 100× that, and still far below anything that would move a cosine.
@@ -27,7 +31,7 @@ class Check:
     error: str = ""  # the one-line error message when not ok
 
 
-def integrity_checks(artifact: Any) -> list[Check]:
+def integrity_checks(artifact: FilterArtifact) -> list[Check]:
     """Digest, orthonormality and complement checks of a loaded artifact (see `verify`'s help)."""
     import numpy as np
 
@@ -102,13 +106,14 @@ def integrity_checks(artifact: Any) -> list[Check]:
     return checks
 
 
-def mean_check(artifact: Any) -> Check:
+def mean_check(artifact: FilterArtifact) -> Check:
     """A centred filter's mean matches its stored SHA-256 (the loader already checked shape, finiteness, record)."""
     from embfilter_cli.filters.artifact import array_sha256
 
+    centering = artifact.centering
+    assert artifact.mean is not None and centering is not None, "mean_check is for centred filters"
     stored, actual = artifact.metadata["mean_sha256"], array_sha256(artifact.mean)
     ok = stored == actual
-    centering = artifact.centering
     return Check(
         "mean",
         ok,
@@ -121,7 +126,7 @@ def mean_check(artifact: Any) -> Check:
 
 
 def unembedding_check(
-    artifact: Any, location: Any, model: str, tensor_name: str | None
+    artifact: FilterArtifact, location: ModelLocation, model: str, tensor_name: str | None
 ) -> tuple[Check, dict[str, Any]]:
     """Recompute the W_U SHA-256 of the model at `location` and compare it with the one stored at fit time.
 
