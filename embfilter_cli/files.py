@@ -25,6 +25,7 @@ class OutputWriteError(EmbfilterError):
 
 
 def exists_error(out: Path) -> OutputExistsError:
+    """The error for an output that exists while --force is off."""
     return OutputExistsError(f"{out} already exists; pass --force to overwrite it or choose another -o path")
 
 
