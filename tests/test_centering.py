@@ -660,13 +660,3 @@ def test_inspect_text_lens_after_a_centred_filter(runner, tiny_llama, llama_filt
     result = runner.invoke(app, [*args, "--recipe", "prompteol"])
     assert result.exit_code == 1 and result.stdout == ""
     assert "this run uses mean pooling with recipe 'prompteol'" in _error_line(result)
-
-
-def test_apply_and_export_never_drop_the_mean_silently(runner, make_filter, tmp_path):
-    art = load_artifact(make_filter())
-    path = save_artifact(art.with_mean(np.ones(13, np.float32), _record()), tmp_path / "c.safetensors")
-    np.save(tmp_path / "x.npy", np.zeros((2, 16), np.float32))
-    result = runner.invoke(app, ["apply", str(path), str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy")])
-    assert result.exit_code == 1 and "is centred" in _error_line(result) and not (tmp_path / "y.npy").exists()
-    result = runner.invoke(app, ["export", str(path), "--format", "npy", "-o", str(tmp_path / "P.npy")])
-    assert result.exit_code == 1 and "is centred" in _error_line(result) and not (tmp_path / "P.npy").exists()

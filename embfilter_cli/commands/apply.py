@@ -107,7 +107,7 @@ def apply(
     force: bool,
     json_: bool,
 ) -> None:
-    """Filter stored embedding vectors: each d-dim vector x becomes the k-dim P·x.
+    """Filter stored embedding vectors: each d-dim vector x becomes the k-dim P·x (P·x − m for a centred filter).
 
     \b
     INPUT is a .npy file (memory-mapped, so files larger than RAM stream), a JSONL file (one object per
@@ -170,13 +170,6 @@ def apply(
     from embfilter_cli.filters.artifact import load_artifact
 
     artifact = load_artifact(filter_path)
-    if artifact.centered:  # TEMPORARY until the streaming loop subtracts the mean (issue 9): never drop it silently
-        from embfilter_cli.errors import ArtifactError
-
-        raise ArtifactError(
-            f"{artifact.path} is centred (y = P·x − m) and apply does not subtract the mean yet; use the "
-            "uncentred filter it was made from"
-        )
     with contextlib.ExitStack() as stack:
         source = _open_input(stack, input_path, input_format, field, tensor, artifact)
         out_format = output_format or out_ext_format or source.format
@@ -298,6 +291,7 @@ def _run(
             source,
             sink,
             artifact.projection,
+            mean=artifact.mean,
             batch_rows=rows,
             output_dtype=out_dtype,
             normalize=normalize,
@@ -330,6 +324,8 @@ def _make_sink(
         "embfilter.unembedding_sha256": artifact.unembedding_sha256,
         "embfilter.normalized": "true" if normalize else "false",
     }
+    if artifact.centered:  # P alone does not name the map: two means give two incomparable indexes
+        provenance["embfilter.mean_sha256"] = artifact.metadata["mean_sha256"]
     options = SinkOptions(seekable=seekable, source=source, field=field, tensor=tensor, metadata=provenance)
     return open_sink(out_fp, out_format, options)
 
@@ -370,6 +366,7 @@ def _report(
         "output": "stdout" if output == "-" else output,
         "filter": str(artifact.path),
         "projection_sha256": artifact.metadata.get("projection_sha256"),
+        "mean_sha256": artifact.metadata.get("mean_sha256") if artifact.centered else None,
         "input_format": in_format,
         "output_format": out_format,
         "rows": stats.rows,

@@ -129,13 +129,6 @@ def export(
         info(f"Writing {target}")
     _refuse_existing(kind, target, force)  # before loading anything
     artifact = load_artifact(path)
-    if artifact.centered:  # TEMPORARY until the exports carry the bias (issue 9): never drop the mean silently
-        from embfilter_cli.errors import ArtifactError
-
-        raise ArtifactError(
-            f"{artifact.path} is centred (y = P·x − m) and export does not write the mean yet; export the "
-            "uncentred filter it was made from"
-        )
     check = not no_check
 
     if kind == "onnx":
@@ -306,6 +299,8 @@ def _report(summary: dict[str, Any], kind: str, json_: bool) -> None:
         info(
             f"Outputs: {summary['filtered_output']!r} (filtered, output 0), {summary['unfiltered_output']!r} (unfiltered)"
         )
+    if summary.get("apply"):  # a matrix export: say how to use it (a centred filter's mean included)
+        info(f"Apply it as y = {summary['apply']}")
     if summary["checked"]:
         info(f"Check passed: max relative error {summary['max_rel_error']:.2e} ≤ {summary['bound']:g}")
     else:

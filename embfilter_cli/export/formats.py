@@ -4,21 +4,25 @@ Pure core (no click, no printing). Each writer is atomic (nothing half-written o
 to overwrite without `force`, and checks what it wrote before it reports success:
 
 - sentence-transformers: a `Dense` module folder (`config.json` + `model.safetensors` holding
-  `linear.weight`, the (k, d) matrix P), with bias off and the identity activation written out,
+  `linear.weight`, the (k, d) matrix P, and for a centred filter `linear.bias` = −m), with the bias
+  off for an uncentred filter and the identity activation written out,
   because the library's default activation is Tanh. Only the four config keys that older releases
   also accept are written (6.x's own save adds module_input_name/module_output_name, which releases
   without those parameters reject as unknown); tested with sentence-transformers 6.2.0. When sentence-transformers is
   installed the check loads the folder with its own `Dense.load` and compares its vectors with
   `FilterArtifact.apply`; otherwise it re-reads the files.
-- npy: P as a plain array (float32, or float16 with `fp16`), y = x @ P.T.
-- safetensors: float32 re-exports the artifact itself (all tensors and metadata; it stays a valid
-  embfilter filter). float16 writes a *deployment file*, not an artifact: only `projection` (k, d)
-  float16, with the artifact's metadata except `format = embfilter.projection` and
+- npy: P as a plain array (float32, or float16 with `fp16`), y = x @ P.T. A centred filter also
+  writes its mean m (float32, (k,)) to a second file beside it, `<name>.mean.npy`, and
+  y = x @ P.T - m: a consumer must subtract it (both files appear together, or neither).
+- safetensors: float32 re-exports the artifact itself (all tensors and metadata, the mean included;
+  it stays a valid embfilter filter). float16 writes a *deployment file*, not an artifact: only
+  `projection` (k, d) float16 (and, for a centred filter, `mean` (k,) float32: y = x @ projection.T
+  - mean), with the artifact's metadata except `format = embfilter.projection` and
   `projection_dtype = float16`; `projection_sha256` still names the float32 filter it came from and
   `projection_fp16_sha256` fingerprints the stored bytes. `load_artifact` refuses it by design: the
   artifact format promises the exact float32 projection.
 
-Not handled: a bias, other activations, or writing the parent sentence-transformers model's
+Not handled: other activations, or writing the parent sentence-transformers model's
 `modules.json` (the caller prints the entry to add).
 """
 
@@ -43,6 +47,7 @@ from embfilter_cli.filters.artifact import FilterArtifact, array_sha256, load_ar
 
 ST_IDENTITY = "torch.nn.modules.linear.Identity"
 ST_WEIGHT_KEY = "linear.weight"
+ST_BIAS_KEY = "linear.bias"
 DEPLOY_FORMAT_TAG = "embfilter.projection"
 REL_BOUND_FP32 = 1e-5
 REL_BOUND_FP16 = 2e-3  # rounding P to float16 (2^-11 relative per entry) plus summation, with margin
@@ -67,13 +72,18 @@ def _check_inputs(d: int, seed: int = CHECK_SEED) -> np.ndarray:
 
 
 def _reference(artifact: FilterArtifact, x: np.ndarray) -> np.ndarray:
-    return x.astype(np.float64) @ artifact.projection.astype(np.float64).T
+    ref = x.astype(np.float64) @ artifact.projection.astype(np.float64).T
+    return ref if artifact.mean is None else ref - artifact.mean.astype(np.float64)
 
 
-def _matrix_check(artifact: FilterArtifact, written: np.ndarray, bound: float) -> CheckReport:
-    """Apply the matrix as stored (in float64) to seeded inputs and compare with the filter."""
+def _matrix_check(
+    artifact: FilterArtifact, written: np.ndarray, bound: float, mean: np.ndarray | None = None
+) -> CheckReport:
+    """Apply the matrix (and mean) as stored, in float64, to seeded inputs and compare with the filter."""
     x = _check_inputs(artifact.hidden_size)
     got = x.astype(np.float64) @ written.astype(np.float64).T
+    if mean is not None:
+        got -= mean.astype(np.float64)
     err = max_relative_error(got, _reference(artifact, x))
     if not err <= bound:
         raise ExportError(
@@ -85,7 +95,16 @@ def _matrix_check(artifact: FilterArtifact, written: np.ndarray, bound: float) -
 
 
 def _provenance(artifact: FilterArtifact) -> dict[str, str]:
-    keys = ("model_source", "model_revision", "unembedding_sha256", "band", "projection_kind", "projection_sha256")
+    keys = (
+        "model_source",
+        "model_revision",
+        "unembedding_sha256",
+        "band",
+        "projection_kind",
+        "projection_sha256",
+        "mean_sha256",
+        "centering",
+    )
     meta = {f"embfilter.{k}": artifact.metadata[k] for k in keys if k in artifact.metadata}
     meta["embfilter.exported_by"] = f"embfilter {__version__}"
     return meta
@@ -103,20 +122,38 @@ def export_npy(
     check: bool = True,
     force: bool = False,
 ) -> ExportResult:
-    """Write P (k, d) as a .npy file; apply it as `x @ P.T`."""
+    """Write P (k, d) as a .npy file; apply it as `x @ P.T` (minus the `<name>.mean.npy` of a centred filter)."""
     out = check_writable(out, force)
     matrix = np.ascontiguousarray(artifact.projection, dtype=np.float16 if fp16 else np.float32)
+    mean_out = mean_path(out) if artifact.centered else None
+    if mean_out is not None:
+        check_writable(mean_out, force)  # both files or neither: refuse before writing either
     report = None
-    with atomic_path(out, force=force) as tmp:
+    with contextlib.ExitStack() as stack:
+        # Renames happen in reverse order (mean, then P) only after both files were written and checked.
+        tmp = stack.enter_context(atomic_path(out, force=force))
+        tmp_mean = stack.enter_context(atomic_path(mean_out, force=force)) if mean_out is not None else None
         with open(tmp, "wb") as handle:  # a handle, because np.save appends ".npy" to bare names
             np.save(handle, matrix, allow_pickle=False)
+        if tmp_mean is not None:
+            with open(tmp_mean, "wb") as handle:
+                np.save(handle, np.ascontiguousarray(artifact.mean, dtype=np.float32), allow_pickle=False)
         if check:
             back = np.load(tmp, allow_pickle=False)
             if back.dtype != matrix.dtype or not np.array_equal(back, matrix):
                 raise ExportError(
                     f"re-reading {out} gave a different matrix ({back.dtype} {back.shape}); nothing was written"
                 )
-            report = _matrix_check(artifact, back, REL_BOUND_FP16 if fp16 else REL_BOUND_FP32)
+            back_mean = np.load(tmp_mean, allow_pickle=False) if tmp_mean is not None else None
+            if back_mean is not None and not np.array_equal(back_mean, artifact.mean):
+                raise ExportError(f"re-reading {mean_out} gave a different mean; nothing was written")
+            report = _matrix_check(artifact, back, REL_BOUND_FP16 if fp16 else REL_BOUND_FP32, back_mean)
+    extra: dict[str, Any] = {"apply": "x @ P.T"}
+    if mean_out is not None:
+        extra = {
+            "apply": f"x @ P.T - m, with P = np.load({str(out)!r}), m = np.load({str(mean_out)!r})",
+            "mean": str(mean_out),
+        }
     return ExportResult(
         path=out,
         kind="npy",
@@ -125,8 +162,15 @@ def export_npy(
         dtype=str(matrix.dtype),
         normalize=False,
         check=report,
-        extra={"apply": "x @ P.T"},
+        extra=extra,
     )
+
+
+def mean_path(out: str | os.PathLike[str]) -> Path:
+    """Where `export_npy` writes a centred filter's mean: `P.npy` -> `P.mean.npy`."""
+    out = Path(out)
+    stem = out.name[: -len(".npy")] if out.name.lower().endswith(".npy") else out.name
+    return out.with_name(f"{stem}.mean.npy")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,16 +194,19 @@ def export_safetensors(
             kept_indices=artifact.kept_indices,
             removed_directions=artifact.removed_directions,
             metadata=dict(artifact.metadata),
+            mean=artifact.mean,
         )
         save_artifact(copy, out, force=force)
         _normal_mode(out)
         report = None
         if check:
             try:
-                back = load_artifact(out)  # verifies the stored digest of the projection
-                if back.metadata["projection_sha256"] != artifact.metadata["projection_sha256"]:
-                    raise ExportError(f"{out} re-exports a different projection; nothing was kept")
-                report = _matrix_check(artifact, back.projection, REL_BOUND_FP32)
+                back = load_artifact(out)  # verifies the stored digests of the projection and the mean
+                if back.metadata["projection_sha256"] != artifact.metadata["projection_sha256"] or (
+                    back.metadata.get("mean_sha256") != artifact.metadata.get("mean_sha256")
+                ):
+                    raise ExportError(f"{out} re-exports a different filter; nothing was kept")
+                report = _matrix_check(artifact, back.projection, REL_BOUND_FP32, back.mean)
             except BaseException:
                 with contextlib.suppress(FileNotFoundError):
                     out.unlink()
@@ -184,15 +231,21 @@ def export_safetensors(
     meta["projection_dtype"] = "float16"
     meta["projection_fp16_sha256"] = array_sha256(matrix)
     meta["exported_by"] = f"embfilter {__version__}"
+    tensors = {"projection": matrix}
+    if artifact.mean is not None:  # kept in float32: k values, and the bias needs no rounding
+        tensors["mean"] = np.ascontiguousarray(artifact.mean, dtype=np.float32)
     report = None
     with atomic_path(out, force=force) as tmp:
-        save_file({"projection": matrix}, str(tmp), metadata=meta)
+        save_file(tensors, str(tmp), metadata=meta)
         _normal_mode(tmp)
         if check:
-            stored = load_file(str(tmp))["projection"]
-            if stored.dtype != np.float16 or not np.array_equal(stored, matrix):
+            stored = load_file(str(tmp))
+            back = stored["projection"]
+            if back.dtype != np.float16 or not np.array_equal(back, matrix):
                 raise ExportError(f"re-reading {out} gave a different matrix; nothing was written")
-            report = _matrix_check(artifact, stored, REL_BOUND_FP16)
+            if artifact.mean is not None and not np.array_equal(stored.get("mean"), tensors["mean"]):
+                raise ExportError(f"re-reading {out} gave a different mean; nothing was written")
+            report = _matrix_check(artifact, back, REL_BOUND_FP16, stored.get("mean"))
     return ExportResult(
         path=out,
         kind="safetensors",
@@ -201,7 +254,11 @@ def export_safetensors(
         dtype="float16",
         normalize=False,
         check=report,
-        extra={"artifact": False, "tensor": "projection", "apply": "x @ projection.T"},
+        extra={
+            "artifact": False,
+            "tensor": "projection",
+            "apply": "x @ projection.T - mean" if artifact.centered else "x @ projection.T",
+        },
     )
 
 
@@ -210,11 +267,11 @@ def export_safetensors(
 
 
 def st_config(artifact: FilterArtifact) -> dict[str, Any]:
-    """The Dense module's config.json: P as a bias-free linear layer with the identity activation."""
+    """The Dense module's config.json: P as a linear layer (bias −m when centred) with the identity activation."""
     return {
         "in_features": artifact.hidden_size,
         "out_features": artifact.output_dim,
-        "bias": False,
+        "bias": artifact.centered,
         "activation_function": ST_IDENTITY,
     }
 
@@ -265,18 +322,19 @@ def export_sentence_transformers(
     out = Path(out)
     _check_st_dir(out, force)
     weight = np.ascontiguousarray(artifact.projection, dtype=np.float32)
+    tensors = {ST_WEIGHT_KEY: weight}
+    if artifact.mean is not None:  # Dense computes W·x + b: b = −m makes it P·x − m
+        tensors[ST_BIAS_KEY] = np.ascontiguousarray(-artifact.mean, dtype=np.float32)
     config = st_config(artifact)
     report: CheckReport | None = None
     loader = None
     with _temp_dir_beside(out) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
-        save_file(
-            {ST_WEIGHT_KEY: weight}, str(tmp / "model.safetensors"), metadata={"format": "pt", **_provenance(artifact)}
-        )
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", **_provenance(artifact)})
         for made in (tmp, tmp / "model.safetensors"):
             _normal_mode(made)
         if check:
-            report, loader = _check_st(tmp, artifact, weight, config)
+            report, loader = _check_st(tmp, artifact, tensors, config)
         if out.is_dir():  # --force into an existing folder: replace our two files, leave the rest alone
             for name in ("config.json", "model.safetensors"):
                 os.replace(tmp / name, out / name)
@@ -295,7 +353,7 @@ def export_sentence_transformers(
 
 
 def _check_st(
-    folder: Path, artifact: FilterArtifact, weight: np.ndarray, config: dict[str, Any]
+    folder: Path, artifact: FilterArtifact, tensors: dict[str, np.ndarray], config: dict[str, Any]
 ) -> tuple[CheckReport, str]:
     from safetensors.numpy import load_file
 
@@ -308,11 +366,16 @@ def _check_st(
     x = _check_inputs(artifact.hidden_size)
     ref = _reference(artifact, x)
     if dense is None:
-        back = load_file(str(folder / "model.safetensors"))[ST_WEIGHT_KEY]
+        back = load_file(str(folder / "model.safetensors"))
         stored = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        if stored != config or not np.array_equal(back, weight):
+        if (
+            stored != config
+            or set(back) != set(tensors)
+            or any(not np.array_equal(back[k], v) for k, v in tensors.items())
+        ):
             raise ExportError("re-reading the Dense folder gave different contents; nothing was written")
-        report = _matrix_check(artifact, back, REL_BOUND_FP32)
+        bias = back.get(ST_BIAS_KEY)
+        report = _matrix_check(artifact, back[ST_WEIGHT_KEY], REL_BOUND_FP32, None if bias is None else -bias)
         report.detail = {"compared": "files re-read (sentence-transformers not installed)"}
         return report, "not installed"
     import torch

@@ -1,6 +1,6 @@
 """Checks of a written ONNX export: onnx.checker, then onnxruntime against the float64 filter.
 
-The reference is `x · Pᵀ` computed in float64 from the (digest-verified) safetensors filter, on
+The reference is `x · Pᵀ` (minus the mean m for a centred filter) computed in float64 from the (digest-verified) safetensors filter, on
 seeded inputs: random vectors for a standalone graph, inputs built from the host's signature (token
 ids inside the vocabulary, masks of ones) for an appended one. The error measure is
 `report.max_relative_error`; the bounds depend on the dtype the graph returns.
@@ -117,6 +117,8 @@ def check_standalone(
 
 def _reference(x: np.ndarray, artifact: FilterArtifact, normalize: bool) -> np.ndarray:
     ref = x.astype(np.float64) @ artifact.projection.astype(np.float64).T
+    if artifact.mean is not None:
+        ref = ref - artifact.mean.astype(np.float64)
     if normalize:
         ref = ref / np.maximum(np.linalg.norm(ref, axis=-1, keepdims=True), NORM_EPS)
     return ref

@@ -1,12 +1,13 @@
 """The filter's ONNX nodes and the standalone filter graph.
 
 Pure core (no click, no printing): graphs are built directly with `onnx.helper` — torch 2.13's
-default exporter needs onnxscript, and a MatMul needs no exporter. The filter is always
-`y = x · Pᵀ` with Pᵀ stored as a (d, k) initializer; MatMul broadcasts over leading axes, so the same
-nodes filter pooled `[batch, d]` and token-level `[batch, seq, d]` tensors. Optional L2
+default exporter needs onnxscript, and a MatMul needs no exporter. The filter is `y = x · Pᵀ` with
+Pᵀ stored as a (d, k) initializer, and for a centred filter `y = x · Pᵀ − m` (a Sub with the (k,)
+mean initializer right after the MatMul, before any normalisation); MatMul and Sub broadcast over
+leading axes, so the same nodes filter pooled `[batch, d]` and token-level `[batch, seq, d]` tensors. Optional L2
 normalisation is `y / max(‖y‖₂, 1e-12)` (a zero vector stays zero instead of becoming NaN) and is
 always computed in at least float32, because squaring half-precision values overflows past 256.
-The filter's ops (MatMul, Cast, ReduceL2, Max, Div) exist from opset 8; ReduceL2 takes its axes as
+The filter's ops (MatMul, Sub, Cast, ReduceL2, Max, Div) exist from opset 8; ReduceL2 takes its axes as
 an attribute before opset 18 and as an input from 18.
 
 Also the small helpers every ONNX module shares: the lazy `onnx` import (so importing this module
@@ -100,6 +101,9 @@ def filter_metadata(artifact: FilterArtifact, **extra: Any) -> dict[str, str]:
     """The filter's provenance as `embfilter.*` string pairs for ONNX `metadata_props`."""
     meta = {f"{METADATA_PREFIX}{key}": artifact.metadata[key] for key in METADATA_KEYS if key in artifact.metadata}
     meta[f"{METADATA_PREFIX}output_dim"] = str(artifact.output_dim)
+    if artifact.centered:  # which mean the graph subtracts, and how it was made
+        meta[f"{METADATA_PREFIX}mean_sha256"] = artifact.metadata["mean_sha256"]
+        meta[f"{METADATA_PREFIX}centering"] = artifact.metadata["centering"]
     meta[f"{METADATA_PREFIX}exported_by"] = f"embfilter {__version__}"
     for key, value in extra.items():
         meta[f"{METADATA_PREFIX}{key}"] = str(value).lower() if isinstance(value, bool) else str(value)
@@ -140,11 +144,13 @@ def filter_nodes(
     normalize: bool,
     opset: int,
     names: FreshNames,
+    mean_name: str | None = None,
 ) -> list[onnx.NodeProto]:
-    """Nodes computing y = x·Pᵀ (optionally L2-normalised) with the right casts.
+    """Nodes computing y = x·Pᵀ (− m when `mean_name` names the mean initializer), optionally L2-normalised.
 
-    io_type is the element type of x and y; mat_type that of Pᵀ and the MatMul; normalisation runs in
-    float32 when mat_type is a half type (a sum of squares overflows fp16), else in mat_type.
+    io_type is the element type of x and y; mat_type that of Pᵀ, m, the MatMul and the Sub;
+    normalisation runs in float32 when mat_type is a half type (a sum of squares overflows fp16),
+    else in mat_type.
     """
     onnx = onnx_module()
     h = onnx.helper
@@ -157,6 +163,8 @@ def filter_nodes(
     if io_type != mat_type:
         ops.append(("Cast", {"to": mat_type}))
     ops.append(("MatMul", {}))
+    if mean_name is not None:
+        ops.append(("Sub", {}))
     out_type = mat_type
     if normalize:
         if mat_type != norm_type:
@@ -175,6 +183,9 @@ def filter_nodes(
         elif op == "MatMul":
             out = y if last else names("projected")
             nodes.append(h.make_node("MatMul", [cur, pt_name], [out], name=names("MatMul")))
+        elif op == "Sub":
+            out = y if last else names("centred")
+            nodes.append(h.make_node("Sub", [cur, mean_name], [out], name=names("Sub")))
         else:  # Normalize: y / max(ReduceL2(y, -1), eps)
             norm = names("l2norm")
             if opset >= 18:
@@ -209,6 +220,14 @@ def projection_tensor(artifact: FilterArtifact, name: str, elem_type: int) -> on
     return onnx.numpy_helper.from_array(pt, name)
 
 
+def mean_tensor(artifact: FilterArtifact, name: str, elem_type: int) -> onnx.TensorProto:
+    """The centred filter's mean m as a (k,) initializer in `elem_type`."""
+    onnx = onnx_module()
+    if artifact.mean is None:
+        raise ValueError("the filter has no mean")  # a bug in the caller
+    return onnx.numpy_helper.from_array(np.ascontiguousarray(artifact.mean.astype(np_dtype(elem_type))), name)
+
+
 def build_standalone(
     artifact: FilterArtifact,
     *,
@@ -235,6 +254,7 @@ def build_standalone(
     lead = ["batch", "seq"] if per_token else ["batch"]
     names = FreshNames({STANDALONE_INPUT, STANDALONE_OUTPUT}, prefix="")
     pt_name = names("projection_t")
+    mean_name = names("mean") if artifact.centered else None
     nodes = filter_nodes(
         STANDALONE_INPUT,
         STANDALONE_OUTPUT,
@@ -244,21 +264,29 @@ def build_standalone(
         normalize=normalize,
         opset=opset,
         names=names,
+        mean_name=mean_name,
     )
     opset_ids = [h.make_opsetid("", opset)]
     # The oldest IR version that carries this opset, so that older runtimes can load the file.
     ir_version = h.find_min_ir_version_for(opset_ids)
     inputs = [h.make_tensor_value_info(STANDALONE_INPUT, io_type, [*lead, d])]
+    # The projection stays initializer 0 (onnx_export externalizes it by position); the mean follows.
+    initializers = [projection_tensor(artifact, pt_name, io_type)]
+    if mean_name is not None:
+        initializers.append(mean_tensor(artifact, mean_name, io_type))
     if ir_version < 4:  # before IR 4 every initializer must also be a graph input
         inputs.append(h.make_tensor_value_info(pt_name, io_type, [d, k]))
+        if mean_name is not None:
+            inputs.append(h.make_tensor_value_info(mean_name, io_type, [k]))
     graph = h.make_graph(
         nodes,
         "embfilter",
         inputs,
         [h.make_tensor_value_info(STANDALONE_OUTPUT, io_type, [*lead, k])],
-        [projection_tensor(artifact, pt_name, io_type)],
+        initializers,
         doc_string=f"EmbedFilter: {STANDALONE_OUTPUT} = {'normalize(' if normalize else ''}{STANDALONE_INPUT} · Pᵀ"
-        f"{')' if normalize else ''}, P {k}×{d} from {artifact.model_source or 'a fitted filter'}",
+        f"{' − m' if mean_name else ''}{')' if normalize else ''}, P {k}×{d} from "
+        f"{artifact.model_source or 'a fitted filter'}",
     )
     model = h.make_model(
         graph, opset_imports=opset_ids, producer_name="embfilter", producer_version=__version__, ir_version=ir_version

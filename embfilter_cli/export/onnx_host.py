@@ -26,6 +26,7 @@ from embfilter_cli.export.onnx_graph import (
     filter_metadata,
     filter_nodes,
     first_line,
+    mean_tensor,
     onnx_module,
     projection_tensor,
     set_metadata,
@@ -227,8 +228,13 @@ def append_filter(
     mat_type = tp.FLOAT if half else elem  # half hosts: Cast in, fp32 MatMul with the exact P, Cast out
     pt_name = names("projection_t")
     graph.initializer.append(projection_tensor(artifact, pt_name, mat_type))
+    mean_name = names("mean") if artifact.centered else None
+    if mean_name is not None:
+        graph.initializer.append(mean_tensor(artifact, mean_name, mat_type))
     if host.ir_version < 4:  # before IR 4 every initializer must also be a graph input
         graph.input.append(h.make_tensor_value_info(pt_name, mat_type, [d, artifact.output_dim]))
+        if mean_name is not None:
+            graph.input.append(h.make_tensor_value_info(mean_name, mat_type, [artifact.output_dim]))
     graph.node.extend(
         filter_nodes(
             unfiltered,
@@ -239,6 +245,7 @@ def append_filter(
             normalize=normalize,
             opset=opset,
             names=names,
+            mean_name=mean_name,
         )
     )
 

@@ -1,7 +1,8 @@
-"""The streaming filter loop: every vector of a Source through the projection into a Sink.
+"""The streaming filter loop: every vector of a Source through the filter into a Sink.
 
-Batches are projected with one GEMM each, checked for NaN/Inf (the error names the row or line)
-and optionally L2-normalised; memory stays about batch × (d + k) × 4 bytes whatever the file size.
+Batches are projected with one GEMM each (minus the mean m of a centred filter: y = P·x − m),
+checked for NaN/Inf (the error names the row or line) and optionally L2-normalised; memory stays
+about batch × (d + k) × 4 bytes whatever the file size.
 Precision: float16/float32 inputs are computed in float32, float64 (and every JSONL input, whose
 numbers are doubles) in float64.
 
@@ -45,6 +46,7 @@ def filter_stream(
     sink: Sink,
     projection: np.ndarray,
     *,
+    mean: np.ndarray | None = None,
     batch_rows: int = DEFAULT_BATCH_ROWS,
     output_dtype: str | None = None,
     normalize: bool = False,
@@ -58,6 +60,7 @@ def filter_stream(
         source: where the vectors come from.
         sink: where the (…, k) results go; it receives `begin`, one `write` per batch, `finish`.
         projection: the filter matrix P; each row x becomes P·x.
+        mean: a centred filter's (k,) mean m; each row x becomes P·x − m (before normalisation).
         batch_rows: rows per batch; memory is about batch_rows × (d + k) × 4 bytes.
         output_dtype: dtype name of the written values; default the source's dtype.
         normalize: L2-normalise each result (all-zero results stay zero).
@@ -77,6 +80,7 @@ def filter_stream(
     compute = np.dtype(np.float64 if "float64" in (source.dtype, out_dtype) else np.float32)
     # (d, k): one GEMM per batch, no per-row Python. A transposed view costs BLAS nothing and saves a copy.
     pt = projection.T if projection.dtype == compute else projection.T.astype(compute)
+    m = None if mean is None else mean.astype(compute, copy=False)
     out_buf = np.empty((batch_rows, k), dtype=compute)
     started = time.perf_counter()
     sink.begin(None if source.lead_shape is None else source.lead_shape, k, out_dtype)
@@ -98,6 +102,8 @@ def filter_stream(
                 )
             nonfinite_rows += int((~finite_rows).sum())
         y = np.matmul(x, pt, out=out_buf[: len(x)])
+        if m is not None:
+            y -= m
         if normalize:
             norms = np.sqrt(np.einsum("ij,ij->i", y, y))
             norms[norms == 0] = 1  # an all-zero result has no direction; keep it zero rather than NaN
