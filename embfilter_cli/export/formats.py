@@ -145,7 +145,7 @@ def export_npy(
                     f"re-reading {out} gave a different matrix ({back.dtype} {back.shape}); nothing was written"
                 )
             back_mean = np.load(tmp_mean, allow_pickle=False) if tmp_mean is not None else None
-            if back_mean is not None and not np.array_equal(back_mean, artifact.mean):
+            if back_mean is not None and (artifact.mean is None or not np.array_equal(back_mean, artifact.mean)):
                 raise ExportError(f"re-reading {mean_out} gave a different mean; nothing was written")
             report = _matrix_check(artifact, back, REL_BOUND_FP16 if fp16 else REL_BOUND_FP32, back_mean)
     extra: dict[str, Any] = {"apply": "x @ P.T"}
@@ -240,12 +240,15 @@ def export_safetensors(
         _normal_mode(tmp)
         if check:
             stored = load_file(str(tmp))
-            back = stored["projection"]
-            if back.dtype != np.float16 or not np.array_equal(back, matrix):
+            half = stored["projection"]
+            if half.dtype != np.float16 or not np.array_equal(half, matrix):
                 raise ExportError(f"re-reading {out} gave a different matrix; nothing was written")
-            if artifact.mean is not None and not np.array_equal(stored.get("mean"), tensors["mean"]):
+            stored_mean = stored.get("mean")
+            if (stored_mean is None) != ("mean" not in tensors) or (
+                stored_mean is not None and not np.array_equal(stored_mean, tensors["mean"])
+            ):
                 raise ExportError(f"re-reading {out} gave a different mean; nothing was written")
-            report = _matrix_check(artifact, back, REL_BOUND_FP16, stored.get("mean"))
+            report = _matrix_check(artifact, half, REL_BOUND_FP16, stored_mean)
     return ExportResult(
         path=out,
         kind="safetensors",
