@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from gguf import GGUFReader, GGUFWriter
 
-from embfilter_cli.model.gguf_header import UnsupportedGGUF, read_header
+from embfilter_cli.model.gguf_header import CorruptGGUF, UnsupportedGGUF, read_header
 from tests.tiny_models import make_gguf
 
 
@@ -84,13 +84,22 @@ def test_without_tensors_it_stops_once_the_wanted_keys_are_seen(tmp_path):
     [
         (lambda b: b"XXXX" + b[4:], "no GGUF magic"),
         (lambda b: b[:4] + struct.pack("<I", 1) + b[8:], "version 1"),
-        (lambda b: b[:40], "past the end"),
     ],
-    ids=["magic", "version", "truncated"],
+    ids=["magic", "version"],
 )
-def test_unsupported_files_raise_unsupported_gguf(tmp_path, mutate, needle):
+def test_unsupported_layouts_raise_unsupported_gguf(tmp_path, mutate, needle):
+    """Layouts this walker does not read: the caller falls back to gguf.GGUFReader."""
     good = _write(tmp_path / "m.gguf").read_bytes()
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(mutate(good))
     with pytest.raises(UnsupportedGGUF, match=needle):
+        read_header(bad, WANTED)
+
+
+@pytest.mark.parametrize("keep", [10, 40, 200])
+def test_truncated_files_raise_corrupt_gguf_naming_the_file(tmp_path, keep):
+    good = _write(tmp_path / "m.gguf").read_bytes()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(good[:keep])
+    with pytest.raises(CorruptGGUF, match=r"bad\.gguf .*re-download it"):
         read_header(bad, WANTED)
