@@ -40,7 +40,7 @@ import json, sys, time
 spec, n, batch_sizes = json.loads(sys.argv[1])
 import torch
 from embfilter_cli.text.embedding import load_encoder, resolve_recipe
-from embfilter_cli.text.evaluation import load_lee
+from embfilter_cli.text.datasets import load_lee
 texts = load_lee().texts[:n]
 t0 = time.perf_counter()
 enc = load_encoder(spec, device="cpu", dtype="float32")

@@ -7,12 +7,15 @@ is a terminal and the user did not pass -q.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from rich.console import Console
+
+from embfilter_cli.jsonable import json_default
 
 T = TypeVar("T")
 
@@ -52,17 +55,8 @@ def warn(message: str) -> None:
 
 def emit_json(document: Any) -> None:
     """Print one JSON document on stdout."""
-    sys.stdout.write(json.dumps(document, indent=2, sort_keys=False, default=_json_default) + "\n")
+    sys.stdout.write(json.dumps(document, indent=2, sort_keys=False, default=json_default) + "\n")
     sys.stdout.flush()
-
-
-def _json_default(value: Any) -> Any:
-    # numpy scalars and paths appear in summaries; convert rather than fail.
-    if hasattr(value, "item"):
-        return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)
 
 
 def progress_enabled() -> bool:
@@ -78,3 +72,20 @@ def track(items: Iterable[T], description: str, total: float | None = None) -> I
     from rich.progress import track as rich_track
 
     yield from rich_track(items, description=description, total=total, console=err_console, transient=True)
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int) -> Iterator[Callable[[int, int], None] | None]:
+    """A `(done, total)` callback that draws a transient bar on stderr; None when bars are off.
+
+    Core functions take such a callback (`progress=`) and never import rich; the command wires
+    this one in. The bar is removed when the block ends, errors included.
+    """
+    if not progress_enabled():
+        yield None
+        return
+    from rich.progress import Progress
+
+    with Progress(console=err_console, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda done, _total: bar.update(task, completed=done)

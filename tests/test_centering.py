@@ -604,7 +604,8 @@ def _pairs_tsv(path: Path) -> Path:
 
 
 def test_eval_scores_a_centred_filter_with_its_mean(runner, tiny_llama, llama_filter, encoder, tmp_path, monkeypatch):
-    from embfilter_cli.text.evaluation import load_dataset, score_vectors
+    from embfilter_cli.text.datasets import load_dataset
+    from embfilter_cli.text.evaluation import score_vectors
 
     monkeypatch.setenv("EMBFILTER_CACHE", str(tmp_path / "cache"))
     tsv = _pairs_tsv(tmp_path / "pairs.tsv")

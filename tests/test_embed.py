@@ -16,13 +16,12 @@ import torch
 
 from embfilter_cli.cli import app
 from embfilter_cli.errors import ArtifactError, InputDataError, ModelNotFoundError
+from embfilter_cli.model.head import check_filter_matches, model_fingerprint
 from embfilter_cli.model.location import ModelLocation
 from embfilter_cli.text.embedding import (
     Encoder,
     Prepared,
-    check_filter_matches,
     load_encoder,
-    model_fingerprint,
     pad_batch,
     pool_hidden,
     resolve_recipe,
@@ -213,7 +212,9 @@ def test_progress_bar_goes_to_stderr_only(encoder, monkeypatch, capsys):
     import embfilter_cli.console as console
 
     monkeypatch.setattr(console, "progress_enabled", lambda: True)
-    got = encoder.embed(TEXTS[:3], batch_size=1, progress=True)
+    with console.progress_bar("Embedding", 3) as progress:
+        assert progress is not None
+        got = encoder.embed(TEXTS[:3], batch_size=1, progress=progress)
     np.testing.assert_allclose(got, encoder.embed(TEXTS[:3]), atol=2e-5)
     assert capsys.readouterr().out == ""
 

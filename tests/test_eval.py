@@ -13,15 +13,12 @@ from embfilter_cli.cli import app
 from embfilter_cli.errors import BandError, InputDataError, MissingDependencyError
 from embfilter_cli.filters.band import Band, band_from_rank, band_from_ratio
 from embfilter_cli.filters.spectral import exact_spectrum
+from embfilter_cli.text.cache import Cache
+from embfilter_cli.text.cache import cached_head_spectrum as head_spectrum
+from embfilter_cli.text.datasets import PairData, load_dataset, load_lee, load_tsv
 from embfilter_cli.text.evaluation import (
     BandScorer,
-    Cache,
-    PairData,
     evaluate_all,
-    head_spectrum,
-    load_dataset,
-    load_lee,
-    load_tsv,
     pair_cosines,
     parse_float_list,
     parse_int_list,

@@ -61,7 +61,7 @@ def center(
       embfilter center F docs.jsonl --pooling last --recipe summarize -o F-summarize.safetensors
       embfilter center F raw_background.npy -o F2.safetensors
     """
-    from embfilter_cli.console import info, warn
+    from embfilter_cli.console import info, progress_bar, warn
     from embfilter_cli.files import check_writable
     from embfilter_cli.filters.artifact import load_artifact, save_artifact
     from embfilter_cli.text.background import centre_filter, check_background_dim, read_background
@@ -80,18 +80,19 @@ def center(
     if background.embeddings is None:
         location = _filter_model(artifact, model, revision)
         info(f"Model: {location.source} ({location.kind.replace('_', ' ')})")
-    centred, report = centre_filter(
-        artifact,
-        background,
-        location=location,
-        pooling=pooling,
-        recipe=recipe,
-        max_length=max_length,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        progress=True,
-    )
+    with progress_bar("Embedding", background.count) as progress:
+        centred, report = centre_filter(
+            artifact,
+            background,
+            location=location,
+            pooling=pooling,
+            recipe=recipe,
+            max_length=max_length,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            progress=progress,
+        )
     if report.truncated:
         warn(f"{report.truncated} background text(s) exceeded --max-length {max_length} tokens and were cut")
     save_artifact(centred, output, force=force)
@@ -107,15 +108,14 @@ def center(
 
 def _filter_model(artifact: Any, model: str | None, revision: str | None) -> Any:
     """Resolve --model (default: the filter's own model) and refuse one with another W_U."""
+    from embfilter_cli.model.head import read_head_for_filter
     from embfilter_cli.model.locate import resolve_model
-    from embfilter_cli.text.embedding import check_filter_matches, unembedding_fingerprint
 
     if model is None:
         model, stored_revision = default_model_of(artifact)
         revision = revision or stored_revision
     location = resolve_model(model, revision=revision)
-    sha, hidden = unembedding_fingerprint(location, artifact.metadata.get("tensor_name"))
-    check_filter_matches(artifact, hidden_size=hidden, unembedding_sha256=sha, model_source=location.source)
+    read_head_for_filter(location, artifact)
     return location
 
 

@@ -102,7 +102,7 @@ def embed(
     if to_stdout and json_:
         raise UsageError("--json prints a summary on stdout, which -o - already uses for the embeddings; drop one")
 
-    from embfilter_cli.console import info, info_text, warn
+    from embfilter_cli.console import info, info_text, progress_bar, warn
     from embfilter_cli.text.embedding import resolve_recipe
     from embfilter_cli.text.texts import describe_skipped, read_texts
 
@@ -122,12 +122,11 @@ def embed(
     if filter_path is not None:
         from embfilter_cli.filters.artifact import load_artifact
         from embfilter_cli.filters.centering import check_centering_use
-        from embfilter_cli.text.embedding import check_filter_matches, unembedding_fingerprint
+        from embfilter_cli.model.head import read_head_for_filter
 
         artifact = load_artifact(filter_path)
         check_centering_use(artifact.centering, pooling, rec.name, rec.template, str(artifact.path))
-        sha, hidden = unembedding_fingerprint(location, artifact.metadata.get("tensor_name"))
-        check_filter_matches(artifact, hidden_size=hidden, unembedding_sha256=sha, model_source=location.source)
+        read_head_for_filter(location, artifact)  # refuses a filter fitted on another model
 
     from embfilter_cli.text.embedding import load_encoder_at
 
@@ -140,9 +139,15 @@ def embed(
     info(
         f"Loaded in {loaded - start:.1f}s: hidden size {encoder.hidden_size}, {encoder.device}, {str(encoder.dtype).replace('torch.', '')}"
     )
-    vectors = encoder.embed(
-        texts_in.texts, pooling=pooling, recipe=recipe, batch_size=batch_size, max_length=max_length, progress=True
-    )
+    with progress_bar("Embedding", len(texts_in.texts)) as progress:
+        vectors = encoder.embed(
+            texts_in.texts,
+            pooling=pooling,
+            recipe=recipe,
+            batch_size=batch_size,
+            max_length=max_length,
+            progress=progress,
+        )
     seconds = time.perf_counter() - loaded
     if encoder.last_truncated:
         warn(

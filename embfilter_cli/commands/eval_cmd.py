@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,6 @@ from embfilter_cli.errors import UsageError
 DEFAULT_TOPS = "0,1,2,4,8,16,32,64,128"
 DEFAULT_BOTTOMS = "0,4,8,16,32,64"
 DEFAULT_RATIOS = "2,4,8"
-JSON_SCHEMA = "embfilter.eval/1"
 
 
 @click.command("eval")
@@ -140,22 +138,24 @@ def eval_cmd(
         raise UsageError("--plot draws the sweep heatmap; add --sweep-top and/or --sweep-bottom")
     if save_best is not None and not needs_spectrum:
         raise UsageError("--save-best saves the best band; add --sweep-top/--sweep-bottom or --ratio")
+    from embfilter_cli.files import check_writable
     from embfilter_cli.text.embedding import resolve_recipe
 
     rec = resolve_recipe(recipe)
-    from embfilter_cli.files import check_writable
-
     for path in (plot_path, save_best):
         if path is not None:
             check_writable(path, force)  # before any model work
     if plot_path is not None:
-        _require_matplotlib()
+        from embfilter_cli.text.plots import require_matplotlib
 
-    from embfilter_cli.console import info, warn
+        require_matplotlib()
+
+    from embfilter_cli.console import info, info_text, progress_bar, warn
     from embfilter_cli.filters.artifact import load_artifact
     from embfilter_cli.model.locate import resolve_model
-    from embfilter_cli.text.embedding import check_filter_matches, model_fingerprint
-    from embfilter_cli.text.evaluation import Cache, evaluate_all, head_spectrum, load_dataset
+    from embfilter_cli.text.cache import Cache, cached_embeddings
+    from embfilter_cli.text.datasets import load_dataset
+    from embfilter_cli.text.evaluation import eval_document, evaluate_all, head_for_eval
 
     data = load_dataset(data_spec)
     info(f"Data: {data.name}: {len(data.pairs)} pairs over {len(data.texts)} texts")
@@ -166,43 +166,28 @@ def eval_cmd(
         check_centering_use(art.centering, pooling, rec.name, rec.template, str(art.path))
     location = resolve_model(model, revision=revision)
     cache = Cache(Path(cache_dir) if cache_dir else None, enabled=not no_cache)
-
-    facts = spectrum = None
-    if needs_spectrum or filters:
-        started = time.perf_counter()
-        facts, spectrum, hit = head_spectrum(location, cache, device=device, need_spectrum=needs_spectrum)
-        info(
-            f"W_U {facts.tensor_name} {facts.vocab_size}×{facts.hidden_size}: "
-            + (
-                "from cache"
-                if hit
-                else f"read{' and decomposed' if needs_spectrum else ''} in {time.perf_counter() - started:.1f}s"
-            )
-        )
-        for art in filters:
-            check_filter_matches(
-                art, hidden_size=facts.hidden_size, unembedding_sha256=facts.sha256, model_source=location.source
-            )
-
-    raw, embed_info = _raw_embeddings(
+    facts, spectrum = head_for_eval(location, cache, device, needs_spectrum, filters, log=info)
+    raw, embed_info = cached_embeddings(
         location,
         data,
-        rec.template,
-        pooling,
-        recipe,
-        batch_size,
-        max_length,
-        device,
-        dtype,
-        revision,
-        cache,
-        model_fingerprint,
+        template=rec.template,
+        pooling=pooling,
+        recipe=recipe,
+        batch_size=batch_size,
+        max_length=max_length,
+        device=device,
+        dtype=dtype,
+        revision=revision,
+        cache=cache,
+        log=info,
+        warn=warn,
+        notify=info_text,
+        bar=progress_bar,
     )
     if facts is not None and raw.shape[1] != facts.hidden_size:
         from embfilter_cli.errors import InputDataError
 
         raise InputDataError(f"the model's hidden states have {raw.shape[1]} dims but its W_U has {facts.hidden_size}")
-
     results, grid = evaluate_all(
         raw,
         data,
@@ -213,17 +198,23 @@ def eval_cmd(
         bottoms=bottoms,
         auto=auto and needs_spectrum,
     )
-    best = next(r for r in results if r.best) if any(r.best for r in results) else None
+    best = next((r for r in results if r.best), None)
 
     saved = None
     if save_best is not None:
-        saved = _save_best(results, spectrum, facts, location, data, pooling, recipe, save_best, force)
+        from embfilter_cli.filters.artifact import save_artifact
+        from embfilter_cli.text.evaluation import best_band_artifact
+
+        assert spectrum is not None and facts is not None  # needs_spectrum
+        artifact, best_band = best_band_artifact(results, spectrum, facts, location, data, pooling, recipe)
+        save_artifact(artifact, save_best, force=force)
+        saved = {"path": save_best, **best_band.as_dict()}
         info(f"Saved the best band ({saved['name']}, Spearman {saved['spearman']:.4f}) to {save_best}")
     if plot_path is not None and grid is not None:
-        raw_score = results[0].spearman
-        _plot_heatmap(
-            grid, raw_score, plot_path, force, f"{data.name}: Spearman by band ({location.source}, {pooling}, {recipe})"
-        )
+        from embfilter_cli.text.plots import save_sweep_heatmap
+
+        title = f"{data.name}: Spearman by band ({location.source}, {pooling}, {recipe})"
+        save_sweep_heatmap(grid, results[0].spearman, plot_path, force, title)
         info(f"Wrote heatmap {plot_path}")
     if best is not None and best.kind == "raw":
         warn("no filter or band beat the raw embedding on this data")
@@ -231,174 +222,11 @@ def eval_cmd(
     if json_:
         from embfilter_cli.console import emit_json
 
-        emit_json(
-            {
-                "schema": JSON_SCHEMA,
-                "model": {
-                    "source": location.source,
-                    "revision": location.revision,
-                    "unembedding_sha256": facts.sha256 if facts else None,
-                },
-                "data": data.summary(),
-                "settings": {
-                    "pooling": pooling,
-                    "recipe": recipe,
-                    "template": rec.template,
-                    "max_length": max_length,
-                    "dtype": embed_info["dtype"],
-                    "batch_size": batch_size,
-                },
-                "embedding": embed_info,
-                "results": [r.as_dict() for r in results if r.kind != "sweep"],
-                "grid": grid.as_dict() if grid is not None else None,
-                "best": best.as_dict() if best else None,
-                "saved_best": saved,
-            }
-        )
+        settings = {"pooling": pooling, "recipe": recipe, "template": rec.template, "max_length": max_length}
+        settings.update(dtype=embed_info["dtype"], batch_size=batch_size)
+        emit_json(eval_document(location, facts, data, settings, embed_info, results, grid, saved))
     else:
         _print_results(results, grid, data, location.source, pooling, recipe)
-
-
-def _raw_embeddings(
-    location: Any,
-    data: Any,
-    template: str,
-    pooling: str,
-    recipe: str,
-    batch_size: int,
-    max_length: int,
-    device: str,
-    dtype: str,
-    revision: str | None,
-    cache: Any,
-    model_fingerprint: Any,
-) -> tuple[Any, dict[str, Any]]:
-    """Raw pooled embeddings of every text, from the cache or by running the model once."""
-    from embfilter_cli.console import info, info_text, warn
-    from embfilter_cli.filters.spectral import resolve_device
-    from embfilter_cli.text.embedding import resolve_dtype
-    from embfilter_cli.text.evaluation import cache_key
-
-    dtype_name = str(resolve_dtype(dtype, resolve_device(device))).replace("torch.", "")
-    key = cache_key(
-        model=model_fingerprint(location),
-        template=template,
-        pooling=pooling,
-        max_length=max_length,
-        dtype=dtype_name,
-        data=data.sha256,
-    )
-    raw = cache.load_embeddings(key)
-    if raw is not None and raw.shape[0] == len(data.texts):
-        info(f"Raw embeddings: from cache ({raw.shape[0]}×{raw.shape[1]})")
-        return raw, {
-            "cached": True,
-            "seconds": 0.0,
-            "texts": raw.shape[0],
-            "truncated": None,
-            "dtype": dtype_name,
-            "cache_key": key,
-        }
-    from embfilter_cli.text.embedding import load_encoder_at
-
-    info(f"Loading {location.source} ({location.kind.replace('_', ' ')})…")
-    started = time.perf_counter()
-    # The cache's switch and folder also govern a GGUF model's cached Hugging Face conversion.
-    encoder = load_encoder_at(
-        location,
-        device=device,
-        dtype=dtype,
-        revision=revision,
-        cache_dir=cache.root,
-        use_cache=cache.enabled,
-        notify=info_text,
-    )
-    loaded = time.perf_counter()
-    info(f"Loaded in {loaded - started:.1f}s; embedding {len(data.texts)} texts")
-    raw = encoder.embed(
-        data.texts, pooling=pooling, recipe=recipe, batch_size=batch_size, max_length=max_length, progress=True
-    )
-    seconds = time.perf_counter() - loaded
-    if encoder.last_truncated:
-        warn(
-            f"{encoder.last_truncated} text(s) exceeded --max-length {encoder.effective_max_length(max_length)} tokens "
-            "and were cut (the template was kept)"
-        )
-    cache.save_embeddings(key, raw)
-    info(f"Embedded in {seconds:.1f}s ({len(data.texts) / max(seconds, 1e-9):.2f} texts/s)")
-    return raw, {
-        "cached": False,
-        "seconds": round(seconds, 3),
-        "load_seconds": round(loaded - started, 3),
-        "texts": len(data.texts),
-        "truncated": encoder.last_truncated,
-        "dtype": dtype_name,
-        "cache_key": key,
-    }
-
-
-def _save_best(
-    results: list[Any],
-    spectrum: Any,
-    facts: Any,
-    location: Any,
-    data: Any,
-    pooling: str,
-    recipe: str,
-    path: str,
-    force: bool,
-) -> dict[str, Any]:
-    from embfilter_cli.filters.artifact import save_artifact
-    from embfilter_cli.text.evaluation import best_band_artifact
-
-    artifact, best = best_band_artifact(results, spectrum, facts, location, data, pooling, recipe)
-    save_artifact(artifact, path, force=force)
-    return {"path": path, **best.as_dict()}
-
-
-def _require_matplotlib() -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        from embfilter_cli.errors import MissingDependencyError
-
-        raise MissingDependencyError(
-            "--plot needs matplotlib, which is not installed; run `pip install 'embfilter[plot]'` (or pip install matplotlib)"
-        ) from None
-
-
-def _plot_heatmap(grid: Any, raw_score: float, path: str, force: bool, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never open a window
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from embfilter_cli.files import atomic_path
-
-    values = np.ma.masked_invalid(grid.spearman)
-    fig, ax = plt.subplots(figsize=(1.1 * len(grid.bottom) + 2.5, 0.55 * len(grid.top) + 2))
-    spread = float(np.nanmax(np.abs(grid.spearman - raw_score))) if np.isfinite(grid.spearman).any() else 0.01
-    image = ax.imshow(values, cmap="RdYlGn", vmin=raw_score - spread, vmax=raw_score + spread, aspect="auto")
-    best = (
-        np.unravel_index(np.nanargmax(grid.spearman), grid.spearman.shape) if np.isfinite(grid.spearman).any() else None
-    )
-    for i in range(len(grid.top)):
-        for j in range(len(grid.bottom)):
-            value = grid.spearman[i, j]
-            if math.isfinite(value):
-                mark = "★\n" if best is not None and (i, j) == tuple(best) else ""
-                ax.text(j, i, f"{mark}{value:.3f}", ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(grid.bottom)), [str(b) for b in grid.bottom])
-    ax.set_yticks(range(len(grid.top)), [str(t) for t in grid.top])
-    ax.set_xlabel("bottom directions removed (B)")
-    ax.set_ylabel("top directions removed (R)")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(image, ax=ax, label=f"Spearman (raw = {raw_score:.3f})")
-    fig.tight_layout()
-    with atomic_path(path, force=force) as tmp:
-        fig.savefig(tmp, format=Path(path).suffix.lstrip(".").lower() or "png", dpi=120)
-    plt.close(fig)
 
 
 def _print_results(results: list[Any], grid: Any, data: Any, source: str, pooling: str, recipe: str) -> None:

@@ -9,8 +9,7 @@ from typing import Any
 import click
 
 from embfilter_cli.commands._options import device_option, embedding_options, force_option, output_options
-
-AUTO_EXACT_MAX_HIDDEN = 16384  # exact's d×d float64 Gram is 2 GiB at this size; beyond it, randomized
+from embfilter_cli.filters.solve import AUTO_EXACT_MAX_HIDDEN
 
 
 @click.command()
@@ -178,11 +177,9 @@ def fit(
         check_config=lambda cfg: _check_band_early(cfg, rank, bottom, ratio, start, keep),
     )
     info(f"Model: {location.source} ({location.kind.replace('_', ' ')})")
-    from embfilter_cli.model.unembedding import (
-        read_unembedding,  # torch: only after cheap checks and downloads of metadata
-    )
+    from embfilter_cli.model.head import read_head  # torch: only after cheap checks and downloads of metadata
 
-    unemb = read_unembedding(location, tensor_name=tensor_name, drop_padding_rows=padding_rows == "drop")
+    unemb = read_head(location, tensor_name=tensor_name, drop_padding_rows=padding_rows == "drop")
     d = unemb.hidden_size
     if background is not None:
         from embfilter_cli.text.background import check_background_dim
@@ -194,12 +191,16 @@ def fit(
         + (" (tied input embeddings)" if unemb.tied else "")
         + (f"; dropped {dropped} padding rows past the tokenizer's {unemb.vocab_size}" if dropped else "")
     )
+    from embfilter_cli.filters.solve import SolverOptions
+
+    options = SolverOptions(solver, device, oversample, iters, tol, seed, precision)
     rule: dict[str, Any] = {}
     if band_rule == "auto":
         from embfilter_cli.filters.band import Band
         from embfilter_cli.filters.band_auto import auto_band
 
-        spectrum = _solve(unemb.matrix, Band(d, 0, d), "exact", device, oversample, iters, tol, seed, precision)
+        options.solver = "exact"
+        spectrum = _solve(unemb.matrix, Band(d, 0, d), options)
         chosen = auto_band(spectrum.singular_values)
         band, rule = chosen.band, {"band_rule": chosen.as_dict()}
         info(
@@ -207,7 +208,7 @@ def fit(
         )
     else:
         band = resolve_band(d, rank=rank, bottom=bottom, ratio=ratio, start=start, keep=keep)
-        spectrum = _solve(unemb.matrix, band, solver, device, oversample, iters, tol, seed, precision)
+        spectrum = _solve(unemb.matrix, band, options)
     from embfilter_cli.filters.artifact import save_artifact
     from embfilter_cli.filters.fitting import build_artifact, fit_summary
 
@@ -273,23 +274,24 @@ def _centre(
     device: str,
     dtype: str,
 ) -> tuple[Any, Any]:
-    from embfilter_cli.console import info, warn
+    from embfilter_cli.console import info, progress_bar, warn
     from embfilter_cli.text.background import centre_filter
 
     what = "texts" if background.embeddings is None else "pre-computed embeddings"
     info(f"Centring on {background.count} {what} from {background.input} ({pooling} pooling, recipe {recipe})…")
-    centred, report = centre_filter(
-        artifact,
-        background,
-        location=location,
-        pooling=pooling,
-        recipe=recipe,
-        max_length=max_length,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        progress=True,
-    )
+    with progress_bar("Embedding", background.count) as progress:
+        centred, report = centre_filter(
+            artifact,
+            background,
+            location=location,
+            pooling=pooling,
+            recipe=recipe,
+            max_length=max_length,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            progress=progress,
+        )
     if report.truncated:
         warn(f"{report.truncated} background text(s) exceeded --max-length {max_length} tokens and were cut")
     return centred, report
@@ -326,53 +328,16 @@ def _parse_power_iters(value: str) -> int | None:
     return iters
 
 
-def _solve(
-    matrix: Any,
-    band: Any,
-    solver: str,
-    device: str,
-    oversample: int | None,
-    iters: int | None,
-    tol: float,
-    seed: int,
-    precision: str,
-) -> Any:
-    from embfilter_cli.console import info, progress_enabled
-    from embfilter_cli.errors import BandError
-    from embfilter_cli.filters.spectral import exact_spectrum, randomized_spectrum, resolve_device
+def _solve(matrix: Any, band: Any, options: Any) -> Any:
+    """The solver policy of `filters.solve`, with a progress bar on stderr while an exact Gram accumulates."""
+    import contextlib
 
-    dev = resolve_device(device)
-    d = band.hidden_size
-    if solver == "auto":
-        solver = "exact" if d <= AUTO_EXACT_MAX_HIDDEN or band.bottom else "randomized"
-    if solver == "randomized":
-        if band.bottom or band.top == 0:
-            raise BandError(
-                f"--solver randomized computes only the top directions; it supports --rank R > 0 with no bottom "
-                f"removal (asked: top {band.top}, bottom {band.bottom}); use --solver exact"
-            )
-        info(f"Solver: randomized subspace iteration, top {band.top} on {dev}")
-        return randomized_spectrum(
-            matrix, band.top, oversample=oversample, power_iters=iters, tol=tol, seed=seed, device=dev
-        )
-    if dev.type == "mps":
-        import torch
+    from embfilter_cli.console import info, progress_bar
+    from embfilter_cli.filters.solve import choose_solver, solve
 
-        # MPS has no float64; the exact solver's Gram must not drop to float32 silently.
-        info("MPS has no float64: running the exact solver on the CPU")
-        dev = torch.device("cpu")
-    info(f"Solver: exact ({precision} Gram + float64 eigh) on {dev}")
-    if not progress_enabled():
-        return exact_spectrum(matrix, device=dev, precision=precision)
-    from rich.progress import Progress
-
-    from embfilter_cli.console import err_console
-
-    with Progress(console=err_console, transient=True) as bar:
-        task = bar.add_task("W_Uᵀ W_U", total=matrix.shape[0])
-        return exact_spectrum(
-            matrix, device=dev, precision=precision, progress=lambda done, total: bar.update(task, completed=done)
-        )
+    exact = choose_solver(band, options.solver) == "exact"
+    with progress_bar("W_Uᵀ W_U", matrix.shape[0]) if exact else contextlib.nullcontext() as progress:
+        return solve(matrix, band, options, log=info, progress=progress)
 
 
 def _slug(location: Any) -> str:

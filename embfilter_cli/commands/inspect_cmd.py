@@ -25,7 +25,6 @@ from embfilter_cli.text.directions import DEFAULT_RANK
 F = TypeVar("F", bound=Callable[..., Any])
 
 GROUP_LABELS = {"removed_top": "removed top", "kept": "kept", "removed_bottom": "removed bottom"}
-PLOT_FORMATS = ("png", "svg", "pdf")
 
 
 # --------------------------------------------------------------------------- shared options
@@ -140,34 +139,16 @@ class _Context:
         self.vocab: Any = None
         if not need_matrix:  # everything needed is in the artifact; the model need not exist here
             return
-        self.spec, self.location = _resolve_location(model, revision, self.artifact)
-        from embfilter_cli.model.unembedding import read_unembedding
+        from embfilter_cli.model.head import locate_for_filter, read_head, read_head_for_filter
 
+        self.spec, self.location = locate_for_filter(model, revision, self.artifact)
         info(f"Model: {self.location.source}")
-        self.unemb = self._read(read_unembedding)
-        if self.artifact is not None:
-            from embfilter_cli.text.embedding import check_filter_matches  # the message every command uses
-
-            check_filter_matches(
-                self.artifact,
-                hidden_size=self.unemb.hidden_size,
-                unembedding_sha256=self.unemb.sha256,
-                model_source=self.location.source,
-            )
+        self.unemb = (
+            read_head_for_filter(self.location, self.artifact)
+            if self.artifact is not None
+            else read_head(self.location)
+        )
         self._load_vocab()
-
-    def _read(self, read_unembedding: Callable[..., Any]) -> Any:
-        """W_U; with a filter, the tensor it was fitted on (else the default choice, so that a
-        model without that tensor ends in the 'fitted on another model' message)."""
-        from embfilter_cli.errors import UnembeddingNotFoundError
-
-        tensor = self.artifact.metadata.get("tensor_name") if self.artifact is not None else None
-        if tensor:
-            try:
-                return read_unembedding(self.location, tensor_name=tensor)
-            except UnembeddingNotFoundError:
-                pass
-        return read_unembedding(self.location)
 
     def _load_vocab(self) -> None:
         from embfilter_cli.console import warn
@@ -184,31 +165,6 @@ class _Context:
         """Rows that are real tokens: padding rows past the tokenizer's vocabulary are masked."""
         rows = self.unemb.vocab_size
         return min(rows, len(self.vocab)) if self.vocab is not None and len(self.vocab) else rows
-
-
-def _resolve_location(model: str | None, revision: str | None, artifact: Any) -> tuple[str | None, Any]:
-    """--model if given; else the model the filter was fitted on; else the built-in default."""
-    from embfilter_cli.errors import ModelNotFoundError
-    from embfilter_cli.model.locate import resolve_model
-
-    if model or artifact is None:
-        return model, resolve_model(model, revision=revision)
-    source = artifact.model_source
-    try:
-        default = resolve_model(None)
-        if default.source == source:
-            return None, default
-    except ModelNotFoundError:
-        pass
-    stored_rev = artifact.metadata.get("model_revision")
-    try:
-        return source, resolve_model(
-            source, revision=revision or (stored_rev if stored_rev not in ("", "local") else None)
-        )
-    except ModelNotFoundError as exc:
-        raise ModelNotFoundError(
-            f"filter {artifact.path} was fitted on {source!r}, which cannot be found here ({exc}); pass --model"
-        ) from exc
 
 
 def _check_band_conflict(has_filter: bool, *band_values: Any) -> None:
@@ -642,10 +598,12 @@ def spectrum(
         from embfilter_cli.files import check_writable
 
         fmt = plot.rsplit(".", 1)[-1].lower() if "." in plot else ""
-        if fmt not in PLOT_FORMATS:
+        if fmt not in ("png", "svg", "pdf"):
             raise click.BadParameter(f"{plot!r} must end in .png, .svg or .pdf", param_hint="--plot")
         check_writable(plot, force)  # before any decomposition
-        _require_matplotlib()
+        from embfilter_cli.text.plots import require_matplotlib
+
+        require_matplotlib()
     if filter_ is not None and model is None:
         ctx = _Context(None, revision, filter_, need_matrix=False)
         art = ctx.artifact
@@ -655,7 +613,7 @@ def spectrum(
         sha = art.unembedding_sha256
         source = art.model_source
     else:
-        from embfilter_cli.filters.spectral import exact_spectrum
+        from embfilter_cli.filters.solve import exact_spectrum_of
 
         ctx = _Context(model, revision, filter_)
         art = ctx.artifact
@@ -665,8 +623,7 @@ def spectrum(
         if art is not None and len(art.singular_values) == d:
             sigma = np.asarray(art.singular_values, dtype=np.float64)
         else:
-            info("Computing the exact spectrum of W_U (float64 Gram + eigh)")
-            sigma = exact_spectrum(ctx.unemb.matrix).singular_values
+            sigma = exact_spectrum_of(ctx.unemb.matrix, log=info).singular_values
     band, band_source = _band_for(d, art, rank, bottom, ratio, start, keep)
     complete = len(sigma) == d
     energy = None
@@ -676,6 +633,8 @@ def spectrum(
         energy = float(art.metadata["energy_removed"])
     plot_path = None
     if plot is not None:
+        from embfilter_cli.text.plots import save_spectrum_plot
+
         plot_path = str(save_spectrum_plot(sigma, band, plot, title=source, force=force))
         info(f"Saved {plot_path}")
     document = {
@@ -722,58 +681,3 @@ def _print_spectrum(doc: dict[str, Any], sigma: Any, band: Any, width: int) -> N
         if 0 <= idx < n:
             rows.append([label, str(idx), f"{sigma[idx]:.4g}"])
     _echo_table(rows, right={1, 2})
-
-
-def _require_matplotlib() -> None:
-    from embfilter_cli.errors import MissingDependencyError
-
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError as exc:
-        raise MissingDependencyError("--plot needs matplotlib; run `pip install 'embfilter[plot]'`") from exc
-
-
-def save_spectrum_plot(sigma: Any, band: Any, path: str, title: str, force: bool) -> Any:
-    """σ against index on a log axis with the removed regions shaded; written atomically."""
-    _require_matplotlib()
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed; must precede pyplot's import
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from embfilter_cli.files import atomic_path
-
-    sigma = np.asarray(sigma, dtype=np.float64)
-    n = len(sigma)
-    positive = np.clip(sigma, max(float(sigma.max()) * 1e-12, 1e-300), None)
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    try:
-        ax.semilogy(np.arange(n), positive, color="#1f4e79", lw=1.4, label="σ")
-        if band.top:
-            ax.axvspan(-0.5, band.start - 0.5, color="#d62728", alpha=0.18, label=f"removed top ({band.top})")
-        if band.bottom:
-            ax.axvspan(
-                band.stop - 0.5,
-                band.hidden_size - 0.5,
-                color="#ff7f0e",
-                alpha=0.25,
-                label=f"removed bottom ({band.bottom})",
-            )
-        for edge in {band.start, band.stop} - {0, band.hidden_size}:
-            ax.axvline(edge - 0.5, color="0.3", lw=0.8, ls="--")
-        ax.set_xlim(-0.5, max(n, band.hidden_size) - 0.5)
-        ax.set_xlabel("direction index (decreasing σ)")
-        ax.set_ylabel("singular value σ (log scale)")
-        ax.set_title(
-            f"W_U spectrum: {title}\nkeep {band.start}..{band.stop - 1} ({band.keep} of {band.hidden_size})", fontsize=9
-        )
-        ax.grid(True, which="both", alpha=0.25)
-        ax.legend(loc="upper right", fontsize=8)
-        fig.tight_layout()
-        fmt = path.rsplit(".", 1)[-1].lower()
-        with atomic_path(path, force=force) as tmp:
-            fig.savefig(tmp, format=fmt)
-    finally:
-        plt.close(fig)
-    return path

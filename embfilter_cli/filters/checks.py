@@ -135,17 +135,11 @@ def unembedding_check(
         model: the spec the user gave, quoted in the report and in the fix.
         tensor_name: an explicit W_U tensor; default: the one stored in the filter.
     """
-    from embfilter_cli.errors import UnembeddingNotFoundError
-    from embfilter_cli.model.unembedding import read_unembedding
+    from embfilter_cli.model.head import read_head
 
     stored_tensor = artifact.metadata.get("tensor_name") or None
-    try:
-        unemb = read_unembedding(location, tensor_name=tensor_name or stored_tensor)
-    except UnembeddingNotFoundError:
-        if tensor_name or not stored_tensor:
-            raise
-        # This model has no tensor of the stored name: fingerprint the one `fit` would use (a mismatch, surely).
-        unemb = read_unembedding(location)
+    # Without --tensor: the stored tensor, else (this model has none of that name) the one `fit` would use.
+    unemb = read_head(location, tensor_name=tensor_name, filter_tensor=stored_tensor)
     stored = artifact.unembedding_sha256
     ok = unemb.sha256 == stored
     model_info = {

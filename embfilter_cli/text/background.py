@@ -132,7 +132,7 @@ def centre_filter(
     batch_size: int = 16,
     device: str = "auto",
     dtype: str = "auto",
-    progress: bool | Callable[[int, int], None] = False,
+    progress: Callable[[int, int], None] | None = None,
     on_loaded: Callable[[Any], None] | None = None,
 ) -> tuple[FilterArtifact, CentreReport]:
     """A copy of `artifact` centred on the mean of the filtered `background` vectors (not saved).
@@ -143,7 +143,7 @@ def centre_filter(
         location: the model that embeds texts (the filter's own model; the caller checks its
             fingerprint); unused, and may be None, for pre-computed embeddings.
         pooling, recipe, max_length, batch_size, device, dtype: as `embfilter embed` takes them.
-        progress: as `Encoder.embed` takes it.
+        progress: a `(texts done, texts total)` callback, as `Encoder.embed` takes it.
         on_loaded: called with the loaded encoder (for a log line), before embedding.
     """
     check_pooling(pooling)

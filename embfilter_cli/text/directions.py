@@ -154,11 +154,9 @@ class DirectionSource:
     def spectrum(self) -> Spectrum:
         """The exact spectrum of W_U, computed once."""
         if self._spectrum is None:
-            from embfilter_cli.filters.spectral import exact_spectrum
+            from embfilter_cli.filters.solve import exact_spectrum_of
 
-            if self._log is not None:
-                self._log("Computing the exact spectrum of W_U (float64 Gram + eigh)")
-            self._spectrum = exact_spectrum(self.matrix)
+            self._spectrum = exact_spectrum_of(self.matrix, log=self._log or (lambda message: None))
         return self._spectrum
 
     def get(self, indices: list[int]) -> tuple[np.ndarray, list[float]]:

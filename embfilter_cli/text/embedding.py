@@ -32,19 +32,16 @@ recipe), sequence packing.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from embfilter_cli.errors import ArtifactError, InputDataError, ModelNotFoundError
+from embfilter_cli.errors import InputDataError, ModelNotFoundError
 from embfilter_cli.model.locate import resolve_model
 from embfilter_cli.model.location import ModelLocation
 from embfilter_cli.model.quiet import quiet_transformers as _quiet_transformers
@@ -53,7 +50,6 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
 
-    from embfilter_cli.filters.artifact import FilterArtifact
 
 TEXT_SLOT = "{text}"
 RECIPES: dict[str, str] = {
@@ -286,7 +282,7 @@ class Encoder:
         recipe: str = "none",
         batch_size: int = 16,
         max_length: int = 512,
-        progress: bool | ProgressFn = False,
+        progress: ProgressFn | None = None,
     ) -> np.ndarray:
         """Embed `texts` into raw pooled vectors.
 
@@ -298,8 +294,8 @@ class Encoder:
             batch_size: texts per forward pass (batched by length, longest first).
             max_length: token budget per prompt, template included; longer texts are cut so the
                 template survives (see `last_truncated`). Capped at the model's context length.
-            progress: True for a progress bar on stderr (only when interactive), or a callback
-                `(done, total)`.
+            progress: a callback `(texts done, texts total)`, called after every batch (the CLI
+                wires it to a progress bar on stderr).
 
         Returns:
             (len(texts), hidden_size) float32 array: post-final-norm last hidden states, pooled;
@@ -321,7 +317,7 @@ class Encoder:
         order = sorted(range(len(texts)), key=lambda i: -len(prepared[i].ids))
         done = 0
         left_pad = pooling == "last"
-        with torch.inference_mode(), _progress(progress, len(texts)) as report:
+        with torch.inference_mode():
             for b0 in range(0, len(order), batch_size):
                 rows = order[b0 : b0 + batch_size]
                 batch = [prepared[i] for i in rows]
@@ -334,7 +330,8 @@ class Encoder:
                 hidden = result.last_hidden_state.float().cpu().numpy()
                 out[rows] = pool_hidden(hidden, mask, spans, pooling)
                 done += len(rows)
-                report(done)
+                if progress is not None:
+                    progress(done, len(texts))
         return out
 
 
@@ -357,30 +354,6 @@ def pad_batch(
             mask[row, : len(p.ids)] = 1
             spans.append(p.span)
     return ids, mask, spans
-
-
-@contextlib.contextmanager
-def _progress(progress: bool | ProgressFn, total: int) -> Iterator[Callable[[int], None]]:
-    """Yield report(done); a True `progress` shows a bar on stderr that is removed even on errors."""
-    if callable(progress):
-        report = progress
-        yield lambda done: report(done, total)
-        return
-    if progress:
-        # The project's stderr console decides whether a bar is shown (interactive, not -q).
-        from embfilter_cli.console import progress_enabled
-
-        progress = progress_enabled()
-    if not progress:
-        yield lambda done: None
-        return
-    from rich.progress import Progress
-
-    from embfilter_cli.console import err_console
-
-    with Progress(console=err_console, transient=True) as bar:
-        task = bar.add_task("Embedding", total=total)
-        yield lambda done: bar.update(task, completed=done)
 
 
 # --------------------------------------------------------------------------- loading
@@ -495,97 +468,17 @@ def load_encoder_at(
     return Encoder(location, tokenizer, model, dev, torch_dtype)
 
 
-# --------------------------------------------------------------------------- fingerprints
-
-
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
-_CONFIG_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
-
-
-def model_fingerprint(location: ModelLocation) -> str:
-    """A cheap key for caches: the model's identity without hashing gigabytes of weights.
-
-    Covers the source and revision, every weight file's name, size and modification time, and the
-    bytes of the config and tokenizer files. A re-downloaded or edited model gets a new key; the
-    same files at the same place keep it.
-    """
-    digest = hashlib.sha256()
-    digest.update(json.dumps([location.source, location.revision, location.kind]).encode())
-    if location.revision not in ("", "local") and not Path(location.source).exists():
-        # A Hub commit hash names the exact files; the snapshot folder fills up as weights download.
-        return digest.hexdigest()
-    folder = location.path if location.path.is_dir() else location.path.parent
-    weights = (
-        [location.path]
-        if location.path.is_file()
-        else sorted(f for f in folder.iterdir() if f.suffix in _WEIGHT_SUFFIXES)
-    )
-    for file in weights:
-        stat = file.stat()
-        digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-    if location.path.is_dir():
-        for name in _CONFIG_FILES:
-            if (folder / name).is_file():
-                digest.update(name.encode() + (folder / name).read_bytes())
-    return digest.hexdigest()
-
-
-def check_filter_matches(
-    artifact: FilterArtifact, *, hidden_size: int, unembedding_sha256: str | None, model_source: str
-) -> None:
-    """Refuse a filter fitted on another model (different hidden size or W_U fingerprint).
-
-    Args:
-        artifact: the loaded filter.
-        hidden_size: d of the model's hidden states.
-        unembedding_sha256: the model's W_U SHA-256 (as `unembedding.read_unembedding` computes
-            it), or None to check the hidden size only.
-        model_source: the model's name, for the message.
-    """
-    where = artifact.path or "the filter"
-    if artifact.hidden_size != hidden_size:
-        raise ArtifactError(
-            f"{where} expects hidden size {artifact.hidden_size} (fitted on {artifact.model_source}) but {model_source} "
-            f"has {hidden_size}; fit a filter on this model with `embfilter fit --model ...`"
-        )
-    if unembedding_sha256 is not None and artifact.unembedding_sha256 != unembedding_sha256:
-        raise ArtifactError(
-            f"{where} was fitted on {artifact.model_source} (W_U sha256 {artifact.unembedding_sha256[:16]}…) but "
-            f"{model_source} has W_U sha256 {unembedding_sha256[:16]}…; fit a filter on this model with "
-            "`embfilter fit --model ...`"
-        )
-
-
-def unembedding_fingerprint(location: ModelLocation, tensor_name: str | None = None) -> tuple[str, int]:
-    """(W_U SHA-256 as an artifact records it, hidden size), read from the checkpoint (no model load)."""
-    from embfilter_cli.errors import UnembeddingNotFoundError
-    from embfilter_cli.model.unembedding import read_unembedding
-
-    try:
-        unemb = read_unembedding(location, tensor_name=tensor_name)
-    except UnembeddingNotFoundError:
-        if tensor_name is None:
-            raise
-        # The filter's tensor name does not exist in this model: fall back to the default choice,
-        # whose different fingerprint then produces the "fitted on another model" message.
-        unemb = read_unembedding(location)
-    return unemb.sha256, unemb.hidden_size
-
-
 __all__ = [
     "POOLINGS",
     "RECIPES",
     "Encoder",
     "Prepared",
     "Recipe",
-    "check_filter_matches",
     "check_pooling",
     "load_encoder",
     "load_encoder_at",
-    "model_fingerprint",
     "model_target",
     "pad_batch",
     "pool_hidden",
     "resolve_recipe",
-    "unembedding_fingerprint",
 ]

@@ -1,14 +1,7 @@
-"""Measure what a filter gains: similarity datasets, rank metrics, band sweeps, an on-disk cache.
+"""Measure what a filter gains: rank metrics and band sweeps on one set of raw embeddings.
 
-Data (`load_dataset`):
-  - `lee`: the Lee et al. (2005) document-similarity set shipped inside the `gensim` wheel
-    (`gensim/test/test_data/lee.cor`, 50 documents read as latin-1, and `similarities0-1.txt`,
-    a 50×50 matrix of mean human ratings whose upper triangle gives 1225 pairs). The files are
-    found through package metadata; gensim itself is never imported.
-  - a TSV file of `text1<TAB>text2<TAB>score` rows (UTF-8). An optional first row whose third
-    column reads `score` is a header; blank lines are skipped; anything else malformed is an error
-    naming the line.
-  Texts are deduplicated, so each distinct text is embedded once.
+The data (text pairs with human scores) comes from `text/datasets.py`; the raw embeddings and
+W_U's spectrum from `text/cache.py`; the heatmap of a sweep is drawn by `text/plots.py`.
 
 Metric: Spearman (average ranks for ties) and Pearson correlation between the cosine similarity
 of each pair's embeddings and its human score, in float64.
@@ -18,153 +11,32 @@ singular basis of W_U (coords = E·V), and a band that keeps directions [s, s+k)
 column slice coords[:, s:s+k] (P has orthonormal rows, so cosines are unchanged by the rotation).
 The model never runs per band.
 
-Cache (`Cache`): raw embeddings and the exact spectrum of W_U are stored under
-`$EMBFILTER_CACHE` (default `~/.cache/embfilter`), keyed by a cheap model fingerprint
-(`embedding.model_fingerprint`), the recipe, pooling, max length, dtype and the data's SHA-256, so
-a second sweep over the same model and data runs no model at all.
-
-Not handled: pair classification metrics (accuracy/F1), retrieval metrics, MTEB tasks; datasets
-other than Lee and TSV files.
+Not handled: pair classification metrics (accuracy/F1), retrieval metrics, MTEB tasks.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from embfilter_cli.errors import BandError, InputDataError, MissingDependencyError
-from embfilter_cli.files import default_cache_dir
+from embfilter_cli.errors import BandError, InputDataError
+
+JSON_SCHEMA = "embfilter.eval/1"
 
 if TYPE_CHECKING:
     from embfilter_cli.filters.artifact import FilterArtifact
     from embfilter_cli.filters.band import Band
     from embfilter_cli.filters.spectral import Spectrum
+    from embfilter_cli.model.head import HeadFacts
     from embfilter_cli.model.location import ModelLocation
-
-CACHE_VERSION = "1"
-LEE_FILES = ("gensim/test/test_data/lee.cor", "gensim/test/test_data/similarities0-1.txt")
-GENSIM_INSTALL = "pip install gensim"  # or `pip install 'embfilter[eval]'`
-
-
-# --------------------------------------------------------------------------- datasets
-
-
-@dataclass
-class PairData:
-    """Text pairs with human similarity scores; texts are unique and pairs index into them."""
-
-    name: str
-    texts: list[str]
-    pairs: np.ndarray  # int64 (m, 2)
-    scores: np.ndarray  # float64 (m,)
-
-    @property
-    def sha256(self) -> str:
-        """Fingerprint of the exact texts, pairs and scores (the cache key's data part)."""
-        digest = hashlib.sha256()
-        digest.update(json.dumps(self.texts, ensure_ascii=False).encode("utf-8"))
-        digest.update(np.ascontiguousarray(self.pairs, dtype=np.int64).tobytes())
-        digest.update(np.ascontiguousarray(self.scores, dtype=np.float64).tobytes())
-        return digest.hexdigest()
-
-    def summary(self) -> dict[str, Any]:
-        """Name, counts and SHA-256 of the data, for reports."""
-        return {"name": self.name, "texts": len(self.texts), "pairs": len(self.pairs), "sha256": self.sha256}
-
-
-def load_dataset(spec: str) -> PairData:
-    """`lee` or a path to a TSV file (see module docstring)."""
-    if spec == "lee":
-        return load_lee()
-    path = Path(spec)
-    if not path.exists():
-        raise InputDataError(
-            f"--data {spec!r} is neither 'lee' nor an existing TSV file of text1<TAB>text2<TAB>score rows"
-        )
-    return load_tsv(path)
-
-
-def _gensim_file(relative: str) -> Path:
-    """Locate a file of the installed gensim wheel without importing gensim."""
-    from importlib.metadata import PackageNotFoundError, distribution
-
-    try:
-        dist = distribution("gensim")
-        path = Path(str(dist.locate_file(relative)))
-    except PackageNotFoundError:
-        import importlib.util
-
-        spec = importlib.util.find_spec("gensim")  # top-level lookup only: does not import gensim
-        if spec is None or not spec.submodule_search_locations:
-            raise MissingDependencyError(
-                f"--data lee reads the Lee corpus shipped with gensim, which is not installed; run `{GENSIM_INSTALL}` "
-                "(or pip install 'embfilter[eval]')"
-            ) from None
-        path = Path(next(iter(spec.submodule_search_locations))).parent / relative
-    if not path.is_file():
-        raise MissingDependencyError(
-            f"gensim is installed but {relative} is missing from it; reinstall with `{GENSIM_INSTALL} --force-reinstall`"
-        )
-    return path
-
-
-def load_lee() -> PairData:
-    """The Lee document-similarity set: 50 documents, 1225 scored pairs."""
-    corpus, ratings = (_gensim_file(f) for f in LEE_FILES)
-    docs = [line.strip() for line in corpus.read_text(encoding="latin-1").splitlines() if line.strip()]
-    matrix = np.loadtxt(ratings)
-    n = len(docs)
-    if matrix.shape != (n, n):
-        raise InputDataError(f"{ratings} is {matrix.shape}, expected ({n}, {n}) for the {n} documents of {corpus}")
-    rows, cols = np.triu_indices(n, 1)
-    return PairData("lee", docs, np.stack([rows, cols], axis=1).astype(np.int64), matrix[rows, cols].astype(np.float64))
-
-
-def load_tsv(path: Path) -> PairData:
-    """`text1<TAB>text2<TAB>score` rows; errors name the offending line."""
-    try:
-        raw = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line_no = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise InputDataError(f"{path} line {line_no} is not valid UTF-8; convert the file to UTF-8") from exc
-    index: dict[str, int] = {}
-    pairs: list[tuple[int, int]] = []
-    scores: list[float] = []
-    for number, line in enumerate(raw.splitlines(), start=1):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if len(fields) != 3:
-            raise InputDataError(
-                f"{path} line {number} has {len(fields)} tab-separated field(s); expected text1<TAB>text2<TAB>score"
-            )
-        text1, text2, score_text = fields
-        if number == 1 and score_text.strip().lower() == "score":
-            continue  # header row
-        try:
-            score = float(score_text)
-        except ValueError:
-            raise InputDataError(f"{path} line {number}: score {score_text.strip()!r} is not a number") from None
-        if not math.isfinite(score):
-            raise InputDataError(f"{path} line {number}: score {score_text.strip()!r} is not finite")
-        if not text1.strip() or not text2.strip():
-            raise InputDataError(f"{path} line {number} has an empty text; every pair needs two non-empty texts")
-        ids = tuple(index.setdefault(t, len(index)) for t in (text1, text2))
-        pairs.append(ids)  # type: ignore[arg-type]
-        scores.append(score)
-    if len(pairs) < 3:
-        raise InputDataError(f"{path} has {len(pairs)} scored pair(s); a correlation needs at least 3")
-    if len(set(scores)) < 2:
-        raise InputDataError(f"{path}: every score is {scores[0]}; a correlation needs scores that vary")
-    return PairData(path.name, list(index), np.asarray(pairs, dtype=np.int64), np.asarray(scores, dtype=np.float64))
+    from embfilter_cli.text.cache import Cache
+    from embfilter_cli.text.datasets import PairData
 
 
 # --------------------------------------------------------------------------- metrics
@@ -425,13 +297,19 @@ def best_band_result(results: Iterable[EvalResult]) -> EvalResult | None:
 
 
 def best_band_artifact(
-    results: Iterable[EvalResult], spectrum: Any, facts: Any, location: Any, data: Any, pooling: str, recipe: str
-) -> tuple[Any, EvalResult]:
+    results: Iterable[EvalResult],
+    spectrum: Spectrum,
+    facts: HeadFacts,
+    location: ModelLocation,
+    data: PairData,
+    pooling: str,
+    recipe: str,
+) -> tuple[FilterArtifact, EvalResult]:
     """A reduced filter artifact for the best band of `results`, recording how it was chosen.
 
     Args:
         spectrum: the head's spectrum the bands were cut from.
-        facts: the head's facts from `head_spectrum` (tensor name, digest, sizes).
+        facts: the head's facts (`model.head.HeadFacts`: tensor name, digest, sizes).
         location: the resolved model.
         data: the dataset the bands were scored on.
     """
@@ -465,178 +343,64 @@ def best_band_artifact(
     return artifact, best
 
 
-# --------------------------------------------------------------------------- cache
+def head_for_eval(
+    location: ModelLocation,
+    cache: Cache,
+    device: str,
+    need_spectrum: bool,
+    filters: Sequence[FilterArtifact],
+    log: Callable[[str], None],
+) -> tuple[HeadFacts | None, Spectrum | None]:
+    """W_U's facts (and its exact spectrum when bands are evaluated), with every filter checked against it.
 
-
-def cache_key(**parts: Any) -> str:
-    """SHA-256 of the JSON of `parts` plus the cache format version."""
-    payload = json.dumps({"cache_version": CACHE_VERSION, **parts}, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
-
-
-class Cache:
-    """Raw embeddings and spectra on disk; a disabled cache stores and finds nothing.
-
-    Files are written atomically; an unreadable entry counts as a miss and is overwritten.
+    None, None when neither bands nor filters are evaluated (the head is then never read).
     """
+    if not (need_spectrum or filters):
+        return None, None
+    import time
 
-    def __init__(self, root: Path | None = None, enabled: bool = True) -> None:
-        self.root = Path(root) if root is not None else default_cache_dir()
-        self.enabled = enabled
+    from embfilter_cli.model.head import check_filter_matches
+    from embfilter_cli.text.cache import cached_head_spectrum
 
-    def _path(self, kind: str, key: str, suffix: str) -> Path:
-        return self.root / kind / f"{key}{suffix}"
-
-    def load_embeddings(self, key: str) -> np.ndarray | None:
-        """Cached embeddings under `key`, or None (disabled, missing or unreadable)."""
-        if not self.enabled:
-            return None
-        path = self._path("embeddings", key, ".npy")
-        if not path.is_file():
-            return None
-        try:
-            array = np.load(path, allow_pickle=False)
-        except (OSError, ValueError):
-            return None
-        return array if array.ndim == 2 and array.dtype == np.float32 else None
-
-    def save_embeddings(self, key: str, array: np.ndarray) -> None:
-        """Store embeddings under `key` (atomically; no-op when disabled)."""
-        if not self.enabled:
-            return
-        from embfilter_cli.files import atomic_path
-
-        with atomic_path(self._path("embeddings", key, ".npy"), force=True) as tmp, tmp.open("wb") as handle:
-            np.save(handle, np.ascontiguousarray(array, dtype=np.float32))
-
-    def load_spectrum(self, key: str) -> tuple[Spectrum, dict[str, Any]] | None:
-        """A cached (spectrum, head facts) under `key`, or None."""
-        if not self.enabled:
-            return None
-        path = self._path("spectra", key, ".npz")
-        if not path.is_file():
-            return None
-        from embfilter_cli.filters.spectral import Spectrum
-
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                meta = json.loads(str(npz["meta"]))
-                spectrum = Spectrum(
-                    singular_values=np.array(npz["singular_values"], dtype=np.float64),
-                    vectors=np.array(npz["vectors"], dtype=np.float64),
-                    solver=meta["solver"],
-                    params=meta["params"],
-                    certificate=meta["certificate"],
-                    frobenius_sq=float(meta["frobenius_sq"]),
-                    seconds=0.0,
-                )
-        except (OSError, ValueError, KeyError, json.JSONDecodeError):
-            return None
-        return spectrum, meta["head"]
-
-    def save_spectrum(self, key: str, spectrum: Spectrum, head: dict[str, Any]) -> None:
-        """Store a spectrum and its head facts under `key` (atomically; no-op when disabled)."""
-        if not self.enabled:
-            return
-        from embfilter_cli.files import atomic_path
-
-        meta = {
-            "solver": spectrum.solver,
-            "params": spectrum.params,
-            "certificate": spectrum.certificate,
-            "frobenius_sq": spectrum.frobenius_sq,
-            "head": head,
-        }
-        with atomic_path(self._path("spectra", key, ".npz"), force=True) as tmp, tmp.open("wb") as handle:
-            np.savez(
-                handle,
-                singular_values=spectrum.singular_values,
-                vectors=spectrum.vectors,
-                meta=np.array(json.dumps(meta, default=_json_safe)),
-            )
-
-    def load_json(self, kind: str, key: str) -> dict[str, Any] | None:
-        """A cached JSON object of `kind` under `key`, or None."""
-        if not self.enabled:
-            return None
-        path = self._path(kind, key, ".json")
-        with contextlib.suppress(OSError, ValueError):
-            value = json.loads(path.read_text())
-            return value if isinstance(value, dict) else None
-        return None
-
-    def save_json(self, kind: str, key: str, value: dict[str, Any]) -> None:
-        """Store a JSON object of `kind` under `key` (atomically; no-op when disabled)."""
-        if not self.enabled:
-            return
-        from embfilter_cli.files import atomic_path
-
-        with atomic_path(self._path(kind, key, ".json"), force=True) as tmp:
-            tmp.write_text(json.dumps(value, default=_json_safe))
+    started = time.perf_counter()
+    facts, spectrum, hit = cached_head_spectrum(location, cache, device=device, need_spectrum=need_spectrum)
+    done = (
+        "from cache"
+        if hit
+        else f"read{' and decomposed' if need_spectrum else ''} in {time.perf_counter() - started:.1f}s"
+    )
+    log(f"W_U {facts.tensor_name} {facts.vocab_size}×{facts.hidden_size}: {done}")
+    for art in filters:
+        check_filter_matches(
+            art, hidden_size=facts.hidden_size, unembedding_sha256=facts.sha256, model_source=location.source
+        )
+    return facts, spectrum
 
 
-def _json_safe(value: Any) -> Any:
-    if hasattr(value, "item"):
-        return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)
-
-
-# --------------------------------------------------------------------------- the model's head, cached
-
-
-@dataclass
-class HeadFacts:
-    """What an artifact records about W_U (enough to check and to build filters)."""
-
-    sha256: str
-    tensor_name: str
-    vocab_size: int
-    stored_rows: int
-    hidden_size: int
-
-    def as_dict(self) -> dict[str, Any]:
-        """The facts as a JSON-ready dict."""
-        return {
-            "sha256": self.sha256,
-            "tensor_name": self.tensor_name,
-            "vocab_size": self.vocab_size,
-            "stored_rows": self.stored_rows,
-            "hidden_size": self.hidden_size,
-        }
-
-
-def head_spectrum(
-    location: ModelLocation, cache: Cache, device: str = "auto", need_spectrum: bool = True
-) -> tuple[HeadFacts, Spectrum | None, bool]:
-    """W_U's fingerprint and (optionally) its exact spectrum, from the cache when possible.
-
-    Uses the same defaults as `embfilter fit` (default tensor choice, padding rows dropped), so a
-    band saved from here equals `fit`'s filter for that band. Returns (facts, spectrum, from_cache).
-    """
-    from embfilter_cli.text.embedding import model_fingerprint
-
-    key = cache_key(model=model_fingerprint(location), what="head")
-    if need_spectrum:
-        hit = cache.load_spectrum(key)
-        if hit is not None:
-            spectrum, head = hit
-            return HeadFacts(**head), spectrum, True
-    else:
-        cached = cache.load_json("heads", key)
-        if cached is not None:
-            with contextlib.suppress(TypeError):
-                return HeadFacts(**cached), None, True
-    from embfilter_cli.model.unembedding import read_unembedding
-
-    unemb = read_unembedding(location)
-    facts = HeadFacts(unemb.sha256, unemb.tensor_name, unemb.vocab_size, unemb.stored_rows, unemb.hidden_size)
-    cache.save_json("heads", key, facts.as_dict())
-    if not need_spectrum:
-        return facts, None, False
-    from embfilter_cli.filters.spectral import exact_spectrum, resolve_device
-
-    spectrum = exact_spectrum(unemb.matrix, device=resolve_device(device))
-    cache.save_spectrum(key, spectrum, facts.as_dict())
-    return facts, spectrum, False
+def eval_document(
+    location: ModelLocation,
+    facts: HeadFacts | None,
+    data: PairData,
+    settings: dict[str, Any],
+    embedding: dict[str, Any],
+    results: Sequence[EvalResult],
+    grid: SweepGrid | None,
+    saved: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The `embfilter eval --json` document (schema `embfilter.eval/1`); sweep rows are in `grid` only."""
+    best = next((r for r in results if r.best), None)
+    return {
+        "schema": JSON_SCHEMA,
+        "model": {
+            "source": location.source,
+            "revision": location.revision,
+            "unembedding_sha256": facts.sha256 if facts else None,
+        },
+        "data": data.summary(),
+        "settings": settings,
+        "embedding": embedding,
+        "results": [r.as_dict() for r in results if r.kind != "sweep"],
+        "grid": grid.as_dict() if grid is not None else None,
+        "best": best.as_dict() if best else None,
+        "saved_best": saved,
+    }
