@@ -126,13 +126,17 @@ def exact_spectrum_of(matrix: torch.Tensor, device: str | None = None, log: Log 
 class SpectrumStore(Protocol):
     """Where `head_spectrum` keeps what it computed (`text.cache.Cache` is one)."""
 
-    def load_spectrum(self, key: str) -> tuple[Spectrum, dict[str, Any]] | None: ...
+    def load_spectrum(self, key: str) -> tuple[Spectrum, dict[str, Any]] | None:
+        """A stored (spectrum, head facts) under `key`, or None."""
 
-    def save_spectrum(self, key: str, spectrum: Spectrum, head: dict[str, Any]) -> None: ...
+    def save_spectrum(self, key: str, spectrum: Spectrum, head: dict[str, Any]) -> None:
+        """Store a spectrum and its head facts under `key`."""
 
-    def load_json(self, kind: str, key: str) -> dict[str, Any] | None: ...
+    def load_json(self, kind: str, key: str) -> dict[str, Any] | None:
+        """A stored JSON object of `kind` under `key`, or None."""
 
-    def save_json(self, kind: str, key: str, value: dict[str, Any]) -> None: ...
+    def save_json(self, kind: str, key: str, value: dict[str, Any]) -> None:
+        """Store a JSON object of `kind` under `key`."""
 
 
 def head_spectrum(

@@ -40,19 +40,24 @@ class FilterRecord(Protocol):
     """What the head needs to know about a filter (a `filters.artifact.FilterArtifact`)."""
 
     @property
-    def path(self) -> Any: ...
+    def path(self) -> Any:
+        """Where the filter was read from (None when built in memory)."""
 
     @property
-    def metadata(self) -> Mapping[str, str]: ...
+    def metadata(self) -> Mapping[str, str]:
+        """The artifact's str→str metadata (`tensor_name`, `model_revision`, …)."""
 
     @property
-    def hidden_size(self) -> int: ...
+    def hidden_size(self) -> int:
+        """d, the hidden size the filter was fitted for."""
 
     @property
-    def model_source(self) -> str: ...
+    def model_source(self) -> str:
+        """The model the filter was fitted on."""
 
     @property
-    def unembedding_sha256(self) -> str: ...
+    def unembedding_sha256(self) -> str:
+        """SHA-256 of that model's W_U, recorded at fit time."""
 
 
 @dataclass
