@@ -661,3 +661,33 @@ def test_inspect_text_lens_after_a_centred_filter(runner, tiny_llama, llama_filt
     result = runner.invoke(app, [*args, "--recipe", "prompteol"])
     assert result.exit_code == 1 and result.stdout == ""
     assert "this run uses mean pooling with recipe 'prompteol'" in _error_line(result)
+
+
+def test_center_turns_a_version_1_filter_into_a_centred_version_2_one(runner, tmp_path):
+    raw = np.random.default_rng(14).standard_normal((6, 8)).astype(np.float32)
+    np.save(tmp_path / "bg.npy", raw)
+    out = tmp_path / "v2.safetensors"
+    result = runner.invoke(app, ["center", str(V1_FIXTURE), str(tmp_path / "bg.npy"), "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.stderr
+    art, v1 = load_artifact(out), load_artifact(V1_FIXTURE)
+    assert (
+        art.metadata["format_version"] == "2" and art.metadata["projection_sha256"] == v1.metadata["projection_sha256"]
+    )
+    ref = (raw.astype(np.float64) @ v1.projection.astype(np.float64).T).mean(axis=0)
+    np.testing.assert_allclose(art.mean, ref, rtol=0, atol=1e-6)
+    assert load_artifact(V1_FIXTURE).mean is None
+
+
+def test_center_reads_background_texts_from_stdin(runner, llama_filter, encoder, tmp_path):
+    out = tmp_path / "c.safetensors"
+    result = runner.invoke(
+        app,
+        ["center", str(llama_filter), "-", "-o", str(out), "--device", "cpu", "--json"],
+        input="\n".join(TEXTS) + "\n",
+    )
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["centering"]["input"] == "-" and doc["centering"]["count"] == 4
+    art = load_artifact(out)
+    raw = encoder.embed(TEXTS).astype(np.float64)
+    np.testing.assert_allclose(art.mean, (raw @ art.projection.astype(np.float64).T).mean(axis=0), rtol=0, atol=1e-5)

@@ -61,25 +61,68 @@ def center(
       embfilter center F docs.jsonl --pooling last --recipe summarize -o F-summarize.safetensors
       embfilter center F raw_background.npy -o F2.safetensors
     """
-    from embfilter_cli.console import info, progress_bar, warn
+    from embfilter_cli.console import info
     from embfilter_cli.files import check_writable
     from embfilter_cli.filters.artifact import load_artifact, save_artifact
-    from embfilter_cli.text.background import centre_filter, check_background_dim, read_background
-    from embfilter_cli.text.embedding import check_pooling, resolve_recipe
-    from embfilter_cli.text.texts import describe_skipped
+    from embfilter_cli.text.background import check_background_dim
 
     check_writable(output, force)
-    check_pooling(pooling)
-    resolve_recipe(recipe)  # a bad template fails before anything is read or loaded
     artifact = load_artifact(filter_path)
-    background = read_background(texts, input_format)
-    if background.skipped:
-        warn(describe_skipped(background.skipped))
+    background = read_background_for(texts, pooling, recipe, input_format)
     check_background_dim(background, artifact.hidden_size, str(artifact.path))
     location = None
     if background.embeddings is None:
         location = _filter_model(artifact, model, revision)
         info(f"Model: {location.source} ({location.kind.replace('_', ' ')})")
+    centred, report = centre_logged(
+        artifact, background, location, pooling, recipe, max_length, batch_size, device, dtype
+    )
+    save_artifact(centred, output, force=force)
+    summary = centring_summary(centred, report)
+    summary["filter"] = str(artifact.path)
+    if json_:
+        from embfilter_cli.console import emit_json
+
+        emit_json(summary)
+    else:
+        print_centring(summary)
+
+
+def read_background_for(texts: str, pooling: str, recipe: str, input_format: str) -> Any:
+    """Check --pooling/--recipe, read the background (texts or .npy) and warn about skipped blank lines.
+
+    Shared with `fit --center-on`, which calls it before the decomposition so bad input fails at once.
+    """
+    from embfilter_cli.console import warn
+    from embfilter_cli.text.background import read_background
+    from embfilter_cli.text.embedding import check_pooling, resolve_recipe
+    from embfilter_cli.text.texts import describe_skipped
+
+    check_pooling(pooling)
+    resolve_recipe(recipe)  # a bad template fails before anything is read or loaded
+    background = read_background(texts, input_format)
+    if background.skipped:
+        warn(describe_skipped(background.skipped))
+    return background
+
+
+def centre_logged(
+    artifact: Any,
+    background: Any,
+    location: Any,
+    pooling: str,
+    recipe: str,
+    max_length: int,
+    batch_size: int,
+    device: str,
+    dtype: str,
+) -> tuple[Any, Any]:
+    """`text.background.centre_filter` with an info line, a progress bar and the truncation warning."""
+    from embfilter_cli.console import info, progress_bar, warn
+    from embfilter_cli.text.background import centre_filter
+
+    what = "texts" if background.embeddings is None else "pre-computed embeddings"
+    info(f"Centring on {background.count} {what} from {background.input} ({pooling} pooling, recipe {recipe})…")
     with progress_bar("Embedding", background.count) as progress:
         centred, report = centre_filter(
             artifact,
@@ -95,15 +138,7 @@ def center(
         )
     if report.truncated:
         warn(f"{report.truncated} background text(s) exceeded --max-length {max_length} tokens and were cut")
-    save_artifact(centred, output, force=force)
-    summary = centring_summary(centred, report)
-    summary["filter"] = str(artifact.path)
-    if json_:
-        from embfilter_cli.console import emit_json
-
-        emit_json(summary)
-    else:
-        print_centring(summary)
+    return centred, report
 
 
 def _filter_model(artifact: Any, model: str | None, revision: str | None) -> Any:

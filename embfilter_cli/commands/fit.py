@@ -154,7 +154,11 @@ def fit(
         from embfilter_cli.files import check_writable
 
         check_writable(output, force)  # fail before any download or decomposition
-    background = _read_background_early(center_on, pooling, recipe, input_format)
+    background = None
+    if center_on is not None:  # read before the decomposition, so empty or unreadable texts fail in a second
+        from embfilter_cli.commands.center import read_background_for
+
+        background = read_background_for(center_on, pooling, recipe, input_format)
 
     from embfilter_cli.console import info, progress_enabled
     from embfilter_cli.filters.band import resolve_band
@@ -229,7 +233,9 @@ def fit(
         from embfilter_cli.files import check_writable
 
         check_writable(out, force)  # the default name is known only now: fail before embedding
-        artifact, report = _centre(
+        from embfilter_cli.commands.center import centre_logged
+
+        artifact, report = centre_logged(
             artifact, background, location, pooling, recipe, max_length, batch_size, device, dtype
         )
     save_artifact(artifact, out, force=force)
@@ -244,57 +250,6 @@ def fit(
         emit_json(summary)
     else:
         _print_summary(summary)
-
-
-def _read_background_early(center_on: str | None, pooling: str, recipe: str, input_format: str) -> Any:
-    """Read --center-on before the decomposition, so empty or unreadable texts fail in a second."""
-    if center_on is None:
-        return None
-    from embfilter_cli.console import warn
-    from embfilter_cli.text.background import read_background
-    from embfilter_cli.text.embedding import check_pooling, resolve_recipe
-    from embfilter_cli.text.texts import describe_skipped
-
-    check_pooling(pooling)
-    resolve_recipe(recipe)
-    background = read_background(center_on, input_format)
-    if background.skipped:
-        warn(describe_skipped(background.skipped))
-    return background
-
-
-def _centre(
-    artifact: Any,
-    background: Any,
-    location: Any,
-    pooling: str,
-    recipe: str,
-    max_length: int,
-    batch_size: int,
-    device: str,
-    dtype: str,
-) -> tuple[Any, Any]:
-    from embfilter_cli.console import info, progress_bar, warn
-    from embfilter_cli.text.background import centre_filter
-
-    what = "texts" if background.embeddings is None else "pre-computed embeddings"
-    info(f"Centring on {background.count} {what} from {background.input} ({pooling} pooling, recipe {recipe})…")
-    with progress_bar("Embedding", background.count) as progress:
-        centred, report = centre_filter(
-            artifact,
-            background,
-            location=location,
-            pooling=pooling,
-            recipe=recipe,
-            max_length=max_length,
-            batch_size=batch_size,
-            device=device,
-            dtype=dtype,
-            progress=progress,
-        )
-    if report.truncated:
-        warn(f"{report.truncated} background text(s) exceeded --max-length {max_length} tokens and were cut")
-    return centred, report
 
 
 def _check_band_early(
