@@ -1,8 +1,21 @@
-"""Output channels for the CLI: data on stdout, everything else on stderr.
+"""Output channels for the CLI: data on stdout, everything else on stderr, one function per kind.
 
-rich's default Console and click.progressbar write to stdout, which would corrupt piped data, so
-every human-facing message goes through `err_console`. Progress bars are shown only when stderr
-is a terminal and the user did not pass -q.
+| kind | function |
+|---|---|
+| text data on stdout (a line; many lines) | `out_text`, `out_lines` |
+| binary data on stdout | `stdout_bytes()` (the stream to write to) |
+| a table on stdout | `DataTable` + `print_table` (`key_value_table` for two-column summaries) |
+| one JSON document on stdout | `emit_json` |
+| progress on stderr | `progress_bar` (a context manager yielding the core's `progress=` callback) |
+| info (hidden by -q) and warnings on stderr | `info`, `warn` |
+
+Errors are not printed here: they are raised and turned into `Error: …` lines by `cli.py`.
+
+Markup-safe: rich would read `[red]` or `[batch, 13]` in a message as markup, so every string handed
+to these functions is printed literally (as a `rich.text.Text`), paths and token text included.
+Styling comes only from our own fixed words: `styled(text, style)` for a table cell, the `Warning:`
+prefix. rich's default Console and click.progressbar write to stdout, which would corrupt piped
+data, so every human-facing message goes through `err_console`.
 """
 
 from __future__ import annotations
@@ -10,14 +23,17 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, TYPE_CHECKING, Any, Literal, Protocol
 
 from rich.console import Console
+from rich.text import Text
 
 from embfilter_cli.jsonable import json_default
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from rich.table import Table
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 out_console = Console(highlight=False, soft_wrap=True)
@@ -35,57 +51,144 @@ def is_quiet() -> bool:
     return _state["quiet"]
 
 
+# --------------------------------------------------------------------------- stderr: info and warnings
+
+
 def info(message: str) -> None:
-    """A log line on stderr, hidden by -q."""
+    """A log line on stderr, printed literally; hidden by -q."""
     if not _state["quiet"]:
-        err_console.print(message)
-
-
-def info_text(message: str) -> None:
-    """`info` for text that is not rich markup (paths, shapes like [batch, 13])."""
-    from rich.markup import escape
-
-    info(escape(message))
+        err_console.print(Text(message))
 
 
 def warn(message: str) -> None:
-    """A warning on stderr; shown even with -q."""
-    err_console.print(f"[yellow]Warning:[/yellow] {message}")
+    """A warning on stderr (`Warning: ` then the message, literally); shown even with -q."""
+    err_console.print(Text.assemble(("Warning:", "yellow"), " ", message))
+
+
+# --------------------------------------------------------------------------- stdout: data
+
+
+def out_text(line: str = "") -> None:
+    """One line of text data on stdout (a newline is added)."""
+    import click
+
+    click.echo(line)
+
+
+def out_lines(lines: Iterable[str]) -> None:
+    """Many lines of text data on stdout (each already ends in a newline), then flush."""
+    sys.stdout.writelines(lines)
+    sys.stdout.flush()
+
+
+def stdout_bytes() -> IO[bytes]:
+    """The byte stream under stdout, for binary data (.npy, safetensors) and bulk writers."""
+    return getattr(sys.stdout, "buffer", sys.stdout)  # CliRunner and real terminals both provide .buffer
 
 
 def emit_json(document: Any) -> None:
-    """Print one JSON document on stdout."""
+    """Print one JSON document on stdout (numpy values become numbers/lists, other objects strings)."""
     sys.stdout.write(json.dumps(document, indent=2, sort_keys=False, default=json_default) + "\n")
     sys.stdout.flush()
 
 
+# --------------------------------------------------------------------------- stdout: tables
+
+
+def styled(text: str, style: str | None) -> Text:
+    """A table cell (or part of one) in one of our styles; the text itself stays literal."""
+    return Text(text, style=style or "")
+
+
+Cell = str | Text
+
+
+@dataclass
+class Column:
+    """One column of a `DataTable`."""
+
+    header: str = ""
+    justify: Literal["left", "right", "center"] = "left"
+    style: str | None = None
+
+
+@dataclass
+class DataTable:
+    """A table for stdout. String cells are printed literally; use `styled` for our own styling."""
+
+    columns: list[Column]
+    title: str | None = None
+    header: bool = True
+    plain: bool = False  # no box and no edge padding: a two-column "key  value" summary
+    rows: list[tuple[tuple[Cell, ...], str | None]] = field(default_factory=list)
+
+    def add_row(self, *cells: Cell, style: str | None = None) -> None:
+        """Append a row; `style` styles the whole row (e.g. "bold" for the best result)."""
+        self.rows.append((cells, style))
+
+    def to_rich(self) -> Table:
+        """The rich Table that `print_table` renders."""
+        from rich.table import Table
+
+        options: dict[str, Any] = {"show_header": self.header}
+        if self.title is not None:
+            options.update(
+                title=Text(self.title, style="table.title"), title_justify="left"
+            )  # as rich styles a str title
+        if self.plain:
+            options.update(box=None, pad_edge=False)
+        table = Table(**options)
+        for col in self.columns:
+            table.add_column(Text(col.header), justify=col.justify, style=col.style)
+        for cells, style in self.rows:
+            table.add_row(*(Text(c) if isinstance(c, str) else c for c in cells), style=style)
+        return table
+
+
+def key_value_table() -> DataTable:
+    """The two-column summary `fit` and `verify` print: a bold key, then its value."""
+    return DataTable([Column(style="bold"), Column()], header=False, plain=True)
+
+
+def print_table(table: DataTable) -> None:
+    """Print a table on stdout."""
+    out_console.print(table.to_rich())
+
+
+# --------------------------------------------------------------------------- stderr: progress
+
+
+class Report(Protocol):
+    """Progress callback handed to core functions: units done (and the total, if it changed)."""
+
+    def __call__(self, done: float, total: float | None = None, /) -> None: ...
+
+
 def progress_enabled() -> bool:
-    """Whether progress bars should show: not quiet and stderr is a terminal."""
+    """Whether progress bars are shown: stderr is a terminal and -q is off."""
     return not _state["quiet"] and sys.stderr.isatty()
 
 
-def track(items: Iterable[T], description: str, total: float | None = None) -> Iterator[T]:
-    """Iterate with a progress bar on stderr when interactive, silently otherwise."""
-    if not progress_enabled():
-        yield from items
-        return
-    from rich.progress import track as rich_track
-
-    yield from rich_track(items, description=description, total=total, console=err_console, transient=True)
-
-
 @contextlib.contextmanager
-def progress_bar(description: str, total: int) -> Iterator[Callable[[int, int], None] | None]:
-    """A `(done, total)` callback that draws a transient bar on stderr; None when bars are off.
+def progress_bar(description: str, total: float | None = None, *, show: bool = True) -> Iterator[Report | None]:
+    """A transient progress bar on stderr for the duration of the block.
 
-    Core functions take such a callback (`progress=`) and never import rich; the command wires
-    this one in. The bar is removed when the block ends, errors included.
+    Yields `report(done, total=None)` to pass to a core function as its progress callback, or None
+    when no bar is shown (-q, stderr not a terminal, or `show=False`, e.g. for inputs too small to
+    need one). The bar is removed when the block ends, also on errors.
     """
-    if not progress_enabled():
+    if not show or not progress_enabled():
         yield None
         return
     from rich.progress import Progress
 
     with Progress(console=err_console, transient=True) as bar:
         task = bar.add_task(description, total=total)
-        yield lambda done, _total: bar.update(task, completed=done)
+
+        def report(done: float, total: float | None = None, /) -> None:
+            if total is None:
+                bar.update(task, completed=done)
+            else:
+                bar.update(task, completed=done, total=total)
+
+        yield report

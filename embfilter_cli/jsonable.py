@@ -11,8 +11,8 @@ from typing import Any
 
 def json_default(value: Any) -> Any:
     """numpy scalars → Python numbers, arrays → lists, anything else → its `str` (paths, enums)."""
+    if hasattr(value, "tolist"):  # numpy/torch arrays and scalars (a scalar's tolist() is its Python value)
+        return value.tolist()
     if hasattr(value, "item"):
         return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
     return str(value)

@@ -232,7 +232,7 @@ def _open_input(
 
 
 def _binary(stream: Any) -> IO[bytes]:
-    """The byte stream under a text stream (stdin/stdout), as CliRunner and real terminals both provide."""
+    """The byte stream under stdin, as CliRunner and real terminals both provide."""
     return getattr(stream, "buffer", stream)
 
 
@@ -279,14 +279,16 @@ def _run(
     rows = batch_size or get_format(source.format).batch_rows
     context = _dim_context(artifact)
     if to_stdout:
-        out_fp = _binary(sys.stdout)
+        from embfilter_cli.console import stdout_bytes
+
+        out_fp = stdout_bytes()
         seekable = False
     else:
         tmp = stack.enter_context(atomic_path(output, force=force))
         out_fp = stack.enter_context(open(tmp, "wb"))  # closed before atomic_path renames it (LIFO)
         seekable = True
     sink = _make_sink(out_fp, seekable, out_format, source, artifact, field, tensor, normalize)
-    with _progress(source, rows) as progress:
+    with _progress(source, rows) as report:
         stats = filter_stream(
             source,
             sink,
@@ -297,7 +299,7 @@ def _run(
             normalize=normalize,
             allow_nonfinite=allow_nonfinite,
             dim_context=context,
-            progress=progress,
+            progress=report,
         )
     out_fp.flush()
     return stats
@@ -330,21 +332,13 @@ def _make_sink(
     return open_sink(out_fp, out_format, options)
 
 
-@contextlib.contextmanager
 def _progress(source: Any, batch_rows: int) -> Any:
-    """A progress bar on stderr for inputs larger than one batch, only when interactive and not -q."""
-    from embfilter_cli.console import err_console, progress_enabled
+    """The progress bar for inputs larger than one batch (JSONL: 16 MiB); none when small."""
+    from embfilter_cli.console import progress_bar
 
     total = source.progress_total
     small = total is not None and (total <= batch_rows if source.format != "jsonl" else total < 16 << 20)
-    if not progress_enabled() or small:
-        yield None
-        return
-    from rich.progress import Progress
-
-    with Progress(console=err_console, transient=True) as bar:
-        task = bar.add_task("Filtering", total=total)
-        yield lambda done, _total: bar.update(task, completed=done)
+    return progress_bar("Filtering", total, show=not small)
 
 
 def _report(

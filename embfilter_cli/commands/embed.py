@@ -102,7 +102,7 @@ def embed(
     if to_stdout and json_:
         raise UsageError("--json prints a summary on stdout, which -o - already uses for the embeddings; drop one")
 
-    from embfilter_cli.console import info, info_text, progress_bar, warn
+    from embfilter_cli.console import info, progress_bar, warn
     from embfilter_cli.text.embedding import resolve_recipe
     from embfilter_cli.text.texts import describe_skipped, read_texts
 
@@ -133,7 +133,7 @@ def embed(
     info(f"Loading {location.source} ({location.kind.replace('_', ' ')})…")
     start = time.perf_counter()
     encoder = load_encoder_at(
-        location, device=device, dtype=dtype, revision=revision, use_cache=not no_cache, notify=info_text
+        location, device=device, dtype=dtype, revision=revision, use_cache=not no_cache, notify=info
     )
     loaded = time.perf_counter()
     info(
@@ -208,13 +208,12 @@ def _jsonl_lines(vectors: Any, texts_in: Any) -> Any:
 
 
 def _write(vectors: Any, texts_in: Any, output: str, force: bool) -> None:
-    import sys
-
     import numpy as np
 
     if output == "-":
-        sys.stdout.writelines(_jsonl_lines(vectors, texts_in))
-        sys.stdout.flush()
+        from embfilter_cli.console import out_lines
+
+        out_lines(_jsonl_lines(vectors, texts_in))
         return
     from embfilter_cli.files import atomic_path
 

@@ -150,7 +150,7 @@ def eval_cmd(
 
         require_matplotlib()
 
-    from embfilter_cli.console import info, info_text, progress_bar, warn
+    from embfilter_cli.console import info, progress_bar, warn
     from embfilter_cli.filters.artifact import load_artifact
     from embfilter_cli.model.locate import resolve_model
     from embfilter_cli.text.cache import Cache, cached_embeddings
@@ -181,7 +181,7 @@ def eval_cmd(
         cache=cache,
         log=info,
         warn=warn,
-        notify=info_text,
+        notify=info,
         bar=progress_bar,
     )
     if facts is not None and raw.shape[1] != facts.hidden_size:
@@ -230,20 +230,19 @@ def eval_cmd(
 
 
 def _print_results(results: list[Any], grid: Any, data: Any, source: str, pooling: str, recipe: str) -> None:
-    from rich.table import Table
-
-    from embfilter_cli.console import out_console
+    from embfilter_cli.console import Cell, Column, DataTable, print_table, styled
 
     raw = results[0].spearman
-    table = Table(
+    table = DataTable(
+        [
+            Column("embedding"),
+            Column("dims", justify="right"),
+            Column("Spearman", justify="right"),
+            Column("Δ raw", justify="right"),
+            Column("Pearson", justify="right"),
+        ],
         title=f"{data.name} ({len(data.pairs)} pairs) · {source} · {pooling} pooling · recipe {recipe}",
-        title_justify="left",
     )
-    table.add_column("embedding")
-    table.add_column("dims", justify="right")
-    table.add_column("Spearman", justify="right")
-    table.add_column("Δ raw", justify="right")
-    table.add_column("Pearson", justify="right")
     best_sweep = max(
         (r for r in results if r.kind == "sweep" and math.isfinite(r.spearman)), key=lambda r: r.spearman, default=None
     )
@@ -260,19 +259,16 @@ def _print_results(results: list[Any], grid: Any, data: Any, source: str, poolin
             _fmt(r.pearson),
             style="bold" if r.best else None,
         )
-    out_console.print(table)
+    print_table(table)
     if grid is None:
         return
-    heat = Table(
+    heat = DataTable(
+        [Column("R \\ B", justify="right", style="bold"), *(Column(str(b), justify="right") for b in grid.bottom)],
         title="Spearman by band: rows = top R removed, columns = bottom B removed (★ best; green beats raw)",
-        title_justify="left",
     )
-    heat.add_column("R \\ B", justify="right", style="bold")
-    for b in grid.bottom:
-        heat.add_column(str(b), justify="right")
     best_value = max((r.spearman for r in results if r.kind == "sweep"), default=float("nan"))
     for i, top in enumerate(grid.top):
-        cells = []
+        cells: list[Cell] = []
         for j in range(len(grid.bottom)):
             value = float(grid.spearman[i, j])
             if not math.isfinite(value):
@@ -281,9 +277,9 @@ def _print_results(results: list[Any], grid: Any, data: Any, source: str, poolin
             style = "green" if value > raw + 1e-12 else ("red" if value < raw - 1e-12 else "")
             star = "★" if value == best_value else ""
             text = f"{star}{value:.3f}"
-            cells.append(f"[{style}]{text}[/{style}]" if style else text)
+            cells.append(styled(text, style) if style else text)
         heat.add_row(str(top), *cells)
-    out_console.print(heat)
+    print_table(heat)
 
 
 def _fmt(value: float) -> str:

@@ -117,6 +117,7 @@ def export(
     if kind == "onnx" and opset is not None:
         _check_opset(opset)
 
+    from embfilter_cli.console import info
     from embfilter_cli.filters.artifact import load_artifact, newest_artifact
 
     if filter_path is None:
@@ -172,15 +173,6 @@ def export(
 
     summary = {"filter": str(path), **result.summary()}
     _report(summary, kind, json_)
-
-
-def info(message: str) -> None:
-    """An info line on stderr; escaped, because shapes like [batch, 13] look like rich markup."""
-    from rich.markup import escape
-
-    from embfilter_cli.console import info as console_info
-
-    console_info(escape(message))
 
 
 def _check_flags(
@@ -285,7 +277,7 @@ def _refuse_existing(kind: str, target: Path, force: bool) -> None:
 
 
 def _report(summary: dict[str, Any], kind: str, json_: bool) -> None:
-    from embfilter_cli.console import emit_json
+    from embfilter_cli.console import emit_json, info
 
     if json_:
         emit_json(summary)

@@ -307,9 +307,7 @@ def _slug(location: Any) -> str:
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    from embfilter_cli.console import out_console
+    from embfilter_cli.console import key_value_table, print_table
 
     band = summary["band"]
     sig = summary["sigma"]
@@ -317,9 +315,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
     def fmt(value: float | None) -> str:
         return "—" if value is None else f"{value:.4g}"
 
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
+    table = key_value_table()
     table.add_row("model", summary["model_source"])
     table.add_row("tensor", f"{summary['tensor_name']} ({summary['vocab_rows_used']}×{summary['hidden_size']})")
     table.add_row(
@@ -348,4 +344,4 @@ def _print_summary(summary: dict[str, Any]) -> None:
             f"({rec['pooling']} pooling, recipe {rec['recipe']}); ‖m‖ = {c['mean_norm']:.4g}",
         )
     table.add_row("saved", summary["output"])
-    out_console.print(table)
+    print_table(table)

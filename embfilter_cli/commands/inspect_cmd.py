@@ -193,6 +193,8 @@ def _echo_table(rows: list[list[str]], right: frozenset[int] | set[int] = frozen
     """Print aligned columns (display-width aware) on stdout."""
     from rich.cells import cell_len
 
+    from embfilter_cli.console import out_text
+
     if not rows:
         return
     widths = [max(cell_len(r[c]) for r in rows) for c in range(len(rows[0]))]
@@ -202,7 +204,7 @@ def _echo_table(rows: list[list[str]], right: frozenset[int] | set[int] = frozen
             pad = widths[c] - cell_len(cell)
             last = c == len(row) - 1
             cells.append(" " * pad + cell if c in right else (cell if last else cell + " " * pad))
-        click.echo("  ".join(cells).rstrip())
+        out_text("  ".join(cells).rstrip())
 
 
 # --------------------------------------------------------------------------- directions
@@ -333,18 +335,20 @@ def _band_text(band: dict[str, int]) -> str:
 
 
 def _print_directions(doc: dict[str, Any], with_zipf: bool) -> None:
+    from embfilter_cli.console import out_text
+
     origin = {"filter": f"from {doc['filter']}", "default": "default", "options": "from the options"}[
         doc["band_source"]
     ]
-    click.echo(f"model: {doc['model_source']}  (W_U {doc['vocab_rows']}×{doc['hidden_size']})")
-    click.echo(f"band ({origin}): {_band_text(doc['band'])}")
+    out_text(f"model: {doc['model_source']}  (W_U {doc['vocab_rows']}×{doc['hidden_size']})")
+    out_text(f"band ({origin}): {_band_text(doc['band'])}")
     note = (
         "; [z] = Zipf word frequency (7 ≈ 'the', 3 ≈ rare), · = space, ⏎ = newline"
         if with_zipf
         else "; · = space, ⏎ = newline"
     )
-    click.echo(f"top {doc['top']} tokens of W_U·v at both signs{note}")
-    click.echo("")
+    out_text(f"top {doc['top']} tokens of W_U·v at both signs{note}")
+    out_text("")
     rows = [["dir", "σ", "group", "sign", "top tokens"]]
     for entry in doc["directions"]:
         for sign, key in (("+", "positive"), ("−", "negative")):
@@ -355,8 +359,8 @@ def _print_directions(doc: dict[str, Any], with_zipf: bool) -> None:
             )
             rows.append([*head, sign, "  ".join(_fmt_token(t, with_zipf) for t in entry[key])])
     _echo_table(rows, right={0, 1})
-    click.echo("")
-    click.echo(
+    out_text("")
+    out_text(
         "summary per part of the band: Zipf frequency of the top tokens that are words "
         "(both signs pooled, and of each direction's more frequent sign)"
     )
@@ -443,7 +447,7 @@ def text(
       embfilter inspect text "The cat sat on the mat." "Stocks fell." --filter F
       echo "A dog ran in the park." | embfilter inspect text - --pooling last --recipe prompteol --json
     """
-    from embfilter_cli.console import emit_json, info, info_text, warn
+    from embfilter_cli.console import emit_json, info, out_text, warn
     from embfilter_cli.errors import InputDataError
     from embfilter_cli.text.directions import token_entries
     from embfilter_cli.text.embedding import check_pooling, load_encoder, resolve_recipe
@@ -461,9 +465,7 @@ def text(
         check_centering_use(ctx.artifact.centering, pooling, rec.name, rec.template, str(ctx.artifact.path))
 
     info(f"Embedding {len(items)} text(s): pooling={pooling}, recipe={recipe}")
-    encoder = load_encoder(
-        ctx.spec, device=device, dtype=dtype, revision=revision, use_cache=not no_cache, notify=info_text
-    )
+    encoder = load_encoder(ctx.spec, device=device, dtype=dtype, revision=revision, use_cache=not no_cache, notify=info)
     embeddings = encoder.embed(items, pooling=pooling, recipe=recipe, batch_size=batch_size, max_length=max_length)
     if embeddings.shape[1] != ctx.unemb.hidden_size:
         raise InputDataError(
@@ -503,13 +505,13 @@ def text(
         return
     if art is None:
         info("No --filter given: showing the raw embedding only")
-    click.echo(f"model: {document['model_source']}  pooling={pooling} recipe={recipe}")
+    out_text(f"model: {document['model_source']}  pooling={pooling} recipe={recipe}")
     if art is not None:
         centred = f"; centred: {c.describe()}" if (c := art.centering) is not None else ""
-        click.echo(f"filter: {art.path} ({_band_text(art.band)}{centred})")
+        out_text(f"filter: {art.path} ({_band_text(art.band)}{centred})")
     for n, entry in enumerate(entries, 1):
-        click.echo("")
-        click.echo(f"[{n}] {entry['text']}")
+        out_text("")
+        out_text(f"[{n}] {entry['text']}")
         header = ["#", "before", "logit"] + (["after", "logit"] if entry["after"] is not None else [])
         rows = [header]
         for r, tok in enumerate(entry["before"]):
@@ -655,6 +657,7 @@ def spectrum(
 
 
 def _print_spectrum(doc: dict[str, Any], sigma: Any, band: Any, width: int) -> None:
+    from embfilter_cli.console import out_text
     from embfilter_cli.text.directions import band_marks, sparkline
 
     n, d = len(sigma), doc["hidden_size"]
@@ -663,14 +666,14 @@ def _print_spectrum(doc: dict[str, Any], sigma: Any, band: Any, width: int) -> N
     ]
     line, spans = sparkline(sigma, width)
     per = max(b - a + 1 for a, b in spans) if spans else 0
-    click.echo(f"model: {doc['model_source']}  (hidden size {d}{'' if n == d else f', {n} values computed'})")
-    click.echo(f"band ({origin}): {_band_text(doc['band'])}")
+    out_text(f"model: {doc['model_source']}  (hidden size {d}{'' if n == d else f', {n} values computed'})")
+    out_text(f"band ({origin}): {_band_text(doc['band'])}")
     if doc["energy_removed"] is not None:
-        click.echo(f"energy removed: {100 * doc['energy_removed']:.2f}% of ‖W_U‖²_F")
-    click.echo(f"σ on a log scale, {per if per > 1 else 1} direction(s) per column; × removed, ─ kept, ┼ band edge")
-    click.echo(line)
-    click.echo(band_marks(spans, band))
-    click.echo(f"σ_0 = {sigma[0]:.4g}   σ_{n - 1} = {sigma[-1]:.4g}")
+        out_text(f"energy removed: {100 * doc['energy_removed']:.2f}% of ‖W_U‖²_F")
+    out_text(f"σ on a log scale, {per if per > 1 else 1} direction(s) per column; × removed, ─ kept, ┼ band edge")
+    out_text(line)
+    out_text(band_marks(spans, band))
+    out_text(f"σ_0 = {sigma[0]:.4g}   σ_{n - 1} = {sigma[-1]:.4g}")
     rows = [["", "index", "σ"]]
     for label, idx in (
         ("last removed top", band.start - 1),

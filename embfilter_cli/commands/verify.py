@@ -118,17 +118,14 @@ def verify(
 
 
 def _print_report(artifact: Any, checks: list[Any]) -> None:
-    from rich.markup import escape
-    from rich.table import Table
+    from rich.text import Text
 
-    from embfilter_cli.console import out_console
+    from embfilter_cli.console import key_value_table, print_table, styled
 
     band = artifact.band
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
-    table.add_row("filter", escape(str(artifact.path)))
-    table.add_row("model", escape(f"{artifact.model_source} ({artifact.metadata.get('tensor_name')})"))
+    table = key_value_table()
+    table.add_row("filter", str(artifact.path))
+    table.add_row("model", f"{artifact.model_source} ({artifact.metadata.get('tensor_name')})")
     table.add_row(
         "band",
         f"remove top {band['top']}, keep {band['start']}..{band['start'] + band['keep'] - 1}, "
@@ -136,6 +133,6 @@ def _print_report(artifact: Any, checks: list[Any]) -> None:
     )
     table.add_row("sha256(W_U)", artifact.unembedding_sha256)
     for check in checks:
-        mark = "[green]OK[/green]  " if check.ok else "[red]FAIL[/red]"
-        table.add_row(check.name, f"{mark} {escape(check.detail)}")
-    out_console.print(table)
+        mark = styled("OK", "green") + "  " if check.ok else styled("FAIL", "red")
+        table.add_row(check.name, Text.assemble(mark, " ", check.detail))
+    print_table(table)
