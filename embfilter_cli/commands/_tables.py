@@ -6,7 +6,6 @@ module only turns options into a plan and the result into lines on stderr (or `-
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -106,9 +105,10 @@ def run_table_apply(
     fb.artifact  # noqa: B018 - load (and validate) the filter before touching the input
     rows = batch_size or DEFAULT_TABLE_BATCH_ROWS
     if input_path == "-":
+        from embfilter_cli.console import stdout_bytes
         from embfilter_cli.vectors.tables import apply_ipc_stream
 
-        stats = apply_ipc_stream(_binary(sys.stdin), _binary(sys.stdout), fb, batch_rows=rows)
+        stats = apply_ipc_stream(_binary(sys.stdin), stdout_bytes(), fb, batch_rows=rows)
         _report(stats, fb, input_path, output, "arrow", "arrow", json_)
         return
 
@@ -142,31 +142,19 @@ def run_table_apply(
             units, fb, batch_rows=rows, force=force, resume=resume, address=ray_address, concurrency=concurrency
         )
     else:
+        from embfilter_cli.console import progress
         from embfilter_cli.vectors.tables import apply_tables
 
-        with _progress() as progress:
-            stats = apply_tables(units, fb, batch_rows=rows, force=force, resume=resume, progress=progress)
+        with progress("Filtering") as report:
+            stats = apply_tables(units, fb, batch_rows=rows, force=force, resume=resume, progress=report)
     in_fmt = units[0].in_format if units else (input_format or "parquet")
     out_fmt = units[0].out_format if units else (output_format or in_fmt)
     _report(stats, fb, input_path, output, in_fmt, out_fmt, json_, shard=shard)
 
 
 def _binary(stream: Any) -> Any:
+    """The byte stream under stdin."""
     return getattr(stream, "buffer", stream)
-
-
-@contextlib.contextmanager
-def _progress() -> Any:
-    from embfilter_cli.console import err_console, progress_enabled
-
-    if not progress_enabled():
-        yield None
-        return
-    from rich.progress import Progress
-
-    with Progress(console=err_console, transient=True) as bar:
-        task = bar.add_task("Filtering", total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 def _report(
