@@ -22,10 +22,12 @@ def is_table_job(input_path: str, input_format: str | None, output_format: str |
     """Whether this `apply` reads or writes Parquet/Arrow (a folder or a glob always does)."""
     if input_format in TABLE_FORMATS or output_format in TABLE_FORMATS:
         return True
+    path = Path(input_path)
     if input_path != "-" and (
-        Path(input_path).is_dir()
-        or Path(input_path).suffix.lower() in TABLE_EXTENSIONS
-        or _GLOB_CHARS & set(input_path)
+        path.is_dir()
+        or path.suffix.lower() in TABLE_EXTENSIONS
+        # an existing file whose name holds [ ] * ? (e.g. "run[3].npy") is that file, not a pattern
+        or (_GLOB_CHARS & set(input_path) and not path.is_file())
     ):
         return True
     return output != "-" and Path(output).suffix.lower() in TABLE_EXTENSIONS
