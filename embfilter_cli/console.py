@@ -83,7 +83,8 @@ def out_lines(lines: Iterable[str]) -> None:
 
 def stdout_bytes() -> IO[bytes]:
     """The byte stream under stdout, for binary data (.npy, safetensors) and bulk writers."""
-    return getattr(sys.stdout, "buffer", sys.stdout)  # CliRunner and real terminals both provide .buffer
+    stdout: Any = sys.stdout  # a TextIO to the type checker; CliRunner and real terminals both give it .buffer
+    return stdout.buffer if hasattr(stdout, "buffer") else stdout
 
 
 def emit_json(document: Any) -> None:

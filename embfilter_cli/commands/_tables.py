@@ -144,10 +144,10 @@ def run_table_apply(
             units, fb, batch_rows=rows, force=force, resume=resume, address=ray_address, concurrency=concurrency
         )
     else:
-        from embfilter_cli.console import progress
+        from embfilter_cli.console import progress_bar
         from embfilter_cli.vectors.tables import apply_tables
 
-        with progress("Filtering") as report:
+        with progress_bar("Filtering") as report:
             stats = apply_tables(units, fb, batch_rows=rows, force=force, resume=resume, progress=report)
     in_fmt = units[0].in_format if units else (input_format or "parquet")
     out_fmt = units[0].out_format if units else (output_format or in_fmt)

@@ -180,23 +180,17 @@ def centring_summary(artifact: Any, report: Any) -> dict[str, Any]:
 
 def print_centring(summary: dict[str, Any]) -> None:
     """Print the centring summary as a table on stdout."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    from embfilter_cli.console import out_console
+    from embfilter_cli.console import key_value_table, print_table
 
     c = summary["centering"]
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
+    table = key_value_table()
     if "filter" in summary:
-        table.add_row("filter", escape(summary["filter"]))
+        table.add_row("filter", summary["filter"])
     table.add_row(
-        "background",
-        escape(f"{c['input']}: {c['count']} {'texts' if c['source'] == 'texts' else 'pre-computed embeddings'}"),
+        "background", f"{c['input']}: {c['count']} {'texts' if c['source'] == 'texts' else 'pre-computed embeddings'}"
     )
-    table.add_row("embedded as", escape(f"{c['pooling']} pooling, recipe {c['recipe']}, max length {c['max_length']}"))
+    table.add_row("embedded as", f"{c['pooling']} pooling, recipe {c['recipe']}, max length {c['max_length']}")
     table.add_row("mean", f"‖m‖ = {summary['mean_norm']:.4g} over {summary['output_dim']} dims (y = P·x − m)")
     table.add_row("sha256(texts)" if c["source"] == "texts" else "sha256(.npy)", c["sha256"])
-    table.add_row("saved", escape(summary["output"]))
-    out_console.print(table)
+    table.add_row("saved", summary["output"])
+    print_table(table)
