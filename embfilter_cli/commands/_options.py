@@ -2,12 +2,43 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class FiniteFloat(click.ParamType):
+    """A finite float in a range, checked when the command line is parsed (so `nan`, `inf` and
+    out-of-range values are usage errors, exit 2, before any model is loaded)."""
+
+    name = "float"
+
+    def __init__(self, low: float | None = None, high: float | None = None, low_open: bool = False) -> None:
+        self.low, self.high, self.low_open = low, high, low_open
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.low is not None and (number < self.low or (self.low_open and number == self.low)):
+            self.fail(f"{value} must be {'>' if self.low_open else '>='} {self.low:g}", param, ctx)
+        if self.high is not None and number > self.high:
+            self.fail(f"{value} must be <= {self.high:g}", param, ctx)
+        return number
+
+
+# Seeds seed torch's and numpy's generators, which take unsigned 64-bit values.
+SEED = click.IntRange(0, 2**64 - 1)
+# Rows or texts held in memory at once: beyond these the allocation alone is absurd.
+MAX_VECTOR_BATCH = 1 << 22
+MAX_TEXT_BATCH = 1 << 16
 
 
 def _set_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
@@ -90,7 +121,11 @@ def recipe_option(func: F) -> F:
 def batch_size_option(func: F) -> F:
     """`--batch-size`: texts per forward pass."""
     return click.option(
-        "--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Texts per forward pass."
+        "--batch-size",
+        type=click.IntRange(1, MAX_TEXT_BATCH),
+        default=16,
+        show_default=True,
+        help="Texts per forward pass.",
     )(func)
 
 

@@ -9,7 +9,7 @@ from typing import IO, Any
 
 import click
 
-from embfilter_cli.commands._options import force_option, output_options
+from embfilter_cli.commands._options import MAX_VECTOR_BATCH, force_option, output_options
 from embfilter_cli.commands._tables import TABLE_FORMATS
 from embfilter_cli.errors import UsageError
 
@@ -61,7 +61,7 @@ _EXTENSIONS = {".npy": "npy", ".jsonl": "jsonl", ".ndjson": "jsonl", ".safetenso
 )
 @click.option(
     "--batch-size",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_VECTOR_BATCH),
     default=None,
     help="Rows per batch; memory is about batch × (d + k) × 4 bytes. [default: 8192; 1024 for JSONL]",
 )

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from embfilter_cli.commands._options import device_option, force_option, output_options
+from embfilter_cli.commands._options import MAX_TEXT_BATCH, device_option, force_option, output_options
 from embfilter_cli.errors import UsageError
 
 DEFAULT_TOPS = "0,1,2,4,8,16,32,64,128"
@@ -59,7 +59,7 @@ DEFAULT_RATIOS = "2,4,8"
     show_default=True,
     help="Also evaluate the data-free `--band auto` choice (whenever bands are evaluated).",
 )
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, MAX_TEXT_BATCH), default=16, show_default=True)
 @click.option("--max-length", type=click.IntRange(min=1), default=512, show_default=True)
 @device_option
 @click.option(

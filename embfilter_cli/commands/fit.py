@@ -8,7 +8,14 @@ from typing import Any
 
 import click
 
-from embfilter_cli.commands._options import device_option, embedding_options, force_option, output_options
+from embfilter_cli.commands._options import (
+    SEED,
+    FiniteFloat,
+    device_option,
+    embedding_options,
+    force_option,
+    output_options,
+)
 from embfilter_cli.filters.solve import AUTO_EXACT_MAX_HIDDEN
 
 
@@ -26,12 +33,24 @@ from embfilter_cli.filters.solve import AUTO_EXACT_MAX_HIDDEN
 @click.option(
     "--tensor", "tensor_name", default=None, metavar="NAME", help="Use this tensor as W_U instead of guessing."
 )
-@click.option("--rank", type=int, default=None, help="Remove the top R directions. [default: 64 when no band is given]")
-@click.option("--bottom", type=int, default=None, help="Also remove the lowest B directions.")
-@click.option("--ratio", type=float, default=None, help="The paper's preset: keep the central d // τ directions.")
-@click.option("--start", type=int, default=None, help="Explicit window: first kept direction (0-based).")
 @click.option(
-    "--keep", type=int, default=None, help="Number of kept directions (with --start or --ratio, or alone: centred)."
+    "--rank",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Remove the top R directions. [default: 64 when no band is given]",
+)
+@click.option("--bottom", type=click.IntRange(min=0), default=None, help="Also remove the lowest B directions.")
+@click.option(
+    "--ratio", type=FiniteFloat(1.0), default=None, help="The paper's preset: keep the central d // τ directions."
+)
+@click.option(
+    "--start", type=click.IntRange(min=0), default=None, help="Explicit window: first kept direction (0-based)."
+)
+@click.option(
+    "--keep",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Number of kept directions (with --start or --ratio, or alone: centred).",
 )
 @click.option(
     "--band",
@@ -56,7 +75,10 @@ from embfilter_cli.filters.solve import AUTO_EXACT_MAX_HIDDEN
 )
 @device_option
 @click.option(
-    "--oversample", type=int, default=None, help="Randomized: extra subspace columns [default: max(16, R/2)]."
+    "--oversample",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Randomized: extra subspace columns [default: max(16, R/2)].",
 )
 @click.option(
     "--power-iters",
@@ -66,12 +88,12 @@ from embfilter_cli.filters.solve import AUTO_EXACT_MAX_HIDDEN
 )
 @click.option(
     "--tol",
-    type=float,
+    type=FiniteFloat(0.0, 1.0, low_open=True),
     default=1e-3,
     show_default=True,
     help="Randomized: max ‖Gv − σ²v‖/σ² allowed over the returned directions.",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Randomized: RNG seed.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Randomized: RNG seed.")
 @click.option(
     "--precision",
     type=click.Choice(["float64", "float32"]),

@@ -18,7 +18,14 @@ from typing import Any, TypeVar
 
 import click
 
-from embfilter_cli.commands._options import device_option, force_option, model_cache_option, output_options
+from embfilter_cli.commands._options import (
+    MAX_TEXT_BATCH,
+    FiniteFloat,
+    device_option,
+    force_option,
+    model_cache_option,
+    output_options,
+)
 from embfilter_cli.errors import UsageError
 from embfilter_cli.text.directions import DEFAULT_RANK
 
@@ -59,11 +66,19 @@ def _band_options(func: F) -> F:
     """The filter band when no --filter is given (same meaning as in `embfilter fit`)."""
     for name, kind, text in reversed(
         [
-            ("--rank", int, f"Remove the top R directions. [default: min({DEFAULT_RANK}, d/8) when no band is given]"),
-            ("--bottom", int, "Also remove the lowest B directions."),
-            ("--ratio", float, "The paper's preset: keep the central d // τ directions."),
-            ("--start", int, "Explicit window: first kept direction (0-based)."),
-            ("--keep", int, "Number of kept directions (with --start or --ratio, or alone: centred)."),
+            (
+                "--rank",
+                click.IntRange(min=0),
+                f"Remove the top R directions. [default: min({DEFAULT_RANK}, d/8) when no band is given]",
+            ),
+            ("--bottom", click.IntRange(min=0), "Also remove the lowest B directions."),
+            ("--ratio", FiniteFloat(1.0), "The paper's preset: keep the central d // τ directions."),
+            ("--start", click.IntRange(min=0), "Explicit window: first kept direction (0-based)."),
+            (
+                "--keep",
+                click.IntRange(min=1),
+                "Number of kept directions (with --start or --ratio, or alone: centred).",
+            ),
         ]
     ):
         func = click.option(name, type=kind, default=None, help=text)(func)
@@ -408,7 +423,7 @@ def _print_directions(doc: dict[str, Any], with_zipf: bool) -> None:
 )
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Tokens per text.")
 @click.option("--max-length", type=click.IntRange(min=1), default=512, show_default=True, help="Truncate longer texts.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, MAX_TEXT_BATCH), default=16, show_default=True)
 @device_option
 @click.option(
     "--dtype",

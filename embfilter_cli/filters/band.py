@@ -11,6 +11,7 @@ Not handled here: choosing a band from data or from the spectrum (see `auto_band
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from embfilter_cli.errors import BandError
@@ -120,9 +121,11 @@ def resolve_band(
     by_window = start is not None
     if by_ratio and (by_rank or by_window):
         raise BandError("--ratio cannot be combined with --rank/--bottom/--start; pick one way to name the band")
-    if by_window and by_rank:
+    if (by_window or keep is not None) and by_rank:
         raise BandError("--start/--keep cannot be combined with --rank/--bottom; pick one way to name the band")
     if ratio is not None:
+        if not math.isfinite(ratio):
+            raise BandError(f"--ratio must be a finite number >= 1, got {ratio}")
         if keep is not None and keep != int(hidden_size // ratio):
             raise BandError(f"--ratio {ratio} keeps {int(hidden_size // ratio)} directions but --keep says {keep}")
         return band_from_ratio(hidden_size, ratio)

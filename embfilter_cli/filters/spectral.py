@@ -35,6 +35,7 @@ ProgressFn = Callable[[int, int], None]  # (rows done, rows total)
 
 DEFAULT_CHUNK_ROWS = 8192
 CERTIFIED_COLUMNS = 512
+EXACT_BACKWARD_BOUND = 1e-8  # eigh in float64 reaches ~1e-15; anything worse means broken input
 
 
 @dataclass
@@ -85,13 +86,29 @@ def canonical_signs(vectors: np.ndarray) -> np.ndarray:
     return vectors * signs
 
 
-def _check_finite(chunk: torch.Tensor, row0: int) -> None:
+class _Overflow(Exception):
+    """Finite inputs overflowed the working precision: the caller retries on W / max|W|."""
+
+
+def max_abs(matrix: torch.Tensor, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> float:
+    """max |w| over W in float64, chunk by chunk (the scale used when W's squares overflow)."""
+    peak = 0.0
+    for row0 in range(0, matrix.shape[0], chunk_rows):
+        chunk = matrix[row0 : row0 + chunk_rows]
+        if chunk.numel():
+            peak = max(peak, float(chunk.abs().max().double()))
+    return peak
+
+
+def _check_finite(chunk: torch.Tensor, row0: int, source: torch.Tensor | None = None) -> None:
     # One reduction instead of an elementwise mask: a NaN or ±Inf anywhere makes the sum non-finite,
     # and finite bf16/fp16/fp32 values cannot overflow a sum in the chunk's dtype (float32/float64).
     if math.isfinite(float(chunk.sum())):
         return
     if not bool(torch.isfinite(chunk).all()):
         bad = (~torch.isfinite(chunk)).nonzero()[0].tolist()
+        if source is not None and math.isfinite(float(source[bad[0], bad[1]])):
+            raise _Overflow  # a float64 value beyond float32's range, not a damaged checkpoint
         raise BadTensorError(
             f"the unembedding has a non-finite value (NaN or Inf) at row {row0 + bad[0]}, column {bad[1]}; "
             "the checkpoint is damaged, re-download or re-export it"
@@ -104,8 +121,9 @@ def gram_matrix(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     progress: ProgressFn | None = None,
     precision: str = "float64",
+    scale: float = 1.0,
 ) -> tuple[np.ndarray, float]:
-    """G = Wᵀ W accumulated over row chunks into float64; returns (G, ‖W‖_F²).
+    """G = (W/scale)ᵀ (W/scale) accumulated over row chunks into float64; returns (G, ‖W/scale‖_F²).
 
     precision "float64": every chunk is upcast to float64 (float64 accuracy).
     precision "float32": each chunk's Gram is formed in float32 and the chunk results are summed in
@@ -124,8 +142,8 @@ def gram_matrix(
         for row0 in range(0, rows, chunk_rows):
             source = matrix[row0 : row0 + chunk_rows]
             chunk = buffer[: source.shape[0]]
-            chunk.copy_(source)
-            _check_finite(chunk, row0)
+            chunk.copy_(source if scale == 1.0 else source.double() / scale)
+            _check_finite(chunk, row0, source)
             # chunk.T is F-contiguous (d × c): syrk(trans=0) gives chunkᵀ chunk in the upper triangle.
             if part is None:
                 gram = dsyrk(1.0, chunk.numpy().T, beta=1.0, c=gram, trans=0, lower=0, overwrite_c=1)
@@ -142,8 +160,9 @@ def gram_matrix(
             chunk = matrix[row0 : row0 + chunk_rows]
             if pinned:
                 chunk = chunk.pin_memory()
-            chunk = chunk.to(device, non_blocking=pinned).to(work)
-            _check_finite(chunk, row0)
+            chunk = chunk.to(device, non_blocking=pinned)
+            chunk = chunk.to(work) if scale == 1.0 else (chunk.double() / scale).to(work)
+            _check_finite(chunk, row0, matrix[row0 : row0 + chunk_rows])
             if work == torch.float64:
                 acc.addmm_(chunk.T, chunk)
             else:
@@ -152,6 +171,34 @@ def gram_matrix(
                 progress(min(row0 + chunk_rows, rows), rows)
         full = acc.cpu().numpy()
     return full, float(np.trace(full))
+
+
+def _scaled_gram(
+    matrix: torch.Tensor, device: torch.device, chunk_rows: int, progress: ProgressFn | None, precision: str
+) -> tuple[np.ndarray, float, float]:
+    """The Gram of W, or of W / max|W| when W's squares overflow or underflow: (G, ‖·‖_F², scale).
+
+    The common case costs nothing extra (one d×d finiteness check). A head whose values are huge
+    but finite (float64, or float32 near its maximum) would otherwise give an infinite Gram and an
+    all-NaN filter; one whose values are tiny would give an all-zero Gram.
+    """
+    try:
+        gram, fro_sq = gram_matrix(matrix, device, chunk_rows, progress, precision)
+        # Far from 1 the certificate's own products (norms of G·v) overflow or underflow: rescale.
+        if np.isfinite(gram).all() and 1e-150 < fro_sq < 1e150:
+            return gram, fro_sq, 1.0
+    except _Overflow:
+        pass
+    scale = max_abs(matrix, chunk_rows)
+    if scale == 0.0:
+        raise BadTensorError("the unembedding is all zeros; it has no directions to filter, check --tensor")
+    gram, fro_sq = gram_matrix(matrix, device, chunk_rows, progress, precision, scale=scale)
+    if not math.isfinite(fro_sq * scale * scale):
+        raise BadTensorError(
+            f"the unembedding's values are too large (max |w| = {scale:.3g}): its squared singular values "
+            "overflow float64; rescale the checkpoint"
+        )
+    return gram, fro_sq, scale
 
 
 def exact_spectrum(
@@ -171,7 +218,7 @@ def exact_spectrum(
     device = device or torch.device("cpu")
     start = time.perf_counter()
     with torch.autocast(device_type=device.type, enabled=False):
-        gram, fro_sq = gram_matrix(matrix, device, chunk_rows, progress, precision)
+        gram, fro_sq, scale = _scaled_gram(matrix, device, chunk_rows, progress, precision)
     if device.type == "cuda":
         g = torch.from_numpy(gram).to(device)
         evals_t, evecs_t = torch.linalg.eigh(g)
@@ -188,7 +235,14 @@ def exact_spectrum(
     cols = np.unique(np.linspace(0, len(evals) - 1, min(len(evals), CERTIFIED_COLUMNS)).round().astype(int))
     residual = np.linalg.norm(gram @ evecs[:, cols] - evecs[:, cols] * evals[cols], axis=0)
     lam_max = max(float(evals[0]), np.finfo(np.float64).tiny)
-    sigma = np.sqrt(np.clip(evals, 0.0, None))
+    sigma = np.sqrt(np.clip(evals, 0.0, None)) * scale
+    backward = float(residual.max() / lam_max)
+    passed = bool(np.isfinite(backward) and backward <= EXACT_BACKWARD_BOUND and np.isfinite(evecs).all())
+    if not passed or not np.isfinite(sigma).all():
+        raise SolverAccuracyError(
+            f"the exact solver's backward error is {backward:.2e} (bound {EXACT_BACKWARD_BOUND:g}) or its values "
+            "are not finite; no filter was written — check the checkpoint's values (embfilter inspect spectrum)"
+        )
     return Spectrum(
         singular_values=sigma,
         vectors=canonical_signs(evecs),
@@ -200,11 +254,11 @@ def exact_spectrum(
             "device": str(device),
         },
         certificate={
-            "max_backward_error": float(residual.max() / lam_max),
+            "max_backward_error": backward,
             "columns_checked": len(cols),
-            "passed": True,
+            "passed": passed,
         },
-        frobenius_sq=fro_sq,
+        frobenius_sq=fro_sq * scale * scale,
         seconds=time.perf_counter() - start,
     )
 
@@ -244,47 +298,75 @@ def randomized_spectrum(
     basis = torch.randn(d, width, generator=gen, dtype=torch.float64).to(device=device, dtype=work)
     basis, _ = torch.linalg.qr(basis)
 
-    resident = matrix.to(device=device, dtype=work) if _fits_on(device, matrix, work) else None
+    resident: torch.Tensor | None = None
+    keep_resident = _fits_on(device, matrix, work)
+    scale = 1.0  # becomes max|W| when W's products overflow the working precision (see _scaled_gram)
     fro_sq = 0.0
     with torch.autocast(device_type=device.type, enabled=False):
+
+        def scaled(chunk: torch.Tensor) -> torch.Tensor:
+            return chunk.to(work) if scale == 1.0 else (chunk.double() / scale).to(work)
 
         def gram_apply(block: torch.Tensor) -> tuple[torch.Tensor, float]:
             """G·block = Wᵀ (W block), streaming W by rows when it is not resident."""
             if resident is not None:
-                return resident.T @ (resident @ block), float((resident * resident).sum())
-            out = torch.zeros_like(block)
-            fro = 0.0
-            for row0 in range(0, rows, chunk_rows):
-                chunk = matrix[row0 : row0 + chunk_rows].to(device=device, dtype=work)
-                _check_finite(chunk, row0)
-                out.addmm_(chunk.T, chunk @ block)
-                fro += float((chunk * chunk).sum())
+                out, fro = resident.T @ (resident @ block), float((resident * resident).sum())
+            else:
+                out = torch.zeros_like(block)
+                fro = 0.0
+                for row0 in range(0, rows, chunk_rows):
+                    source = matrix[row0 : row0 + chunk_rows].to(device=device)
+                    chunk = scaled(source)
+                    _check_finite(chunk, row0, source)
+                    out.addmm_(chunk.T, chunk @ block)
+                    fro += float((chunk * chunk).sum())
+            if not (math.isfinite(fro) and bool(torch.isfinite(out).all())):
+                raise _Overflow
             return out, fro
 
-        if resident is not None:
-            _check_finite(resident, 0)
-        iters = 0
-        history: list[float] = []
-        target = power_iters if power_iters is not None else max_iters
-        while True:
-            product, fro_sq = gram_apply(basis)
-            iters += 1
-            # Rayleigh–Ritz on span(basis): H = Qᵀ G Q, in float64 (tiny).
-            h = (basis.T @ product).double()
-            h = (h + h.T) / 2
-            theta, ritz = torch.linalg.eigh(h)
-            theta, ritz = theta.flip(0), ritz.flip(1)
-            q64, p64 = basis.double(), product.double()
-            vecs = q64 @ ritz
-            resid = torch.linalg.vector_norm(p64 @ ritz - vecs * theta, dim=0)
-            rel = (resid[:rank] / theta[:rank].clamp_min(torch.finfo(torch.float64).tiny)).max().item()
-            history.append(rel)
-            if progress:
-                progress(iters, target)
-            if (power_iters is None and rel <= tol) or iters >= target:
+        start_basis = basis
+        for attempt in range(2):
+            try:
+                if keep_resident:
+                    resident = scaled(matrix.to(device=device))
+                    _check_finite(resident, 0, matrix)
+                iters = 0
+                history: list[float] = []
+                target = power_iters if power_iters is not None else max_iters
+                basis = start_basis
+                while True:
+                    product, fro_sq = gram_apply(basis)
+                    iters += 1
+                    # Rayleigh–Ritz on span(basis): H = Qᵀ G Q, in float64 (tiny).
+                    h = (basis.T @ product).double()
+                    h = (h + h.T) / 2
+                    theta, ritz = torch.linalg.eigh(h)
+                    theta, ritz = theta.flip(0), ritz.flip(1)
+                    q64, p64 = basis.double(), product.double()
+                    vecs = q64 @ ritz
+                    resid = torch.linalg.vector_norm(p64 @ ritz - vecs * theta, dim=0)
+                    rel = (resid[:rank] / theta[:rank].clamp_min(torch.finfo(torch.float64).tiny)).max().item()
+                    history.append(rel)
+                    if progress:
+                        progress(iters, target)
+                    if (power_iters is None and rel <= tol) or iters >= target:
+                        break
+                    basis, _ = torch.linalg.qr(product)
                 break
-            basis, _ = torch.linalg.qr(product)
-    sigma = theta[:rank].clamp_min(0).sqrt().cpu().numpy()
+            except _Overflow:
+                if attempt:
+                    raise BadTensorError(
+                        f"the unembedding's values are too large (max |w| = {scale:.3g}) for the randomized "
+                        "solver even after scaling; use --solver exact or rescale the checkpoint"
+                    ) from None
+                scale = max_abs(matrix, chunk_rows)
+    if float(theta[0]) <= 0.0:
+        raise BadTensorError("the unembedding is all zeros; it has no directions to filter, check --tensor")
+    if not math.isfinite(rel):
+        raise SolverAccuracyError(
+            "the randomized solver's residual is not finite; no filter was written — use --solver exact"
+        )
+    sigma = theta[:rank].clamp_min(0).sqrt().cpu().numpy() * scale
     vectors = canonical_signs(vecs[:, :rank].cpu().numpy())
     passed = bool(rel <= tol)
     certificate = {
@@ -313,7 +395,7 @@ def randomized_spectrum(
             "dtype": str(work).replace("torch.", ""),
         },
         certificate=certificate,
-        frobenius_sq=fro_sq,
+        frobenius_sq=fro_sq * scale * scale,
         seconds=time.perf_counter() - start,
     )
 

@@ -101,24 +101,31 @@ def filter_stream(
                     "or pass --allow-nonfinite to let such rows through (their results are NaN/Inf)"
                 )
             nonfinite_rows += int((~finite_rows).sum())
-        y = np.matmul(x, pt, out=out_buf[: len(x)])
-        if m is not None:
-            y -= m
-        if normalize:
-            norms = np.sqrt(np.einsum("ij,ij->i", y, y))
-            norms[norms == 0] = 1  # an all-zero result has no direction; keep it zero rather than NaN
-            y /= norms[:, None]
-        if out_dtype in ("float16", "float32") and compute != np.dtype(out_dtype):
-            with np.errstate(over="ignore"):  # float16 overflow is reported below, with the row
+        with np.errstate(over="ignore", invalid="ignore"):
+            y = np.matmul(x, pt, out=out_buf[: len(x)])
+            if compute != np.float64 and not _finite_rows(y)[finite_rows].all():
+                # Finite inputs near float32's range overflow the product: redo this batch in float64.
+                y = np.matmul(x.astype(np.float64), projection.T.astype(np.float64))
+            if m is not None:
+                y -= m
+            if normalize:
+                norms = np.sqrt(np.einsum("ij,ij->i", y, y))
+                norms[norms == 0] = 1  # an all-zero result has no direction; keep it zero rather than NaN
+                y /= norms[:, None]
+            if out_dtype in ("float16", "float32") and y.dtype != np.dtype(out_dtype):
                 y = y.astype(out_dtype)
-        if out_dtype == "float16" and finite_rows.all():
-            over = ~np.isfinite(y).all(axis=1)
-            if over.any():
-                bad = int(np.flatnonzero(over)[0])
-                raise InputDataError(
-                    f"{source.name} {source.where(item, bad)}: a filtered value exceeds float16's range (±65504); "
-                    "pass --dtype float32 or --normalize"
-                )
+            elif y.dtype != compute and out_dtype != "float64":  # bfloat16 sinks take the compute dtype
+                y = y.astype(compute)
+        # Every written vector is finite unless --allow-nonfinite let non-finite ones through.
+        if not allow_nonfinite:
+            written = _finite_rows(y)
+            if not written.all():
+                bad = int(np.flatnonzero(~written)[0])
+                if out_dtype == "float16":
+                    hint = "float16's range (±65504); pass --dtype float32 or --normalize"
+                else:
+                    hint = f"{y.dtype}'s range; pass --normalize or --dtype float64, or scale the input"
+                raise InputDataError(f"{source.name} {source.where(item, bad)}: a filtered value exceeds {hint}")
         sink.write(y, item)
         rows += len(x)
         if progress is not None:
