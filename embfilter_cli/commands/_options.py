@@ -21,6 +21,7 @@ class FiniteFloat(click.ParamType):
         self.low, self.high, self.low_open = low, high, low_open
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        """The checked float; anything else is click's usage error naming the option."""
         try:
             number = float(value)
         except (TypeError, ValueError):
