@@ -168,3 +168,27 @@ def embedding_options(func: F) -> F:
     for option in (input_format_option, dtype_option, max_length_option, batch_size_option, recipe_option):
         func = option(func)
     return pooling_option(func)
+
+
+def engine_options(func: F) -> F:
+    """`--engine local|ray`, `--ray-address`, `--concurrency` (Parquet jobs of `apply` and `embed`)."""
+    func = click.option(
+        "--concurrency",
+        type=click.IntRange(min=1),
+        default=None,
+        help="--engine ray: actors (one GPU each with --device cuda) [default: the CPUs, at most one per file].",
+    )(func)
+    func = click.option(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="--engine ray: join this cluster (`auto` for the running one) [default: start a local Ray].",
+    )(func)
+    func = click.option(
+        "--engine",
+        type=click.Choice(["local", "ray"]),
+        default="local",
+        show_default=True,
+        help="Parquet/Arrow files: run here, or on Ray Data actors (pip install 'embfilter[ray]').",
+    )(func)
+    return func

@@ -138,11 +138,13 @@ def run_table_apply(
                 unit.out_format = input_format
     if engine == "ray":
         # The engine module lands separately; drop this ignore then (warn_unused_ignores says when).
-        from embfilter_cli.engines.ray_engine import apply_tables_ray  # type: ignore[import-not-found]
+        from embfilter_cli.engines.ray_engine import run_units_ray
 
-        stats = apply_tables_ray(
+        stats = run_units_ray(
             units, fb, batch_rows=rows, force=force, resume=resume, address=ray_address, concurrency=concurrency
         )
+        stats.input_dim, stats.output_dim = fb.dims()
+        stats.output_dtype = fb.dtype
     else:
         from embfilter_cli.console import progress_bar
         from embfilter_cli.vectors.tables import apply_tables

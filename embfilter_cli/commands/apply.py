@@ -9,7 +9,7 @@ from typing import IO, Any
 
 import click
 
-from embfilter_cli.commands._options import MAX_VECTOR_BATCH, force_option, output_options
+from embfilter_cli.commands._options import MAX_VECTOR_BATCH, engine_options, force_option, output_options
 from embfilter_cli.commands._tables import TABLE_FORMATS
 from embfilter_cli.errors import UsageError
 
@@ -80,6 +80,7 @@ _EXTENSIONS = {".npy": "npy", ".jsonl": "jsonl", ".ndjson": "jsonl", ".safetenso
 )
 @click.option("--resume", is_flag=True, help="Parquet/Arrow: skip outputs already complete; redo the others.")
 @click.option("--allow-null", is_flag=True, help="Parquet/Arrow: keep null vectors null instead of failing.")
+@engine_options
 @click.option("--normalize", is_flag=True, help="L2-normalise each filtered vector.")
 @click.option(
     "--allow-nonfinite",
@@ -104,6 +105,9 @@ def apply(
     shard_text: str | None,
     resume: bool,
     allow_null: bool,
+    engine: str,
+    ray_address: str | None,
+    concurrency: int | None,
     force: bool,
     json_: bool,
 ) -> None:
@@ -125,6 +129,7 @@ def apply(
       embfilter apply F vectors.parquet -o filtered.parquet
       embfilter apply F data/ -o out/ --column emb --shard 3/16 --resume
       producer | embfilter apply F - --format arrow -o - | consumer
+      embfilter apply F 'data/*.parquet' -o out/ --engine ray --concurrency 8
 
     With -o FILE the output appears only when every row succeeded. On stdout, rows are written as they
     are processed: after an error (exit 1) stdout may already hold the earlier rows.
@@ -148,9 +153,13 @@ def apply(
             resume=resume,
             force=force,
             json_=json_,
+            engine=engine,
+            ray_address=ray_address,
+            concurrency=concurrency,
         )
         return
     table_only = {"--column": column, "--shard": shard_text, "--resume": resume, "--allow-null": allow_null}
+    table_only["--engine"] = engine if engine != "local" else None
     used = [flag for flag, value in table_only.items() if value]
     if used:
         raise UsageError(f"{', '.join(used)} apply to Parquet/Arrow inputs only")

@@ -12,6 +12,7 @@ from embfilter_cli.commands._options import (
     batch_size_option,
     device_option,
     dtype_option,
+    engine_options,
     force_option,
     input_format_option,
     max_length_option,
@@ -32,8 +33,8 @@ OUTPUT_SUFFIXES = (".npy", ".jsonl")
     "--output",
     required=True,
     metavar="PATH",
-    help="Where to write: .npy (float32 rows) or .jsonl (records with an `embedding` field); "
-    "`-` writes JSONL to stdout.",
+    help="Where to write: .npy (float32 rows), .jsonl (records with an `embedding` field), .parquet (the "
+    "input's columns plus `embedding`; a folder for a folder of Parquet files); `-` writes JSONL to stdout.",
 )
 @click.option(
     "-m",
@@ -61,6 +62,15 @@ OUTPUT_SUFFIXES = (".npy", ".jsonl")
 @dtype_option
 @input_format_option
 @model_cache_option
+@click.option(
+    "--text-column",
+    default="text",
+    show_default=True,
+    metavar="NAME",
+    help="Parquet input: the column holding the texts.",
+)
+@click.option("--resume", is_flag=True, help="Parquet folders: skip outputs already complete; redo the others.")
+@engine_options
 @force_option
 @output_options
 def embed(
@@ -78,6 +88,11 @@ def embed(
     dtype: str,
     input_format: str,
     no_cache: bool,
+    text_column: str,
+    resume: bool,
+    engine: str,
+    ray_address: str | None,
+    concurrency: int | None,
     force: bool,
     json_: bool,
 ) -> None:
@@ -92,7 +107,19 @@ def embed(
       embfilter embed texts.txt -o raw.npy
       embfilter embed --model qwen2.5-0.5b --recipe prompteol --pooling last --filter F texts.jsonl -o out.jsonl
       cat texts.txt | embfilter embed - -o - --normalize
+      embfilter embed corpus.parquet --text-column body -o emb.parquet --filter F
+      embfilter embed corpus/ --text-column body -o emb/ --engine ray --concurrency 2
+
+    Parquet input keeps every row: an empty or null text gets a null embedding (the row still lines
+    up with its id); other columns are kept and `embedding` is a fixed-size list of float32.
     """
+    from embfilter_cli.commands._embed_tables import embed_tables_command, is_table_embed
+
+    if is_table_embed(input_path, output):
+        embed_tables_command(locals())
+        return
+    if resume or engine != "local":
+        raise UsageError("--resume and --engine apply to Parquet inputs only")
     to_stdout = output == "-"
     suffix = Path(output).suffix.lower()
     if not to_stdout and suffix not in OUTPUT_SUFFIXES:

@@ -249,6 +249,16 @@ class FilterBatch:
             "use a filter fitted on the model that produced these vectors"
         )
 
+    def fingerprint(self) -> tuple[dict[str, str], dict[str, str]]:
+        """(identity, settings) an output must record to count as this run's (see `shards.output_state`)."""
+        meta = self.metadata(self.column or "")
+        identity = {k: meta[k] for k in ("embfilter.projection_sha256", "embfilter.mean_sha256")}
+        return identity, {"embfilter.normalized": meta["embfilter.normalized"]}
+
+    def dims(self) -> tuple[int, int]:
+        """(input dimension d, output dimension k)."""
+        return self.artifact.hidden_size, self.artifact.output_dim
+
     def metadata(self, column: str) -> dict[str, str]:
         """The fingerprint keys for an output whose vector column is `column`."""
         return fingerprint_metadata(self.artifact, self.normalize, column)

@@ -169,10 +169,13 @@ def plan_units(
     return units
 
 
-def output_state(
-    unit: WorkUnit, expected_rows: int, projection_sha256: str, normalized: bool, mean_sha256: str = ""
-) -> str:
-    """ "missing", "complete", "foreign" or "incomplete" (see the module docstring)."""
+def output_state(unit: WorkUnit, expected_rows: int, identity: dict[str, str], settings: dict[str, str]) -> str:
+    """ "missing", "complete", "foreign" or "incomplete" (see the module docstring).
+
+    `identity` keys (the filter's projection and mean SHA-256, the model) must match for the output
+    to be this run's at all; `settings` keys (normalisation, pooling…) and the row count must match
+    for it to be complete.
+    """
     from embfilter_cli.vectors.fingerprints import read_fingerprint
 
     if not unit.output.exists():
@@ -181,12 +184,9 @@ def output_state(
         rows, meta = read_fingerprint(unit.output)
     except EmbfilterError:
         return "incomplete"
-    if (
-        meta.get("embfilter.projection_sha256") != projection_sha256
-        or meta.get("embfilter.mean_sha256", "") != mean_sha256
-    ):
+    if any(meta.get(k, "") != v for k, v in identity.items()) or not any(k.startswith("embfilter.") for k in meta):
         return "foreign"
-    if meta.get("embfilter.normalized") != ("true" if normalized else "false") or rows != expected_rows:
+    if any(meta.get(k, "") != v for k, v in settings.items()) or rows != expected_rows:
         return "incomplete"
     return "complete"
 
@@ -204,7 +204,7 @@ def check_outputs(states: dict[str, str], units: Sequence[WorkUnit], force: bool
             )
         if state == "foreign":
             raise OutputExistsError(
-                f"{unit.output} was not made by this filter (its projection or mean SHA-256 differs, or it records none); "
+                f"{unit.output} was not made by this filter (its filter or model fingerprint differs, or it records none); "
                 "--resume will not replace it: remove it or pass --force"
             )
 

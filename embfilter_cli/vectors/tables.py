@@ -118,7 +118,7 @@ def filter_batches(
     batches: Iterator[pa.RecordBatch],
     sink_factory: Callable[[pa.Schema], Any],
     schema: pa.Schema,
-    fb: FilterBatch,
+    fb: Any,
     name: str,
     row_offset: int = 0,
     progress: Callable[[int], None] | None = None,
@@ -139,29 +139,51 @@ def filter_batches(
     return rows
 
 
-def plan_states(units: Sequence[WorkUnit], fb: FilterBatch) -> tuple[dict[str, str], dict[str, int]]:
-    """Each output's state (`shards.output_state`) and each unit's expected row count."""
-    sha = fb.artifact.metadata.get("projection_sha256", "")
+def plan_states(units: Sequence[WorkUnit], fn: Any) -> tuple[dict[str, str], dict[str, int]]:
+    """Each output's state (`shards.output_state`) and each unit's expected row count.
+
+    `fn` is a batch function (`FilterBatch`, `engines.embed_tables.EmbedBatch`) with `fingerprint()`.
+    """
+    identity, settings = fn.fingerprint()
     states, expected = {}, {}
     for unit in units:
         rows = TableInput(unit.input, unit.in_format).rows(unit.parts) if unit.output.exists() else -1
         expected[str(unit.output)] = rows
-        states[str(unit.output)] = output_state(
-            unit, rows, sha, fb.normalize, fb.artifact.metadata.get("mean_sha256", "")
-        )
+        states[str(unit.output)] = output_state(unit, rows, identity, settings)
     return states, expected
+
+
+def run_unit(
+    unit: WorkUnit, fn: Any, batch_rows: int, resume: bool, progress: Callable[[int], None] | None = None
+) -> int:
+    """Stream one unit's input through `fn` into its output file, atomically; returns the rows written."""
+    if resume:
+        remove_stale_temporaries(unit.output)
+    table = TableInput(unit.input, unit.in_format)
+    with atomic_path(unit.output, force=True) as tmp:
+        return filter_batches(
+            table.batches(batch_rows, unit.parts),
+            lambda schema: make_sink(tmp, unit.out_format, schema),
+            table.schema,
+            fn,
+            table.name,
+            row_offset=table.first_row(unit.parts),
+            progress=progress,
+        )
 
 
 def apply_tables(
     units: Sequence[WorkUnit],
-    fb: FilterBatch,
+    fb: Any,
     *,
     batch_rows: int = DEFAULT_TABLE_BATCH_ROWS,
     force: bool = False,
     resume: bool = False,
     progress: ProgressFn | None = None,
 ) -> TableStats:
-    """Filter every unit's input into its output file (atomically), skipping complete outputs on `resume`.
+    """Run every unit's input through `fb` into its output file (atomically), skipping complete outputs on `resume`.
+
+    `fb` is a batch function: `FilterBatch`, or `engines.embed_tables.EmbedBatch`.
 
     Every output is checked before any work starts. On an error the outputs already finished
     are kept (a rerun with `resume` continues) and the failing one leaves nothing behind.
@@ -173,7 +195,8 @@ def apply_tables(
     started = time.perf_counter()
     states, _ = plan_states(units, fb)
     check_outputs(states, units, force, resume)
-    stats = TableStats(output_dim=fb.artifact.output_dim, input_dim=fb.artifact.hidden_size, output_dtype=fb.dtype)
+    d, k = fb.dims()
+    stats = TableStats(output_dim=k, input_dim=d, output_dtype=getattr(fb, "dtype", "float32"))
     todo = []
     for unit in units:
         if resume and not force and states[str(unit.output)] == "complete":
@@ -191,22 +214,11 @@ def apply_tables(
             progress(done, total)
 
     for unit in todo:
-        if resume:
-            remove_stale_temporaries(unit.output)
-        table = inputs[str(unit.input)]
-        with atomic_path(unit.output, force=True) as tmp:
-            stats.rows += filter_batches(
-                table.batches(batch_rows, unit.parts),
-                lambda schema, tmp=tmp, unit=unit: make_sink(tmp, unit.out_format, schema),  # type: ignore[misc]
-                table.schema,
-                fb,
-                table.name,
-                row_offset=table.first_row(unit.parts),
-                progress=step,
-            )
+        stats.rows += run_unit(unit, fb, batch_rows, resume, step)
         stats.files += 1
         stats.outputs.append(str(unit.output))
-    stats.nonfinite_rows, stats.null_rows = fb.nonfinite_rows, fb.null_rows
+    stats.nonfinite_rows = getattr(fb, "nonfinite_rows", 0)
+    stats.null_rows = getattr(fb, "null_rows", getattr(fb, "null_texts", 0))
     stats.seconds = time.perf_counter() - started
     return stats
 

@@ -1,0 +1,186 @@
+"""Embed a text column of Parquet (or Arrow) tables, record batch by record batch.
+
+`EmbedBatch` is a picklable callable like `vectors.arrow_batches.FilterBatch`: an Arrow batch in,
+the same columns out plus an `embedding` column (`fixed_size_list<float32>[k]`, replacing any column
+of that name in place, else appended last). The encoder (and the filter) are loaded on first use,
+so a Ray actor loads them once. Empty or null texts are kept as rows whose embedding is null (the
+row still lines up with its id); `null_texts` counts them.
+
+Not handled: texts in list or struct columns, and `large_string` columns above 2 GB per batch.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from embfilter_cli.errors import InputDataError
+from embfilter_cli.vectors.arrow_batches import describe_columns, fingerprint_metadata, vector_array
+
+EMBEDDING_COLUMN = "embedding"
+
+
+class EmbedBatch:
+    """Embed `text_column` of Arrow batches: `EmbedBatch("smollm2-135m")(batch) -> batch + embedding`.
+
+    Args:
+        model: a model spec as `embfilter embed --model` takes it (None: the built-in default).
+        text_column: the column holding the texts.
+        filter: an artifact path applied to the raw vectors (refused if fitted on another model).
+        normalize: L2-normalise each output vector.
+        pooling, recipe, batch_size, max_length, device, dtype, revision: as `embfilter embed`.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        text_column: str = "text",
+        *,
+        filter: str | os.PathLike[str] | None = None,  # noqa: A002 - the public name users expect
+        normalize: bool = False,
+        pooling: str = "mean",
+        recipe: str = "none",
+        batch_size: int = 16,
+        max_length: int = 512,
+        device: str = "auto",
+        dtype: str = "auto",
+        revision: str | None = None,
+        use_cache: bool = True,
+    ) -> None:
+        self.model, self.text_column = model, text_column
+        self.filter_path = None if filter is None else str(filter)
+        self.normalize, self.pooling, self.recipe = normalize, pooling, recipe
+        self.batch_size, self.max_length = batch_size, max_length
+        self.device, self.dtype, self.revision, self.use_cache = device, dtype, revision, use_cache
+        self.null_texts = 0
+        self.truncated = 0
+        self._encoder: Any = None
+        self._artifact: Any = None
+        self._location: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_encoder"] = state["_artifact"] = state["_location"] = None  # each worker loads its own
+        return state
+
+    @property
+    def location(self) -> Any:
+        if self._location is None:
+            from embfilter_cli.model.locate import resolve_model
+
+            self._location = resolve_model(self.model, revision=self.revision)
+        return self._location
+
+    @property
+    def artifact(self) -> Any:
+        """The filter, checked against the model once (None without a filter)."""
+        if self._artifact is None and self.filter_path is not None:
+            from embfilter_cli.filters.artifact import load_artifact
+            from embfilter_cli.filters.centering import check_centering_use
+            from embfilter_cli.text.embedding import check_filter_matches, resolve_recipe, unembedding_fingerprint
+
+            artifact = load_artifact(self.filter_path)
+            rec = resolve_recipe(self.recipe)
+            check_centering_use(artifact.centering, self.pooling, rec.name, rec.template, str(artifact.path))
+            sha, hidden = unembedding_fingerprint(self.location, artifact.metadata.get("tensor_name"))
+            check_filter_matches(
+                artifact, hidden_size=hidden, unembedding_sha256=sha, model_source=self.location.source
+            )
+            self._artifact = artifact
+        return self._artifact
+
+    @property
+    def encoder(self) -> Any:
+        if self._encoder is None:
+            from embfilter_cli.text.embedding import load_encoder_at
+
+            self._encoder = load_encoder_at(
+                self.location, device=self.device, dtype=self.dtype, revision=self.revision, use_cache=self.use_cache
+            )
+        return self._encoder
+
+    def dims(self) -> tuple[int, int]:
+        """(the model's hidden size, the output dimension)."""
+        hidden = self.artifact.hidden_size if self.artifact is not None else self.encoder.hidden_size
+        return hidden, self.output_dim()
+
+    def output_dim(self) -> int:
+        return self.artifact.output_dim if self.artifact is not None else self.encoder.hidden_size
+
+    def fingerprint(self) -> tuple[dict[str, str], dict[str, str]]:
+        """(identity, settings) recorded in outputs; `--resume` redoes outputs whose settings differ."""
+        identity = {"embfilter.embed_model": self.location.source}
+        if self.artifact is not None:
+            identity["embfilter.projection_sha256"] = self.artifact.metadata.get("projection_sha256", "")
+            identity["embfilter.mean_sha256"] = self.artifact.metadata.get("mean_sha256", "")
+        settings = {
+            "embfilter.pooling": self.pooling,
+            "embfilter.recipe": self.recipe,
+            "embfilter.max_length": str(self.max_length),
+            "embfilter.normalized": "true" if self.normalize else "false",
+        }
+        return identity, settings
+
+    def metadata(self) -> dict[str, str]:
+        meta = fingerprint_metadata(self.artifact, self.normalize, EMBEDDING_COLUMN) if self.artifact else {}
+        identity, settings = self.fingerprint()
+        return {**meta, **identity, **settings}
+
+    def output_schema(self, schema: pa.Schema, name: str = "input") -> pa.Schema:
+        """`schema` plus (or with, in place) the embedding column, and the run's metadata."""
+        self._text_index(schema, name)
+        field = pa.field(EMBEDDING_COLUMN, pa.list_(pa.float32(), self.output_dim()))
+        if EMBEDDING_COLUMN in schema.names:
+            schema = schema.set(schema.get_field_index(EMBEDDING_COLUMN), field)
+        else:
+            schema = schema.append(field)
+        meta = dict(schema.metadata or {})
+        meta.update({k.encode(): v.encode() for k, v in self.metadata().items()})
+        return schema.with_metadata(meta)
+
+    def _text_index(self, schema: pa.Schema, name: str) -> int:
+        if self.text_column not in schema.names:
+            raise InputDataError(
+                f"{name} has no column {self.text_column!r} (its columns: {describe_columns(schema)}); "
+                "pass --text-column NAME"
+            )
+        kind = schema.field(self.text_column).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise InputDataError(
+                f"{name}: column {self.text_column!r} is {kind}, not text (its columns: {describe_columns(schema)}); "
+                "pass --text-column NAME"
+            )
+        return schema.get_field_index(self.text_column)
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """Raw vectors of non-empty texts, then the filter and normalisation: (n, k) float32."""
+        if not texts:
+            return np.empty((0, self.output_dim()), np.float32)
+        encoder = self.encoder
+        vectors = encoder.embed(
+            texts, pooling=self.pooling, recipe=self.recipe, batch_size=self.batch_size, max_length=self.max_length
+        )
+        self.truncated += encoder.last_truncated
+        if self.artifact is not None:
+            vectors = self.artifact.apply(vectors)
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if self.normalize:
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            norms[norms == 0] = 1.0
+            vectors = (vectors / norms).astype(np.float32)
+        return vectors
+
+    def __call__(self, batch: pa.RecordBatch | pa.Table, name: str = "batch", row_offset: int = 0) -> Any:
+        i = self._text_index(batch.schema, name)
+        texts = batch.column(i).to_pylist()
+        valid = np.array([t is not None and t.strip() != "" for t in texts], dtype=bool)
+        self.null_texts += int((~valid).sum())
+        vectors = self.embed_texts([t for t, ok in zip(texts, valid) if ok])
+        column = vector_array(vectors, None if valid.all() else valid, "float32")
+        field = pa.field(EMBEDDING_COLUMN, column.type)
+        if EMBEDDING_COLUMN in batch.schema.names:
+            return batch.set_column(batch.schema.get_field_index(EMBEDDING_COLUMN), field, column)
+        return batch.append_column(field, column)

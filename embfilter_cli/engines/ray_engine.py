@@ -1,0 +1,138 @@
+"""Run `apply` and `embed` on Ray Data: one task per output file, on a pool of actors.
+
+Ray Data schedules the work units (`vectors.shards.WorkUnit`, one per output file) over an actor
+pool (`map_batches` with a callable class and `concurrency`); each actor builds its `FilterBatch` or
+`EmbedBatch` once (the filter or the encoder is loaded once per actor, one GPU each with
+`num_gpus=1`) and streams its files with the same code as the local engine (`vectors.tables`),
+so values, row order and file names are identical to a local run, every output is written
+atomically, and `--shard`/`--resume` mean the same. Ray's own `write_parquet` is not used for the
+CLI because it names files itself and writes them non-atomically; for pipelines of your own, the
+callable classes plug straight into `ray.data.read_parquet(...).map_batches(FilterBatch, ...)`
+(see the README).
+
+Without an address a local Ray is started with the machine's CPUs (or `num_cpus`); `address="auto"`
+joins a running cluster (`ray start --head` on the head node). A failing actor fails the job: the
+first error is re-raised with its own message, and only the outputs finished before it exist.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from embfilter_cli.errors import EmbfilterError, MissingDependencyError
+from embfilter_cli.vectors.shards import WorkUnit, check_outputs
+from embfilter_cli.vectors.tables import TableStats, plan_states, run_unit
+
+RAY_PIP = "pip install 'embfilter[ray]'"
+
+
+def require_ray() -> Any:
+    """The `ray` module, or a MissingDependencyError naming the pip command."""
+    try:
+        import ray
+        import ray.data
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"--engine ray needs Ray Data ({exc.name} is not installed); run: {RAY_PIP}"
+        ) from None
+    return ray
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
+    """Start (or join) Ray once per process; quiet, no dashboard."""
+    ray = require_ray()
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
+        if address is None:
+            kwargs["num_cpus"] = num_cpus
+        ray.init(address=address, **kwargs)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    return ray
+
+
+class _UnitWorker:
+    """A Ray actor: builds the batch function once, then runs whole work units (files) with it."""
+
+    def __init__(self, fn: Any, units: Sequence[WorkUnit], batch_rows: int, resume: bool) -> None:
+        self.fn, self.units, self.batch_rows, self.resume = fn, list(units), batch_rows, resume
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        rows = []
+        for index in batch["index"].tolist():
+            rows.append(run_unit(self.units[index], self.fn, self.batch_rows, self.resume))
+        return {"index": batch["index"], "rows": np.asarray(rows, dtype=np.int64)}
+
+
+def run_units_ray(
+    units: Sequence[WorkUnit],
+    fn: Any,
+    *,
+    batch_rows: int,
+    force: bool = False,
+    resume: bool = False,
+    address: str | None = None,
+    concurrency: int | None = None,
+    num_gpus: float = 0,
+    num_cpus: int | None = None,
+) -> TableStats:
+    """Like `vectors.tables.apply_tables`, with the units spread over Ray actors.
+
+    Raises:
+        MissingDependencyError: Ray Data is not installed.
+        OutputExistsError / InputDataError: as the local engine (re-raised from the actor that failed).
+    """
+    started = time.perf_counter()
+    states, _ = plan_states(units, fn)
+    check_outputs(states, units, force, resume)
+    stats = TableStats()
+    todo = []
+    for unit in units:
+        if resume and not force and states[str(unit.output)] == "complete":
+            stats.skipped.append(str(unit.output))
+        else:
+            todo.append(unit)
+    if todo:
+        ray = init_ray(address, num_cpus)
+        pool = concurrency or max(1, min(len(todo), int(ray.available_resources().get("CPU", 1))))
+        pool = min(pool, len(todo))
+        ds = ray.data.from_items([{"index": i} for i in range(len(todo))], override_num_blocks=len(todo))
+        ds = ds.map_batches(
+            _UnitWorker,
+            fn_constructor_kwargs={"fn": fn, "units": todo, "batch_rows": batch_rows, "resume": resume},
+            batch_size=1,
+            batch_format="numpy",
+            concurrency=pool,
+            num_gpus=num_gpus or None,
+        )
+        try:
+            done = ds.take_all()
+        except Exception as exc:  # Ray wraps the actor's exception (RayTaskError, UserCodeException)
+            raise _unwrap(exc) from None
+        stats.rows = int(sum(int(r["rows"]) for r in done))
+        stats.files = len(done)
+        stats.outputs = [str(todo[int(r["index"])].output) for r in sorted(done, key=lambda r: int(r["index"]))]
+    stats.seconds = time.perf_counter() - started
+    return stats
+
+
+def _unwrap(exc: BaseException) -> EmbfilterError:
+    """The EmbfilterError an actor raised, found in Ray's wrapping; else a one-line summary."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, EmbfilterError):
+            return type(current)(str(current))
+        stack.extend([current.__cause__, current.__context__, getattr(current, "cause", None)])
+    text = " ".join(str(exc).split())
+    for line in str(exc).splitlines():  # RayTaskError text ends with "ErrorType: message" of the actor
+        if "embfilter_cli.errors." in line:
+            return EmbfilterError(line.split(": ", 1)[-1].strip())
+    return EmbfilterError(f"a Ray worker failed ({type(exc).__name__}: {text[:300]}); no further outputs were written")
