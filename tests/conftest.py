@@ -7,6 +7,7 @@ needs to change a model builds its own with `make_llama(tmp_path / ...)`.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -123,3 +124,42 @@ def tiny_llama_sharded(tmp_path_factory) -> Path:
     The folder is named `llama`: default artifact names (`llama-r3-b0`) are derived from it.
     """
     return make_llama(tmp_path_factory.mktemp("tiny_llama_sharded") / "llama", shard_size="20KB", padded_vocab=320)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """Ray with 2 CPUs, started once for the whole session (skips without the `ray` extra)."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """A local[2] SparkSession for the whole session (skips without the `spark` extra)."""
+    pytest.importorskip("pyspark")
+    import os
+
+    from pyspark.sql import SparkSession
+
+    # Spark's Python workers must run this interpreter (with pyarrow and embfilter importable).
+    os.environ["PYSPARK_PYTHON"] = os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")] if p
+    )
+
+    session = (
+        SparkSession.builder.master("local[2]")
+        .appName("embfilter-tests")
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.shuffle.partitions", "2")
+        .config("spark.pyspark.python", sys.executable)
+        .config("spark.pyspark.driver.python", sys.executable)
+        .getOrCreate()
+    )
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()

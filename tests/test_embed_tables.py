@@ -16,7 +16,6 @@ import pytest
 from embfilter_cli.cli import app
 from embfilter_cli.engines.embed_tables import EmbedBatch
 from embfilter_cli.text.embedding import load_encoder
-from tests.test_engines import ray_session  # noqa: F401 - the session-wide Ray fixture
 
 TEXTS = ["The cat sat on the mat.", "", "Stocks fell sharply.", None, "A dog ran."]
 
@@ -107,7 +106,7 @@ def test_embed_batch_pickles_without_the_model(tiny_llama):
     assert pickle.loads(pickle.dumps(eb))._encoder is None
 
 
-def test_embed_with_ray_equals_local(runner, tiny_llama, tmp_path, ray_session):  # noqa: F811
+def test_embed_with_ray_equals_local(runner, tiny_llama, tmp_path, ray_session):
     (tmp_path / "data").mkdir()
     _corpus(tmp_path / "data" / "a.parquet")
     _corpus(tmp_path / "data" / "b.parquet", ["One more.", "And another one."], first_id=5)

@@ -1,7 +1,8 @@
 """The Ray and Spark engines against numpy and against the local engine, on tiny Parquet data.
 
-Ray and Spark each start once per test session (`ray.init(num_cpus=2)`, `local[2]`), in fixtures
-that skip when the extra is not installed (CI installs both through the `test` extra).
+Ray and Spark each start once per test session (`ray.init(num_cpus=2)`, `local[2]`), in conftest's
+`ray_session` and `spark` fixtures, which skip when the extra is not installed (CI installs both
+through the `test` extra).
 """
 
 from __future__ import annotations
@@ -21,43 +22,6 @@ from embfilter_cli.filters.artifact import load_artifact
 from embfilter_cli.vectors.arrow_batches import FilterBatch
 
 D, K = 16, 13
-
-
-@pytest.fixture(scope="session")
-def ray_session():
-    ray = pytest.importorskip("ray")
-    pytest.importorskip("ray.data")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="session")
-def spark():
-    pytest.importorskip("pyspark")
-    import os
-
-    from pyspark.sql import SparkSession
-
-    # Spark's Python workers must run this interpreter (with pyarrow and embfilter importable).
-    os.environ["PYSPARK_PYTHON"] = os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        p for p in [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")] if p
-    )
-
-    session = (
-        SparkSession.builder.master("local[2]")
-        .appName("embfilter-tests")
-        .config("spark.ui.enabled", "false")
-        .config("spark.sql.shuffle.partitions", "2")
-        .config("spark.pyspark.python", sys.executable)
-        .config("spark.pyspark.driver.python", sys.executable)
-        .getOrCreate()
-    )
-    session.sparkContext.setLogLevel("ERROR")
-    yield session
-    session.stop()
 
 
 @pytest.fixture
