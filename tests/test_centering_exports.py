@@ -153,9 +153,15 @@ def test_outputs_of_another_mean_are_foreign(centred, make_filter, tmp_path):
         },
     )
     unit = WorkUnit(Path("in"), plain, "safetensors", "safetensors")
-    assert output_state(unit, 2, p_sha, False) == "complete"  # uncentred filter, uncentred output
-    assert output_state(unit, 2, p_sha, False, m_sha) == "foreign"
-    assert output_state(WorkUnit(Path("in"), mine, "safetensors", "safetensors"), 2, p_sha, False, m_sha) == "complete"
+    settings = {"embfilter.normalized": "false"}
+
+    def identity(mean: str) -> dict[str, str]:
+        return {"embfilter.projection_sha256": p_sha, "embfilter.mean_sha256": mean}
+
+    assert output_state(unit, 2, identity(""), settings) == "complete"  # uncentred filter, uncentred output
+    assert output_state(unit, 2, identity(m_sha), settings) == "foreign"
+    mine_unit = WorkUnit(Path("in"), mine, "safetensors", "safetensors")
+    assert output_state(mine_unit, 2, identity(m_sha), settings) == "complete"
     assert check_vector_file(mine, p_sha, m_sha).ok
     bad = check_vector_file(plain, p_sha, m_sha)
     assert not bad.ok and "was made with the same projection but another mean" in bad.detail
