@@ -68,6 +68,7 @@ class EmbedBatch:
 
     @property
     def location(self) -> Any:
+        """The resolved model (`model.locate.resolve_model`), on first use."""
         if self._location is None:
             from embfilter_cli.model.locate import resolve_model
 
@@ -94,6 +95,7 @@ class EmbedBatch:
 
     @property
     def encoder(self) -> Any:
+        """The loaded encoder, on first use (once per process or Ray actor)."""
         if self._encoder is None:
             from embfilter_cli.text.embedding import load_encoder_at
 
@@ -108,6 +110,7 @@ class EmbedBatch:
         return hidden, self.output_dim()
 
     def output_dim(self) -> int:
+        """k: the filter's output dimension, or the model's hidden size without a filter."""
         return self.artifact.output_dim if self.artifact is not None else self.encoder.hidden_size
 
     def fingerprint(self) -> tuple[dict[str, str], dict[str, str]]:
@@ -125,6 +128,7 @@ class EmbedBatch:
         return identity, settings
 
     def metadata(self) -> dict[str, str]:
+        """The `embfilter.*` schema metadata of outputs: the filter's fingerprints, the model and settings."""
         meta = fingerprint_metadata(self.artifact, self.normalize, EMBEDDING_COLUMN) if self.artifact else {}
         identity, settings = self.fingerprint()
         return {**meta, **identity, **settings}

@@ -28,6 +28,7 @@ _WORKER_FILTERS: dict[tuple[str, float], Any] = {}  # per Python worker process:
 
 
 def require_pyspark() -> Any:
+    """The `pyspark` module, or a MissingDependencyError naming the pip command."""
     try:
         import pyspark
     except ImportError:
