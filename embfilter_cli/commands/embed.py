@@ -62,13 +62,7 @@ OUTPUT_SUFFIXES = (".npy", ".jsonl")
 @dtype_option
 @input_format_option
 @model_cache_option
-@click.option(
-    "--text-column",
-    default="text",
-    show_default=True,
-    metavar="NAME",
-    help="Parquet input: the column holding the texts.",
-)
+@click.option("--text-column", default="text", show_default=True, metavar="NAME", help="Parquet: the text column.")
 @click.option("--resume", is_flag=True, help="Parquet folders: skip outputs already complete; redo the others.")
 @engine_options
 @force_option

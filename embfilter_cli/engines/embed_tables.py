@@ -81,15 +81,13 @@ class EmbedBatch:
         if self._artifact is None and self.filter_path is not None:
             from embfilter_cli.filters.artifact import load_artifact
             from embfilter_cli.filters.centering import check_centering_use
-            from embfilter_cli.text.embedding import check_filter_matches, resolve_recipe, unembedding_fingerprint
+            from embfilter_cli.model.head import read_head_for_filter
+            from embfilter_cli.text.embedding import resolve_recipe
 
             artifact = load_artifact(self.filter_path)
             rec = resolve_recipe(self.recipe)
             check_centering_use(artifact.centering, self.pooling, rec.name, rec.template, str(artifact.path))
-            sha, hidden = unembedding_fingerprint(self.location, artifact.metadata.get("tensor_name"))
-            check_filter_matches(
-                artifact, hidden_size=hidden, unembedding_sha256=sha, model_source=self.location.source
-            )
+            read_head_for_filter(self.location, artifact)  # refuses a filter fitted on another model
             self._artifact = artifact
         return self._artifact
 
