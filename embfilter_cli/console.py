@@ -30,10 +30,22 @@ from typing import IO, TYPE_CHECKING, Any, Literal, Protocol
 from rich.console import Console
 from rich.text import Text
 
+from embfilter_cli.errors import printable
 from embfilter_cli.jsonable import json_default
 
 if TYPE_CHECKING:
     from rich.table import Table
+
+
+def literal(text: str, style: str = "") -> Text:
+    """`text` as a rich Text printed literally (no markup) with control characters escaped.
+
+    Every string this module prints goes through here: model names, tensor names, tokens and
+    paths come from files, and a terminal escape in them must show as `\\x1b`, not act
+    (see `errors.printable`).
+    """
+    return Text(printable(text), style=style)
+
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 out_console = Console(highlight=False, soft_wrap=True)
@@ -57,12 +69,12 @@ def is_quiet() -> bool:
 def info(message: str) -> None:
     """A log line on stderr, printed literally; hidden by -q."""
     if not _state["quiet"]:
-        err_console.print(Text(message))
+        err_console.print(literal(message))
 
 
 def warn(message: str) -> None:
     """A warning on stderr (`Warning: ` then the message, literally); shown even with -q."""
-    err_console.print(Text.assemble(("Warning:", "yellow"), " ", message))
+    err_console.print(Text.assemble(("Warning:", "yellow"), " ", literal(message)))
 
 
 # --------------------------------------------------------------------------- stdout: data
@@ -72,7 +84,7 @@ def out_text(line: str = "") -> None:
     """One line of text data on stdout (a newline is added)."""
     import click
 
-    click.echo(line)
+    click.echo(printable(line))
 
 
 def out_lines(lines: Iterable[str]) -> None:
@@ -98,7 +110,7 @@ def emit_json(document: Any) -> None:
 
 def styled(text: str, style: str | None) -> Text:
     """A table cell (or part of one) in one of our styles; the text itself stays literal."""
-    return Text(text, style=style or "")
+    return literal(text, style or "")
 
 
 Cell = str | Text
@@ -133,16 +145,14 @@ class DataTable:
 
         options: dict[str, Any] = {"show_header": self.header}
         if self.title is not None:
-            options.update(
-                title=Text(self.title, style="table.title"), title_justify="left"
-            )  # as rich styles a str title
+            options.update(title=literal(self.title, "table.title"), title_justify="left")  # as rich styles a str title
         if self.plain:
             options.update(box=None, pad_edge=False)
         table = Table(**options)
         for col in self.columns:
-            table.add_column(Text(col.header), justify=col.justify, style=col.style)
+            table.add_column(literal(col.header), justify=col.justify, style=col.style)
         for cells, style in self.rows:
-            table.add_row(*(Text(c) if isinstance(c, str) else c for c in cells), style=style)
+            table.add_row(*(literal(c) if isinstance(c, str) else c for c in cells), style=style)
         return table
 
 

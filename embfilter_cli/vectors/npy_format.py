@@ -18,6 +18,9 @@ from embfilter_cli.vectors.base import Batch, Passthrough, VectorFormat, VectorS
 from embfilter_cli.vectors.dtypes import as_float, float_dtype_name
 from embfilter_cli.vectors.rawmatrix import BinarySink, RawMatrix
 
+_MAX_ELEMENTS = 1 << 48  # beyond any real array: a header claiming more is damaged
+_MAX_FORTRAN_STREAM = 8 << 30  # a Fortran-order array from a pipe is read whole: cap the allocation
+
 
 class NpySource(VectorSource):
     """A .npy array from a file (memory-mapped) or a stream (read batch by batch)."""
@@ -52,6 +55,10 @@ class NpySource(VectorSource):
             )
         self.dtype = name_of
         shape = tuple(int(s) for s in shape)
+        if any(s < 0 for s in shape) or math.prod(shape) > _MAX_ELEMENTS:
+            raise InputDataError(
+                f"{name} has an impossible .npy shape {list(shape)}; the header is damaged, recreate it"
+            )
         if len(shape) == 0:
             raise InputDataError(f"{name} holds a single number, not vectors; save a (rows, dim) array")
         if shape == (0,):
@@ -61,6 +68,13 @@ class NpySource(VectorSource):
         if fortran and len(shape) > 1 and math.prod(shape) > 0:
             # Column-major rows are scattered over the whole file, so they cannot be streamed by rows.
             nbytes = math.prod(shape) * dtype.itemsize
+            available = (path.stat().st_size - fp.tell()) if path is not None else _MAX_FORTRAN_STREAM
+            if nbytes > available:
+                raise InputDataError(
+                    f"{name}: its Fortran-order .npy header promises {nbytes} data bytes but "
+                    f"{'the file holds fewer' if path is not None else 'a stream may hold at most 8 GiB'}; "
+                    "recreate it (C order streams by rows: np.ascontiguousarray)"
+                )
             data = fp.read(nbytes)
             if len(data) < nbytes:
                 raise InputDataError(

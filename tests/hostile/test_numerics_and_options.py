@@ -133,3 +133,22 @@ def test_absurd_batch_sizes_are_usage_errors(runner, art, tmp_path, size):
     expect_error(runner.invoke(app, args), 2)
     before.assert_unchanged()
     expect_error(runner.invoke(app, ["embed", "--batch-size", size, "x"]), 2)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "{'descr': '<f4', 'fortran_order': True, 'shape': (100000000000, 100000), }",
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (-3, 4), }",
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (4, -4), }",
+    ],
+    ids=["fortran-huge", "negative-rows", "negative-dim"],
+)
+def test_npy_headers_with_absurd_shapes(runner, art, tmp_path, header):
+    text = header.encode("latin1")
+    text += b" " * (-(len(text) + 11) % 64) + b"\n"
+    (tmp_path / "x.npy").write_bytes(b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text + b"\0" * 64)
+    before = Snapshot(tmp_path)
+    args = ["apply", "-q", str(art), str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy")]
+    expect_error(runner.invoke(app, args))
+    before.assert_unchanged()
