@@ -334,7 +334,10 @@ def _check_mean(
 def newest_artifact(directory: str | os.PathLike[str] = DEFAULT_ARTIFACT_DIR) -> Path:
     """The most recently modified `*.safetensors` under `directory` (for commands whose FILTER is optional)."""
     folder = Path(directory)
-    candidates = sorted(folder.glob("*.safetensors"), key=lambda f: f.stat().st_mtime) if folder.is_dir() else []
+    # Only regular files (links to them included): a dangling link or a folder named *.safetensors
+    # is skipped, not stat()-ed into a traceback.
+    found = [f for f in folder.glob("*.safetensors") if f.is_file()] if folder.is_dir() else []
+    candidates = sorted(found, key=lambda f: f.stat().st_mtime)
     if not candidates:
         raise ArtifactError(
             f"no filter given and none found in {folder}/; run `embfilter fit` first or pass a FILTER path"

@@ -35,3 +35,16 @@ def test_error_line_quoting_a_file_name_with_escapes(runner, tmp_path):
     bad.write_bytes(b"\xff" * 40)
     line = expect_error(runner.invoke(app, ["fit", "-q", "-m", str(bad), "-o", str(tmp_path / "f.safetensors")]))
     assert "\\x1b" in line and "\x07" not in line
+
+
+def test_dangling_link_in_artifacts_is_skipped(runner, art, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "artifacts").mkdir()
+    os.symlink(tmp_path / "gone.safetensors", tmp_path / "artifacts" / "z-dangling.safetensors")
+    result = runner.invoke(app, ["verify", "-q"])
+    expect_error(result, match="none found")
+    shutil.copy(art, tmp_path / "artifacts" / "a.safetensors")
+    assert runner.invoke(app, ["verify", "-q"]).exit_code == 0
