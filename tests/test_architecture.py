@@ -58,7 +58,6 @@ OVERSIZED: set[str] = {
     "commands/eval_cmd.py",
     "commands/export.py",
     "commands/fit.py",
-    "commands/inspect_cmd.py",
     "text/embedding.py",
 }
 

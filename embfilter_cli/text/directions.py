@@ -9,7 +9,7 @@ spectrum as text.
 The CLI imports this module at start-up (for `DEFAULT_RANK` in its help text), so numpy is
 imported inside the functions that need it: `embfilter inspect --help` must stay light.
 
-Not handled here: reading W_U or the vocabulary, and formatting (see `commands/inspect_cmd.py`);
+Not handled here: reading W_U or the vocabulary (`text/inspect_target.py`), and formatting (the `commands/inspect_*` modules);
 the logit-lens arithmetic itself lives in `embfilter_cli.text.lens`.
 """
 
