@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -182,25 +181,17 @@ def fit(
 
         background = read_background_for(center_on, pooling, recipe, input_format)
 
-    from embfilter_cli.console import info, progress_enabled
-    from embfilter_cli.filters.band import resolve_band
+    from embfilter_cli.console import info, progress_bar, progress_enabled
+    from embfilter_cli.filters.solve import BandRequest, SolverOptions, fit_spectrum
     from embfilter_cli.model.locate import resolve_model
 
-    if band_rule == "auto":
-        from embfilter_cli.errors import BandError
-
-        if any(v is not None for v in (rank, bottom, ratio, start, keep)) or solver == "randomized":
-            raise BandError(
-                "--band auto chooses the band itself; drop --rank/--bottom/--ratio/--start/--keep and --solver randomized"
-            )
-    elif rank is None and bottom is None and ratio is None and start is None and keep is None:
-        rank = 64
+    request = BandRequest(rank, bottom, ratio, start, keep, band_rule).checked(solver)
     location = resolve_model(
         model,
         revision=revision,
         tensor_name=tensor_name,
         progress=progress_enabled(),
-        check_config=lambda cfg: _check_band_early(cfg, rank, bottom, ratio, start, keep),
+        check_config=request.check_config,
     )
     info(f"Model: {location.source} ({location.kind.replace('_', ' ')})")
     from embfilter_cli.model.head import read_head  # torch: only after cheap checks and downloads of metadata
@@ -217,25 +208,9 @@ def fit(
         + (" (tied input embeddings)" if unemb.tied else "")
         + (f"; dropped {dropped} padding rows past the tokenizer's {unemb.vocab_size}" if dropped else "")
     )
-    from embfilter_cli.filters.solve import SolverOptions
-
     options = SolverOptions(solver, device, oversample, iters, tol, seed, precision)
-    rule: dict[str, Any] = {}
-    if band_rule == "auto":
-        from embfilter_cli.filters.band import Band
-        from embfilter_cli.filters.band_auto import auto_band
-
-        options.solver = "exact"
-        spectrum = _solve(unemb.matrix, Band(d, 0, d), options)
-        chosen = auto_band(spectrum.singular_values)
-        band, rule = chosen.band, {"band_rule": chosen.as_dict()}
-        info(
-            f"--band auto: remove top {band.top} and bottom {band.bottom} (σ more than {chosen.factor:g}× off the bulk trend)"
-        )
-    else:
-        band = resolve_band(d, rank=rank, bottom=bottom, ratio=ratio, start=start, keep=keep)
-        spectrum = _solve(unemb.matrix, band, options)
-    from embfilter_cli.filters.artifact import save_artifact
+    band, spectrum, rule = fit_spectrum(unemb.matrix, request, options, log=info, bar=progress_bar)
+    from embfilter_cli.filters.artifact import default_artifact_path, save_artifact
     from embfilter_cli.filters.fitting import build_artifact, fit_summary
 
     artifact = build_artifact(
@@ -249,7 +224,7 @@ def fit(
         vocab_size=unemb.vocab_size,
         stored_rows=unemb.stored_rows,
     )
-    out = Path(output) if output else Path("artifacts") / f"{_slug(location)}-{band.label()}.safetensors"
+    out = Path(output) if output else default_artifact_path(location, band)
     report = None
     if background is not None:
         from embfilter_cli.files import check_writable
@@ -274,23 +249,6 @@ def fit(
         _print_summary(summary)
 
 
-def _check_band_early(
-    config: dict[str, Any],
-    rank: int | None,
-    bottom: int | None,
-    ratio: float | None,
-    start: int | None,
-    keep: int | None,
-) -> None:
-    """Reject an impossible band from a Hub model's config.json, before its weights are downloaded."""
-    from embfilter_cli.filters.band import resolve_band
-    from embfilter_cli.model.hub import config_hidden_size
-
-    d = config_hidden_size(config)
-    if d is not None:  # W_U's own width is checked again after reading it
-        resolve_band(d, rank=rank, bottom=bottom, ratio=ratio, start=start, keep=keep)
-
-
 def _parse_power_iters(value: str) -> int | None:
     if value == "auto":
         return None
@@ -303,29 +261,6 @@ def _parse_power_iters(value: str) -> int | None:
     if iters < 1:
         raise click.BadParameter(f"must be at least 1, got {iters}", param_hint="--power-iters")
     return iters
-
-
-def _solve(matrix: Any, band: Any, options: Any) -> Any:
-    """The solver policy of `filters.solve`, with a progress bar on stderr while an exact Gram accumulates."""
-    import contextlib
-
-    from embfilter_cli.console import info, progress_bar
-    from embfilter_cli.filters.solve import choose_solver, solve
-
-    exact = choose_solver(band, options.solver) == "exact"
-    with progress_bar("W_Uᵀ W_U", matrix.shape[0]) if exact else contextlib.nullcontext() as progress:
-        return solve(matrix, band, options, log=info, progress=progress)
-
-
-def _slug(location: Any) -> str:
-    from embfilter_cli.model.aliases import DEFAULT_MODEL_ALIAS
-
-    if not location.spec:
-        return DEFAULT_MODEL_ALIAS
-    base = location.spec
-    base = Path(base).stem if location.kind != "hf_folder" or Path(base).exists() else base
-    base = base.split("/")[-1]
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-").lower() or "model"
 
 
 def _print_summary(summary: dict[str, Any]) -> None:

@@ -26,15 +26,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from embfilter_cli.errors import ArtifactError
 from embfilter_cli.files import atomic_path
 from embfilter_cli.filters.centering import Centering, apply_affine
+
+if TYPE_CHECKING:
+    from embfilter_cli.filters.band import Band
+    from embfilter_cli.model.location import ModelLocation
 
 FORMAT_TAG = "embfilter.filter"
 FORMAT_VERSION = "2"  # what save_artifact writes
@@ -329,6 +334,20 @@ def _check_mean(
             f"{p}: the mean does not match its stored SHA-256 (stored {metadata['mean_sha256'][:16]}…, actual "
             f"{array_sha256(mean)[:16]}…); the file was modified or damaged, recentre it with `embfilter center`"
         )
+
+
+def default_artifact_path(location: ModelLocation, band: Band) -> Path:
+    """`artifacts/<model>-<band>.safetensors`: the model named as the user typed it, made file-safe."""
+    from embfilter_cli.model.aliases import DEFAULT_MODEL_ALIAS
+
+    if not location.spec:
+        slug = DEFAULT_MODEL_ALIAS
+    else:
+        base = location.spec
+        base = Path(base).stem if location.kind != "hf_folder" or Path(base).exists() else base
+        base = base.split("/")[-1]
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-").lower() or "model"
+    return Path(DEFAULT_ARTIFACT_DIR) / f"{slug}-{band.label()}.safetensors"
 
 
 def newest_artifact(directory: str | os.PathLike[str] = DEFAULT_ARTIFACT_DIR) -> Path:

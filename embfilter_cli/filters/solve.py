@@ -18,8 +18,9 @@ Not handled: caching randomized spectra (they depend on seed, tolerance and rank
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from embfilter_cli.errors import BandError
@@ -35,8 +36,10 @@ if TYPE_CHECKING:
 AUTO_EXACT_MAX_HIDDEN = 16384  # exact's d×d float64 Gram is 2 GiB at this size; beyond it, randomized
 EXACT_MESSAGE = "Computing the exact spectrum of W_U (float64 Gram + eigh)"
 
+DEFAULT_RANK = 64  # fit's band when none is named
 Log = Callable[[str], None]
 Progress = Callable[[int, int], None]  # (rows done, rows total)
+BarFactory = Callable[[str, int], contextlib.AbstractContextManager[Progress | None]]  # (description, total)
 
 
 def _silent(message: str) -> None:
@@ -54,6 +57,84 @@ class SolverOptions:
     tol: float = 1e-3
     seed: int = 0
     precision: str = "float64"  # exact: float64 | float32 chunk Grams
+
+
+@contextlib.contextmanager
+def _no_bar(description: str, total: int) -> Any:
+    yield None
+
+
+@dataclass
+class BandRequest:
+    """The band `embfilter fit` was asked for: the band options, or `rule="auto"` (from the spectrum)."""
+
+    rank: int | None = None
+    bottom: int | None = None
+    ratio: float | None = None
+    start: int | None = None
+    keep: int | None = None
+    rule: str | None = None  # "auto": choose top and bottom from the spectrum alone
+
+    def checked(self, solver: str) -> BandRequest:
+        """Refuse `--band auto` with band options or the randomized solver; default to the top 64 removed."""
+        named = (self.rank, self.bottom, self.ratio, self.start, self.keep)
+        if self.rule == "auto":
+            if any(v is not None for v in named) or solver == "randomized":
+                raise BandError(
+                    "--band auto chooses the band itself; drop --rank/--bottom/--ratio/--start/--keep and "
+                    "--solver randomized"
+                )
+            return self
+        return replace(self, rank=DEFAULT_RANK) if all(v is None for v in named) else self
+
+    def resolve(self, hidden_size: int) -> Band:
+        """The named band for a hidden size (not for `rule="auto"`)."""
+        from embfilter_cli.filters.band import resolve_band
+
+        return resolve_band(
+            hidden_size, rank=self.rank, bottom=self.bottom, ratio=self.ratio, start=self.start, keep=self.keep
+        )
+
+    def check_config(self, config: dict[str, Any]) -> None:
+        """Reject an impossible band from a Hub model's config.json, before its weights are downloaded."""
+        from embfilter_cli.model.hub import config_hidden_size
+
+        d = config_hidden_size(config)
+        if d is not None and self.rule != "auto":  # W_U's own width is checked again after reading it
+            self.resolve(d)
+
+
+def fit_spectrum(
+    matrix: torch.Tensor, request: BandRequest, options: SolverOptions, log: Log = _silent, bar: BarFactory = _no_bar
+) -> tuple[Band, Spectrum, dict[str, Any]]:
+    """The band and the spectrum `embfilter fit` builds its filter from, plus the rule that chose it.
+
+    `--band auto` decomposes exactly and lets `band_auto.auto_band` pick top and bottom; otherwise
+    the named band is solved by the solver policy. `bar` draws progress while an exact Gram
+    accumulates.
+    """
+    from embfilter_cli.filters.band import Band
+
+    d = int(matrix.shape[1])
+    if request.rule == "auto":
+        from embfilter_cli.filters.band_auto import auto_band
+
+        spectrum = _solve_with_bar(matrix, Band(d, 0, d), replace(options, solver="exact"), log, bar)
+        chosen = auto_band(spectrum.singular_values)
+        band = chosen.band
+        log(
+            f"--band auto: remove top {band.top} and bottom {band.bottom} "
+            f"(σ more than {chosen.factor:g}× off the bulk trend)"
+        )
+        return band, spectrum, {"band_rule": chosen.as_dict()}
+    band = request.resolve(d)
+    return band, _solve_with_bar(matrix, band, options, log, bar), {}
+
+
+def _solve_with_bar(matrix: torch.Tensor, band: Band, options: SolverOptions, log: Log, bar: BarFactory) -> Spectrum:
+    exact = choose_solver(band, options.solver) == "exact"
+    with bar("W_Uᵀ W_U", int(matrix.shape[0])) if exact else contextlib.nullcontext() as progress:
+        return solve(matrix, band, options, log=log, progress=progress)
 
 
 def choose_solver(band: Band, solver: str) -> str:
@@ -147,8 +228,6 @@ def head_spectrum(
     Uses the same defaults as `embfilter fit` (default tensor choice, padding rows dropped), so a
     band saved from here equals `fit`'s filter for that band. Returns (facts, spectrum, from_store).
     """
-    import contextlib
-
     from embfilter_cli.model.head import HeadFacts, facts_of, read_head
 
     if need_spectrum:
