@@ -53,7 +53,19 @@ def read_texts(source: str | Path, fmt: str = "auto", stdin: TextIO | None = Non
         raise InputDataError(f"input format {fmt!r} is not one of {', '.join(FORMATS)}")
     name = str(source)
     if name == "-":
-        raw = (stdin or sys.stdin).read()
+        stream = stdin or sys.stdin
+        buffer = getattr(stream, "buffer", None)
+        if buffer is None:  # a text stream without bytes underneath (tests): already decoded
+            raw = stream.read()
+        else:  # decode ourselves, so invalid UTF-8 is one error naming the line, like a file's
+            data = buffer.read()
+            try:
+                raw = data.decode("utf-8-sig")
+            except UnicodeDecodeError as exc:
+                line = data[: exc.start].count(b"\n") + 1
+                raise InputDataError(
+                    f"stdin line {line} is not valid UTF-8 (byte {exc.start}); convert the input to UTF-8"
+                ) from None
         where = "stdin"
     else:
         path = Path(name)

@@ -231,3 +231,11 @@ def test_broken_pipe_is_one_line(art, tmp_path):
     proc.wait(timeout=120)
     lines = err.decode().strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("Error:"), err
+
+
+def test_invalid_utf8_on_stdin_to_embed_fails_before_loading_a_model(tmp_path):
+    proc = _cli("embed", "-q", "--model", str(tmp_path / "no-such-model"), "-", "-o", "-")
+    _, err = proc.communicate(b"fine\n\xff\xfe broken\n", timeout=120)
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, err
+    assert "stdin line 2 is not valid UTF-8" in lines[0]
