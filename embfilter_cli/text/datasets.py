@@ -62,6 +62,8 @@ def load_dataset(spec: str) -> PairData:
         raise InputDataError(
             f"--data {spec!r} is neither 'lee' nor an existing TSV file of text1<TAB>text2<TAB>score rows"
         )
+    if not path.is_file():
+        raise InputDataError(f"--data {spec!r} is a directory or special file; give a TSV file or 'lee'")
     return load_tsv(path)
 
 
@@ -108,6 +110,8 @@ def load_tsv(path: Path) -> PairData:
     except UnicodeDecodeError as exc:
         line_no = path.read_bytes()[: exc.start].count(b"\n") + 1
         raise InputDataError(f"{path} line {line_no} is not valid UTF-8; convert the file to UTF-8") from exc
+    except OSError as exc:
+        raise InputDataError(f"--data {path} could not be read ({exc.strerror or exc}); check the path") from None
     index: dict[str, int] = {}
     pairs: list[tuple[int, int]] = []
     scores: list[float] = []

@@ -239,3 +239,10 @@ def test_invalid_utf8_on_stdin_to_embed_fails_before_loading_a_model(tmp_path):
     lines = err.decode().strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1, err
     assert "stdin line 2 is not valid UTF-8" in lines[0]
+
+
+def test_eval_data_that_is_a_directory(runner, tmp_path):
+    (tmp_path / "d").mkdir()
+    before = Snapshot(tmp_path)
+    expect_error(runner.invoke(app, ["eval", "-q", "--data", str(tmp_path / "d")]), match="directory")
+    before.assert_unchanged()
