@@ -59,6 +59,29 @@ DEFAULT_RATIOS = "2,4,8"
     show_default=True,
     help="Also evaluate the data-free `--band auto` choice (whenever bands are evaluated).",
 )
+@click.option(
+    "--background",
+    "background_spec",
+    default=None,
+    metavar="TEXTS",
+    help="Unlabeled texts (text/JSONL file as `embed` reads them, or -) for centering and the baselines. "
+    "[default for --data lee: lee_background.cor from the gensim wheel; none otherwise]",
+)
+@click.option("--no-background", is_flag=True, help="No centering rows and no baselines, even for --data lee.")
+@click.option(
+    "--abtt",
+    "abtt_list",
+    default=None,
+    metavar="LIST",
+    help="All-but-the-top baselines: remove the mean and the top D principal components. [default: 1,2,4,8]",
+)
+@click.option(
+    "--whiten",
+    "whiten_list",
+    default=None,
+    metavar="LIST",
+    help="Whitening baselines to k dims (needs more than k background texts). [default: 64,128,256]",
+)
 @click.option("--batch-size", type=click.IntRange(1, MAX_TEXT_BATCH), default=16, show_default=True)
 @click.option("--max-length", type=click.IntRange(min=1), default=512, show_default=True)
 @device_option
@@ -99,6 +122,10 @@ def eval_cmd(
     sweep_bottom: str | None,
     ratios: str | None,
     auto: bool,
+    background_spec: str | None,
+    no_background: bool,
+    abtt_list: str | None,
+    whiten_list: str | None,
     batch_size: int,
     max_length: int,
     device: str,
@@ -114,16 +141,28 @@ def eval_cmd(
 
     The model runs ONCE; every band is evaluated on the cached raw embeddings (a band is a linear
     map). With no --filter, --sweep-* or --ratio, a default sweep runs (top 0..128 × bottom 0..64,
-    τ = 2, 4, 8, and the auto band). The best row by Spearman is marked ★; it is chosen on this
-    data, so confirm it on held-out data before relying on it.
+    τ = 2, 4, 8, and the auto band). With a background (--background, or by default for --data lee)
+    each filter and band is also scored followed by centering on the background's mean, and the
+    baselines are added: centering alone, all-but-the-top, whitening, PCA. The best row by
+    Spearman (over all rows) is marked ★; it is chosen on this data, so confirm it on held-out
+    data before relying on it.
 
     \b
     Examples:
       embfilter eval --data lee
       embfilter eval --model smollm2-135m --data lee --sweep-top 0,4,16,64,128 --sweep-bottom 0,4,8,16,32,64 --plot heatmap.png
       embfilter eval --model M --data pairs.tsv --filter A.safetensors --filter B.safetensors --json
+      embfilter eval --data pairs.tsv --background unlabeled.txt --abtt 1,2 --whiten 128
     """
+    from embfilter_cli.text.baselines import DEFAULT_ABTT, DEFAULT_WHITEN
     from embfilter_cli.text.evaluation import parse_float_list, parse_int_list
+
+    if no_background and (background_spec or abtt_list or whiten_list):
+        raise UsageError("--no-background cannot be combined with --background, --abtt or --whiten")
+    abtt = parse_int_list(abtt_list, "--abtt") if abtt_list is not None else list(DEFAULT_ABTT)
+    whiten = parse_int_list(whiten_list, "--whiten") if whiten_list is not None else list(DEFAULT_WHITEN)
+    if 0 in whiten:
+        raise UsageError(f"--whiten {whiten_list!r}: whitening needs at least 1 dimension")
 
     nothing_named = not filter_paths and sweep_top is None and sweep_bottom is None and ratios is None
     if nothing_named:
@@ -159,6 +198,17 @@ def eval_cmd(
 
     data = load_dataset(data_spec)
     info(f"Data: {data.name}: {len(data.pairs)} pairs over {len(data.texts)} texts")
+    from embfilter_cli.text.baselines import load_background
+
+    background = None if no_background else load_background(background_spec, data.name)
+    if background is None and (abtt_list or whiten_list):
+        raise UsageError("--abtt and --whiten are fitted on background texts; add --background TEXTS")
+    if background is not None:
+        from embfilter_cli.text.texts import describe_skipped
+
+        info(f"Background: {background.source}: {len(background.texts)} texts")
+        if background.skipped:
+            warn(f"--background: {describe_skipped(background.skipped)}")
     filters = [load_artifact(p) for p in filter_paths]
     from embfilter_cli.filters.centering import check_centering_use
 
@@ -167,23 +217,13 @@ def eval_cmd(
     location = resolve_model(model, revision=revision)
     cache = Cache(Path(cache_dir) if cache_dir else None, enabled=not no_cache)
     facts, spectrum = head_for_eval(location, cache, device, needs_spectrum, filters, log=info)
-    raw, embed_info = cached_embeddings(
-        location,
-        data,
-        template=rec.template,
-        pooling=pooling,
-        recipe=recipe,
-        batch_size=batch_size,
-        max_length=max_length,
-        device=device,
-        dtype=dtype,
-        revision=revision,
-        cache=cache,
-        log=info,
-        warn=warn,
-        notify=info,
-        bar=progress_bar,
-    )
+    embed_options: dict[str, Any] = dict(template=rec.template, pooling=pooling, recipe=recipe, batch_size=batch_size)
+    embed_options.update(max_length=max_length, device=device, dtype=dtype, revision=revision, cache=cache)
+    embed_options.update(log=info, warn=warn, notify=info, bar=progress_bar, encoders={})
+    raw, embed_info = cached_embeddings(location, data, **embed_options)
+    bg_raw = bg_info = None
+    if background is not None:
+        bg_raw, bg_info = cached_embeddings(location, background, what="Background embeddings", **embed_options)
     if facts is not None and raw.shape[1] != facts.hidden_size:
         from embfilter_cli.errors import InputDataError
 
@@ -197,6 +237,13 @@ def eval_cmd(
         tops=tops,
         bottoms=bottoms,
         auto=auto and needs_spectrum,
+        background=bg_raw,
+        baselines={
+            "abtt": abtt,
+            "whiten": whiten,
+            "skip_impossible": [m for m, given in (("abtt", abtt_list), ("whiten", whiten_list)) if given is None],
+            "note": warn,
+        },
     )
     best = next((r for r in results if r.best), None)
 
@@ -224,13 +271,19 @@ def eval_cmd(
 
         settings = {"pooling": pooling, "recipe": recipe, "template": rec.template, "max_length": max_length}
         settings.update(dtype=embed_info["dtype"], batch_size=batch_size)
-        emit_json(eval_document(location, facts, data, settings, embed_info, results, grid, saved))
+        document = eval_document(location, facts, data, settings, embed_info, results, grid, saved)
+        document["background"] = (
+            None
+            if background is None
+            else {**background.summary(), "embedding": bg_info, "abtt": abtt, "whiten": whiten}
+        )
+        emit_json(document)
     else:
         _print_results(results, grid, data, location.source, pooling, recipe)
 
 
 def _print_results(results: list[Any], grid: Any, data: Any, source: str, pooling: str, recipe: str) -> None:
-    from embfilter_cli.console import Cell, Column, DataTable, print_table, styled
+    from embfilter_cli.console import Column, DataTable, print_table
 
     raw = results[0].spearman
     table = DataTable(
@@ -243,13 +296,18 @@ def _print_results(results: list[Any], grid: Any, data: Any, source: str, poolin
         ],
         title=f"{data.name} ({len(data.pairs)} pairs) · {source} · {pooling} pooling · recipe {recipe}",
     )
-    best_sweep = max(
-        (r for r in results if r.kind == "sweep" and math.isfinite(r.spearman)), key=lambda r: r.spearman, default=None
-    )
+    best_sweep = {
+        c: max(
+            (r for r in results if r.kind == "sweep" and r.centered == c and math.isfinite(r.spearman)),
+            key=lambda r: r.spearman,
+            default=None,
+        )
+        for c in (False, True)
+    }
     for r in results:
-        if r.kind == "sweep" and r is not best_sweep:
+        if r.kind == "sweep" and r is not best_sweep[r.centered]:
             continue
-        name = ("best of sweep: " if r.kind == "sweep" else "") + r.name
+        name = {"sweep": "best of sweep: ", "baseline": "baseline: "}.get(r.kind, "") + r.name
         delta = "" if r.kind == "raw" else f"{r.spearman - raw:+.4f}"
         table.add_row(
             ("★ " if r.best else "  ") + name,
@@ -262,15 +320,23 @@ def _print_results(results: list[Any], grid: Any, data: Any, source: str, poolin
     print_table(table)
     if grid is None:
         return
+    _print_heatmap(grid.spearman, grid, raw, "")
+    if grid.centered is not None:
+        _print_heatmap(grid.centered.spearman, grid, raw, ", each band followed by centering on the background")
+
+
+def _print_heatmap(values: Any, grid: Any, raw: float, what: str) -> None:
+    from embfilter_cli.console import Cell, Column, DataTable, print_table, styled
+
     heat = DataTable(
         [Column("R \\ B", justify="right", style="bold"), *(Column(str(b), justify="right") for b in grid.bottom)],
-        title="Spearman by band: rows = top R removed, columns = bottom B removed (★ best; green beats raw)",
+        title=f"Spearman by band{what}: rows = top R removed, columns = bottom B removed (★ best; green beats raw)",
     )
-    best_value = max((r.spearman for r in results if r.kind == "sweep"), default=float("nan"))
+    best_value = max((float(v) for v in values.ravel() if math.isfinite(float(v))), default=float("nan"))
     for i, top in enumerate(grid.top):
         cells: list[Cell] = []
         for j in range(len(grid.bottom)):
-            value = float(grid.spearman[i, j])
+            value = float(values[i, j])
             if not math.isfinite(value):
                 cells.append("—")
                 continue

@@ -36,7 +36,7 @@ from embfilter_cli.filters.solve import AUTO_EXACT_MAX_HIDDEN
     "--rank",
     type=click.IntRange(min=0),
     default=None,
-    help="Remove the top R directions. [default: 64 when no band is given]",
+    help="Remove the top R directions. [default: no band option means --band auto; 64 with --solver randomized]",
 )
 @click.option("--bottom", type=click.IntRange(min=0), default=None, help="Also remove the lowest B directions.")
 @click.option(
@@ -56,8 +56,9 @@ from embfilter_cli.filters.solve import AUTO_EXACT_MAX_HIDDEN
     "band_rule",
     type=click.Choice(["auto"]),
     default=None,
-    help="auto: choose the top R and bottom B from the spectrum alone (σ more than 1.5× off the "
-    "log-linear bulk trend; see embfilter_cli/filters/band_auto.py). Exact solver only.",
+    help="auto (the default when no band option is given): the top R and bottom B from the spectrum alone "
+    "(σ above the log-linear bulk's ceiling; σ under half the bulk trend; see embfilter_cli/filters/band_auto.py). "
+    "Exact solver only.",
 )
 @click.option(
     "--reduce/--no-reduce",
@@ -162,7 +163,7 @@ def fit(
 
     \b
     Examples:
-      embfilter fit                                  # built-in SmolLM2-135M, top 64 removed
+      embfilter fit                                  # built-in SmolLM2-135M, --band auto
       embfilter fit --model qwen2-7b --rank 256
       embfilter fit --model ./my-llama --rank 64 --bottom 16 -o artifacts/my-llama.safetensors
       embfilter fit --model Qwen/Qwen2.5-0.5B --ratio 2

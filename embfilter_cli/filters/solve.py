@@ -19,6 +19,7 @@ Not handled: caching randomized spectra (they depend on seed, tolerance and rank
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 AUTO_EXACT_MAX_HIDDEN = 16384  # exact's d×d float64 Gram is 2 GiB at this size; beyond it, randomized
 EXACT_MESSAGE = "Computing the exact spectrum of W_U (float64 Gram + eigh)"
 
-DEFAULT_RANK = 64  # fit's band when none is named
+DEFAULT_RANK = 64  # fit's band when none is named and the solver is randomized (else: the auto rule)
 Log = Callable[[str], None]
 Progress = Callable[[int, int], None]  # (rows done, rows total)
 BarFactory = Callable[[str, int], contextlib.AbstractContextManager[Progress | None]]  # (description, total)
@@ -76,7 +77,11 @@ class BandRequest:
     rule: str | None = None  # "auto": choose top and bottom from the spectrum alone
 
     def checked(self, solver: str) -> BandRequest:
-        """Refuse `--band auto` with band options or the randomized solver; default to the top 64 removed."""
+        """Refuse `--band auto` with band options or the randomized solver.
+
+        No band named means `--band auto` (bench/RESULTS.md has the evidence), except with
+        `--solver randomized`, which only finds the top of the spectrum: then the top 64 removed.
+        """
         named = (self.rank, self.bottom, self.ratio, self.start, self.keep)
         if self.rule == "auto":
             if any(v is not None for v in named) or solver == "randomized":
@@ -85,7 +90,9 @@ class BandRequest:
                     "--solver randomized"
                 )
             return self
-        return replace(self, rank=DEFAULT_RANK) if all(v is None for v in named) else self
+        if any(v is not None for v in named):
+            return self
+        return replace(self, rank=DEFAULT_RANK) if solver == "randomized" else replace(self, rule="auto")
 
     def resolve(self, hidden_size: int) -> Band:
         """The named band for a hidden size (not for `rule="auto"`)."""
@@ -123,8 +130,8 @@ def fit_spectrum(
         chosen = auto_band(spectrum.singular_values)
         band = chosen.band
         log(
-            f"--band auto: remove top {band.top} and bottom {band.bottom} "
-            f"(σ more than {chosen.factor:g}× off the bulk trend)"
+            f"--band auto: remove top {band.top} (σ above the bulk trend's ceiling {math.exp(chosen.intercept):.4g}) "
+            f"and bottom {band.bottom} (σ under 1/{chosen.factor:g} of the trend)"
         )
         return band, spectrum, {"band_rule": chosen.as_dict()}
     band = request.resolve(d)

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from embfilter_cli.filters.spectral import Spectrum
     from embfilter_cli.model.head import HeadFacts
     from embfilter_cli.model.location import ModelLocation
+    from embfilter_cli.text.baselines import BackgroundTexts
     from embfilter_cli.text.datasets import PairData
 
 CACHE_VERSION = "1"
@@ -174,7 +175,7 @@ def cached_head_spectrum(
 
 def cached_embeddings(
     location: ModelLocation,
-    data: PairData,
+    data: PairData | BackgroundTexts,
     *,
     template: str,
     pooling: str,
@@ -189,8 +190,14 @@ def cached_embeddings(
     warn: Log = _silent,
     notify: Log = _silent,
     bar: BarFactory = _no_bar,
+    what: str = "Raw embeddings",
+    encoders: dict[str, Any] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Raw pooled embeddings of every text of `data`, from the cache or by running the model once.
+
+    `data` is anything with `.texts` and `.sha256` (the scored pairs, or `eval --background`'s
+    texts); `what` names it in the log lines. Pass the same `encoders` dict to several calls to
+    load the model at most once between them.
 
     The cache's folder and switch also govern a GGUF model's cached Hugging Face conversion;
     `notify` receives the lines about building it (paths: printed literally by the CLI).
@@ -212,7 +219,7 @@ def cached_embeddings(
     )
     raw = cache.load_embeddings(key)
     if raw is not None and raw.shape[0] == len(data.texts):
-        log(f"Raw embeddings: from cache ({raw.shape[0]}×{raw.shape[1]})")
+        log(f"{what}: from cache ({raw.shape[0]}×{raw.shape[1]})")
         return raw, {
             "cached": True,
             "seconds": 0.0,
@@ -221,19 +228,29 @@ def cached_embeddings(
             "dtype": dtype_name,
             "cache_key": key,
         }
-    log(f"Loading {location.source} ({location.kind.replace('_', ' ')})…")
     started = time.perf_counter()
-    encoder = embedding.load_encoder_at(
-        location,
-        device=device,
-        dtype=dtype,
-        revision=revision,
-        cache_dir=cache.root,
-        use_cache=cache.enabled,
-        notify=notify,
-    )
+    encoder = (encoders or {}).get("encoder")
+    fresh = encoder is None
+    if encoder is None:
+        log(f"Loading {location.source} ({location.kind.replace('_', ' ')})…")
+        encoder = embedding.load_encoder_at(
+            location,
+            device=device,
+            dtype=dtype,
+            revision=revision,
+            cache_dir=cache.root,
+            use_cache=cache.enabled,
+            notify=notify,
+        )
+        if encoders is not None:
+            encoders["encoder"] = encoder
     loaded = time.perf_counter()
-    log(f"Loaded in {loaded - started:.1f}s; embedding {len(data.texts)} texts")
+    doing = (
+        f"embedding {len(data.texts)} texts"
+        if what == "Raw embeddings"
+        else f"{what}: embedding {len(data.texts)} texts"
+    )
+    log(f"Loaded in {loaded - started:.1f}s; {doing}" if fresh else doing)
     with bar("Embedding", len(data.texts)) as progress:
         raw = encoder.embed(
             data.texts, pooling=pooling, recipe=recipe, batch_size=batch_size, max_length=max_length, progress=progress

@@ -92,7 +92,7 @@ class EvalResult:
     """One evaluated embedding variant."""
 
     name: str
-    kind: str  # "raw" | "filter" | "ratio" | "auto" | "sweep"
+    kind: str  # "raw" | "filter" | "ratio" | "auto" | "sweep" | "baseline"
     output_dim: int
     spearman: float
     pearson: float
@@ -100,12 +100,14 @@ class EvalResult:
     path: str | None = None
     best: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    centered: bool = False  # then minus the background mean of the same (filtered) vectors
 
     def as_dict(self) -> dict[str, Any]:
         """The result as a JSON-ready dict."""
         out: dict[str, Any] = {
             "name": self.name,
             "kind": self.kind,
+            "centered": self.centered,
             "band": self.band,
             "path": self.path,
             "output_dim": self.output_dim,
@@ -163,12 +165,13 @@ def parse_float_list(text: str, option: str) -> list[float]:
 
 @dataclass
 class SweepGrid:
-    """Spearman for every (top, bottom) pair; NaN where the band is impossible."""
+    """Spearman for every (top, bottom) pair; NaN where the band is impossible (`centered`: same, centred)."""
 
     top: list[int]
     bottom: list[int]
     spearman: np.ndarray  # (len(top), len(bottom))
     pearson: np.ndarray
+    centered: SweepGrid | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The grid as a JSON-ready dict (NaN cells become null)."""
@@ -176,13 +179,16 @@ class SweepGrid:
         def rows(matrix: np.ndarray) -> list[list[float | None]]:
             return [[_finite_or_none(float(v)) for v in row] for row in matrix]
 
-        return {"top": self.top, "bottom": self.bottom, "spearman": rows(self.spearman), "pearson": rows(self.pearson)}
+        out = {"top": self.top, "bottom": self.bottom, "spearman": rows(self.spearman), "pearson": rows(self.pearson)}
+        if self.centered is not None:
+            out["centered"] = {"spearman": rows(self.centered.spearman), "pearson": rows(self.centered.pearson)}
+        return out
 
 
 class BandScorer:
     """Scores bands of one spectrum on one set of raw embeddings, without re-running the model."""
 
-    def __init__(self, raw: np.ndarray, spectrum: Spectrum, data: PairData) -> None:
+    def __init__(self, raw: np.ndarray, spectrum: Spectrum, data: PairData, center: np.ndarray | None = None) -> None:
         if raw.shape[1] != spectrum.hidden_size:
             raise InputDataError(
                 f"embeddings have dimension {raw.shape[1]} but W_U's spectrum has {spectrum.hidden_size}; "
@@ -191,7 +197,10 @@ class BandScorer:
         self.spectrum = spectrum
         self.data = data
         # One rotation into the singular basis; every band is then a column slice.
-        self.coords = np.asarray(raw, dtype=np.float64) @ spectrum.vectors
+        # With `center` (the raw background mean) each band is followed by centering: P is linear, so
+        # the filtered background mean is the band's slice of the rotated raw mean.
+        shift = 0.0 if center is None else np.asarray(center, dtype=np.float64)
+        self.coords = (np.asarray(raw, dtype=np.float64) - shift) @ spectrum.vectors
 
     def score(self, band: Band) -> tuple[float, float]:
         """(Spearman, Pearson) of the pair cosines after filtering with `band`."""
@@ -225,65 +234,69 @@ def evaluate_all(
     tops: Sequence[int] | None = None,
     bottoms: Sequence[int] | None = None,
     auto: bool = True,
+    background: np.ndarray | None = None,
+    baselines: dict[str, Any] | None = None,
 ) -> tuple[list[EvalResult], SweepGrid | None]:
     """Score the raw embedding, each filter, each paper ratio, the auto band and a (top × bottom) grid.
 
-    Bands need `spectrum` (complete); filters are applied with `FilterArtifact.apply`. The best
-    result by Spearman (raw included) is marked `best`.
+    Bands need `spectrum` (complete); filters are applied with `FilterArtifact.apply`. With
+    `background` (raw embeddings of unlabeled texts) every filter and band is scored again followed
+    by centering on the background mean of the same filtered vectors (`centered` rows), and the
+    baselines of `text.baselines.baseline_results` are added (keyword arguments in `baselines`; PCA
+    to each filter's, the auto band's and each whitening dimension). The best result by Spearman,
+    over ALL rows, is marked `best`.
     """
     from embfilter_cli.filters.band import band_from_rank, band_from_ratio
 
     d = raw.shape[1]
+    x = np.asarray(raw, dtype=np.float64)
+    if background is not None and (background.ndim != 2 or background.shape[1] != d):
+        raise InputDataError(
+            f"the background embeddings have shape {background.shape} but the data's have dimension {d}; "
+            "embed both with the same model"
+        )
+    centerings = [False] if background is None else [False, True]
+    bg = None if background is None else np.asarray(background, dtype=np.float64)
     results = [EvalResult("raw", "raw", d, *score_vectors(raw, data))]
     for art in filters:
-        vectors = art.apply(np.asarray(raw, dtype=np.float64))
-        results.append(
-            EvalResult(
-                Path(str(art.path)).name if art.path else "filter",
-                "filter",
-                art.output_dim,
-                *score_vectors(vectors, data),
-                band=art.band,
-                path=str(art.path) if art.path else None,
-            )
-        )
+        name, path = (Path(str(art.path)).name, str(art.path)) if art.path else ("filter", None)
+        for c in centerings:
+            vectors = art.apply(x) - (art.apply(bg).mean(axis=0) if c else 0.0)  # type: ignore[arg-type]
+            label = name + (" + centering" if c else "")
+            results.append(EvalResult(label, "filter", art.output_dim, *score_vectors(vectors, data), band=art.band, path=path, centered=c))  # fmt: skip
     grid = None
+    auto_dim = None
     if spectrum is not None:
-        scorer = BandScorer(raw, spectrum, data)
-        for ratio in ratios:
-            band = band_from_ratio(d, ratio)
-            results.append(
-                EvalResult(f"paper τ={ratio:g}", "ratio", band.keep, *scorer.score(band), band=band.as_dict())
-            )
+        scorers = {c: BandScorer(raw, spectrum, data, center=bg.mean(axis=0) if c else None) for c in centerings}  # type: ignore[union-attr]
+        suffix = {False: "", True: " + centering"}
+        named = [(f"paper τ={ratio:g}", "ratio", band_from_ratio(d, ratio)) for ratio in ratios]
         if auto:
             from embfilter_cli.filters.band_auto import auto_band
 
-            chosen = auto_band(spectrum.singular_values)
-            results.append(
-                EvalResult(
-                    f"auto (top {chosen.band.top}, bottom {chosen.band.bottom})",
-                    "auto",
-                    chosen.band.keep,
-                    *scorer.score(chosen.band),
-                    band=chosen.band.as_dict(),
-                )
-            )
+            chosen = auto_band(spectrum.singular_values).band
+            auto_dim = chosen.keep
+            named.append((f"auto (top {chosen.top}, bottom {chosen.bottom})", "auto", chosen))
+        for label, kind, band in named:
+            for c in centerings:
+                results.append(EvalResult(label + suffix[c], kind, band.keep, *scorers[c].score(band), band=band.as_dict(), centered=c))  # fmt: skip
         if tops is not None and bottoms is not None:
-            grid = scorer.grid(tops, bottoms)
-            for i, top in enumerate(grid.top):
-                for j, bottom in enumerate(grid.bottom):
-                    if math.isfinite(grid.spearman[i, j]):
-                        band = band_from_rank(d, top, bottom)
-                        results.append(
-                            EvalResult(
-                                f"top {top}, bottom {bottom}",
-                                "sweep",
-                                band.keep,
-                                float(grid.spearman[i, j]),
-                                float(grid.pearson[i, j]),
-                                band=band.as_dict(),
-                            )
-                        )
+            grids = {c: scorers[c].grid(tops, bottoms) for c in centerings}
+            grid = grids[False]
+            grid.centered = grids.get(True)
+            for c, g in grids.items():
+                for i, top in enumerate(g.top):
+                    for j, bottom in enumerate(g.bottom):
+                        if math.isfinite(g.spearman[i, j]):
+                            band = band_from_rank(d, top, bottom)
+                            results.append(EvalResult(f"top {top}, bottom {bottom}{suffix[c]}", "sweep", band.keep, float(g.spearman[i, j]), float(g.pearson[i, j]), band=band.as_dict(), centered=c))  # fmt: skip
+    if bg is not None:
+        from embfilter_cli.text.baselines import DEFAULT_WHITEN, baseline_results
+
+        options = dict(baselines or {})
+        whiten = list(options.get("whiten", DEFAULT_WHITEN))
+        dims = [art.output_dim for art in filters] + ([auto_dim] if auto_dim else []) + whiten
+        options.setdefault("pca", dims)
+        results.extend(baseline_results(x, bg, data, **options))
     finite = [r for r in results if math.isfinite(r.spearman)]
     if finite:
         max(finite, key=lambda r: r.spearman).best = True
@@ -291,8 +304,10 @@ def evaluate_all(
 
 
 def best_band_result(results: Iterable[EvalResult]) -> EvalResult | None:
-    """The highest-Spearman result that is a band of the spectrum (ratio, auto or sweep)."""
-    bands = [r for r in results if r.kind in ("ratio", "auto", "sweep") and math.isfinite(r.spearman)]
+    """The highest-Spearman uncentred band of the spectrum (ratio, auto or sweep): what an artifact holds."""
+    bands = [
+        r for r in results if r.kind in ("ratio", "auto", "sweep") and not r.centered and math.isfinite(r.spearman)
+    ]
     return max(bands, key=lambda r: r.spearman) if bands else None
 
 
