@@ -14,9 +14,9 @@ from embfilter_cli.errors import InputDataError
 from embfilter_cli.filters import postprocess as pp
 from embfilter_cli.filters.band import band_from_rank, band_from_ratio
 from embfilter_cli.filters.spectral import exact_spectrum
-from embfilter_cli.text.baselines import baseline_results, load_background
+from embfilter_cli.text.baselines import load_background
 from embfilter_cli.text.datasets import PairData
-from embfilter_cli.text.evaluation import best_band_result, evaluate_all, score_vectors
+from embfilter_cli.text.evaluation import baseline_results, best_band_result, evaluate_all, score_vectors
 from tests.conftest import planted_matrix
 
 PAIRS = [

@@ -4,7 +4,7 @@ The background is a set of unlabeled texts embedded like the data (same model, p
 nothing is ever fitted on the scored pairs. Its raw embeddings give:
   - the centred variant of every filter and band (`evaluation.evaluate_all`): the band, then
     subtracting the background mean of the same filtered vectors (the affine filter y = P·x − m);
-  - the baselines (`baseline_results`, kind "baseline"): centering alone, all-but-the-top D,
+  - the baselines (`baseline_vectors`; `evaluation.baseline_results` scores them, kind "baseline"): centering alone, all-but-the-top D,
     whitening to k, PCA to k (the math is `filters.postprocess`).
 For `--data lee` the default background is the 300 news documents `lee_background.cor` that ship
 next to Lee in the gensim wheel.
@@ -19,15 +19,11 @@ import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from embfilter_cli.errors import InputDataError
-
-if TYPE_CHECKING:
-    from embfilter_cli.text.datasets import PairData
-    from embfilter_cli.text.evaluation import EvalResult
 
 LEE_BACKGROUND = "gensim/test/test_data/lee_background.cor"
 DEFAULT_ABTT = (1, 2, 4, 8)
@@ -76,32 +72,28 @@ def load_background(spec: str | None, data_name: str) -> BackgroundTexts | None:
     return BackgroundTexts(read.source, [t.strip() for t in read.texts], read.skipped)
 
 
-def baseline_results(
+def baseline_vectors(
     raw: np.ndarray,
     background: np.ndarray,
-    data: PairData,
     *,
     abtt: Sequence[int] = DEFAULT_ABTT,
     whiten: Sequence[int] = DEFAULT_WHITEN,
     pca: Sequence[int] = (),
     skip_impossible: Sequence[str] = (),
     note: Callable[[str], None] | None = None,
-) -> list[EvalResult]:
-    """The data-driven baselines fitted on `background` (see `filters.postprocess`), kind "baseline".
+) -> list[tuple[str, dict[str, Any], np.ndarray]]:
+    """The data-driven baselines fitted on `background` (see `filters.postprocess`): (name, facts, vectors).
 
     An all-but-the-top or whitening dimension the background is too small for raises (it was asked
     for), unless its method ("abtt", "whiten") is in `skip_impossible` (the defaults): then it is
     skipped with a `note`. PCA dimensions come from the filters and are always skipped that way.
     """
     from embfilter_cli.filters import postprocess as pp
-    from embfilter_cli.text.evaluation import EvalResult, score_vectors
 
     axes = pp.principal_axes(background)
-    d = background.shape[1]
-    out = [EvalResult("centering", "baseline", d, *score_vectors(pp.center(raw, axes.mean), data))]
-    out[-1].extra["method"] = "center"
+    out: list[tuple[str, dict[str, Any], np.ndarray]] = [("centering", {"method": "center"}, pp.center(raw, axes.mean))]
 
-    def attempt(method: str, k: int, label: str, skip: bool, make: Callable[[], np.ndarray], dim: int) -> None:
+    def attempt(method: str, k: int, label: str, skip: bool, make: Callable[[], np.ndarray]) -> None:
         try:
             vectors = make()
         except InputDataError as exc:
@@ -110,15 +102,14 @@ def baseline_results(
             if note is not None:
                 note(f"{label} skipped: {exc}")
             return
-        out.append(EvalResult(label, "baseline", dim, *score_vectors(vectors, data)))
-        out[-1].extra.update(method=method, components=k)
+        out.append((label, {"method": method, "components": k}, vectors))
 
     for k in abtt:
-        attempt("abtt", k, f"all-but-the-top D={k}", "abtt" in skip_impossible,
-                lambda k=k: pp.all_but_the_top(raw, axes, k), d)  # fmt: skip
+        attempt(
+            "abtt", k, f"all-but-the-top D={k}", "abtt" in skip_impossible, lambda k=k: pp.all_but_the_top(raw, axes, k)
+        )
     for k in whiten:
-        attempt("whiten", k, f"whitening to {k}", "whiten" in skip_impossible,
-                lambda k=k: pp.whiten(raw, axes, k), k)  # fmt: skip
+        attempt("whiten", k, f"whitening to {k}", "whiten" in skip_impossible, lambda k=k: pp.whiten(raw, axes, k))
     for k in dict.fromkeys(pca):  # unique, in order
-        attempt("pca", k, f"PCA to {k}", True, lambda k=k: pp.pca(raw, axes, k), k)
+        attempt("pca", k, f"PCA to {k}", True, lambda k=k: pp.pca(raw, axes, k))
     return out

@@ -290,7 +290,7 @@ def evaluate_all(
                             band = band_from_rank(d, top, bottom)
                             results.append(EvalResult(f"top {top}, bottom {bottom}{suffix[c]}", "sweep", band.keep, float(g.spearman[i, j]), float(g.pearson[i, j]), band=band.as_dict(), centered=c))  # fmt: skip
     if bg is not None:
-        from embfilter_cli.text.baselines import DEFAULT_WHITEN, baseline_results
+        from embfilter_cli.text.baselines import DEFAULT_WHITEN
 
         options = dict(baselines or {})
         whiten = list(options.get("whiten", DEFAULT_WHITEN))
@@ -301,6 +301,14 @@ def evaluate_all(
     if finite:
         max(finite, key=lambda r: r.spearman).best = True
     return results, grid
+
+
+def baseline_results(raw: np.ndarray, background: np.ndarray, data: PairData, **options: Any) -> list[EvalResult]:
+    """`text.baselines.baseline_vectors` (same options), scored: kind "baseline", method and k in the JSON."""
+    from embfilter_cli.text.baselines import baseline_vectors
+
+    rows = baseline_vectors(np.asarray(raw, dtype=np.float64), np.asarray(background, dtype=np.float64), **options)
+    return [EvalResult(name, "baseline", v.shape[1], *score_vectors(v, data), extra=facts) for name, facts, v in rows]
 
 
 def best_band_result(results: Iterable[EvalResult]) -> EvalResult | None:
