@@ -118,8 +118,6 @@ def verify(
 
 
 def _print_report(artifact: Any, checks: list[Any]) -> None:
-    from rich.text import Text
-
     from embfilter_cli.console import key_value_table, print_table, styled
 
     band = artifact.band
@@ -134,5 +132,5 @@ def _print_report(artifact: Any, checks: list[Any]) -> None:
     table.add_row("sha256(W_U)", artifact.unembedding_sha256)
     for check in checks:
         mark = styled("OK", "green") + "  " if check.ok else styled("FAIL", "red")
-        table.add_row(check.name, Text.assemble(mark, " ", check.detail))
+        table.add_row(check.name, mark + " " + check.detail)  # the detail stays literal
     print_table(table)
