@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from embfilter_cli.errors import EmbfilterError, MissingDependencyError
-from embfilter_cli.vectors.shards import WorkUnit, check_outputs
+from embfilter_cli.vectors.shards import WorkUnit, check_outputs, remove_stale_temporaries
 from embfilter_cli.vectors.tables import TableStats, plan_states, run_unit
 
 RAY_PIP = "pip install 'embfilter[ray]'"
@@ -111,12 +111,27 @@ def run_units_ray(
         try:
             done = ds.take_all()
         except Exception as exc:  # Ray wraps the actor's exception (RayTaskError, UserCodeException)
+            _remove_partial_outputs(todo)
             raise _unwrap(exc) from None
         stats.rows = int(sum(int(r["rows"]) for r in done))
         stats.files = len(done)
         stats.outputs = [str(todo[int(r["index"])].output) for r in sorted(done, key=lambda r: int(r["index"]))]
     stats.seconds = time.perf_counter() - started
     return stats
+
+
+def _remove_partial_outputs(units: Sequence[WorkUnit]) -> None:
+    """Delete the temporary files of units that other actors were still writing when one failed.
+
+    Ray stops the remaining actors when the job fails, killing them mid-write without running their
+    cleanup, and it does so asynchronously: sweep once now and once after a short grace period so a
+    file an actor created just before it was killed is caught as well.
+    """
+    for attempt in range(2):
+        if attempt:
+            time.sleep(1.0)
+        for unit in units:
+            remove_stale_temporaries(unit.output)
 
 
 def _unwrap(exc: BaseException) -> EmbfilterError:
