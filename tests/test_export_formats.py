@@ -107,7 +107,9 @@ def test_safetensors_fp16_is_a_deployment_file_not_an_artifact(runner, art, tmp_
 
 def test_sentence_transformers_folder_layout(runner, art, tmp_path):
     out = tmp_path / "model" / "2_Dense"
-    result = runner.invoke(app, ["export", str(art), "--format", "sentence-transformers", "-o", str(out)])
+    result = runner.invoke(
+        app, ["export", str(art), "--format", "sentence-transformers", "--dense-only", "-o", str(out)]
+    )
     assert result.exit_code == 0, result.stderr
     assert result.stdout == ""
     assert "modules.json" in result.stderr  # how to wire it in
@@ -133,7 +135,9 @@ def test_sentence_transformers_loader_gives_the_same_vectors_as_apply(runner, ar
     import torch
 
     out = tmp_path / "st" / "1_Dense"
-    result = runner.invoke(app, ["export", str(art), "--format", "sentence-transformers", "-o", str(out), "--json"])
+    result = runner.invoke(
+        app, ["export", str(art), "--format", "sentence-transformers", "--dense-only", "-o", str(out), "--json"]
+    )
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["loader"].startswith("sentence-transformers ") and doc["max_rel_error"] <= 1e-5
@@ -162,7 +166,9 @@ def test_sentence_transformers_loader_gives_the_same_vectors_as_apply(runner, ar
 def test_sentence_transformers_check_without_the_library(runner, art, tmp_path, monkeypatch):
     monkeypatch.setattr(formats, "_load_dense", lambda folder: None)
     out = tmp_path / "d"
-    result = runner.invoke(app, ["export", str(art), "--format", "sentence-transformers", "-o", str(out), "--json"])
+    result = runner.invoke(
+        app, ["export", str(art), "--format", "sentence-transformers", "--dense-only", "-o", str(out), "--json"]
+    )
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["loader"] == "not installed" and doc["check"]["compared"].startswith("files re-read")
@@ -173,14 +179,18 @@ def test_sentence_transformers_existing_folder(runner, art, tmp_path):
     out.mkdir()
     (out / "README.md").write_text("mine")
     (out / "config.json").write_text("{}")
-    result = runner.invoke(app, ["export", str(art), "--format", "sentence-transformers", "-o", str(out)])
+    result = runner.invoke(
+        app, ["export", str(art), "--format", "sentence-transformers", "--dense-only", "-o", str(out)]
+    )
     assert result.exit_code == 1 and result.stdout == ""
     assert (
         result.stderr
         == f"Error: {out} already exists and is not empty; pass --force to overwrite its files or choose another -o folder\n"
     )
     assert (out / "config.json").read_text() == "{}" and listing(tmp_path) == ["d", "f.safetensors"]
-    result = runner.invoke(app, ["export", str(art), "--format", "sentence-transformers", "-o", str(out), "--force"])
+    result = runner.invoke(
+        app, ["export", str(art), "--format", "sentence-transformers", "--dense-only", "-o", str(out), "--force"]
+    )
     assert result.exit_code == 0, result.stderr
     assert listing(out) == ["README.md", "config.json", "model.safetensors"]  # other files left alone
     assert json.loads((out / "config.json").read_text())["out_features"] == K
@@ -189,10 +199,15 @@ def test_sentence_transformers_existing_folder(runner, art, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert (
-        runner.invoke(app, ["export", str(art), "--format", "sentence-transformers", "-o", str(empty)]).exit_code == 0
+        runner.invoke(
+            app, ["export", str(art), "--format", "sentence-transformers", "--dense-only", "-o", str(empty)]
+        ).exit_code
+        == 0
     )
     assert listing(empty) == ["config.json", "model.safetensors"]
-    result = runner.invoke(app, ["export", str(art), "--format", "sentence-transformers", "-o", str(art)])
+    result = runner.invoke(
+        app, ["export", str(art), "--format", "sentence-transformers", "--dense-only", "-o", str(art)]
+    )
     assert result.exit_code == 1 and "is a file; --format sentence-transformers writes a folder" in result.stderr
 
 
@@ -208,7 +223,8 @@ def test_failed_check_leaves_nothing(runner, art, tmp_path, monkeypatch, fmt, na
     monkeypatch.setattr(formats, "_reference", lambda a, x: x.astype(np.float64)[:, :K] + 1.0)
     outdir = tmp_path / "o"
     outdir.mkdir()
-    result = runner.invoke(app, ["export", str(art), "--format", fmt, "-o", str(outdir / name)])
+    dense = ["--dense-only"] if fmt == "sentence-transformers" else []
+    result = runner.invoke(app, ["export", str(art), "--format", fmt, *dense, "-o", str(outdir / name)])
     assert result.exit_code == 1, result.stderr
     assert result.stdout == ""
     last = result.stderr.strip().splitlines()[-1]
@@ -233,10 +249,13 @@ def test_existing_file_needs_force(runner, art, tmp_path):
     "args, message",
     [
         (
-            ["--format", "sentence-transformers", "--normalize"],
+            ["--format", "sentence-transformers", "--dense-only", "--normalize"],
             "add a sentence-transformers Normalize module after the Dense one",
         ),
-        (["--format", "sentence-transformers", "--fp16"], "--fp16 is not available for sentence-transformers"),
+        (
+            ["--format", "sentence-transformers", "--dense-only", "--fp16"],
+            "--fp16 is not available for sentence-transformers",
+        ),
         (["--format", "safetensors", "--per-token"], "--per-token applies to --onnx only"),
         (["--format", "npy", "--opset", "13"], "--opset applies to --onnx only"),
     ],
@@ -257,7 +276,7 @@ def test_outputs_get_normal_permissions(runner, art, tmp_path):
         for args, path in [
             (["--format", "safetensors", "--fp16"], tmp_path / "h.safetensors"),
             (["--format", "safetensors"], tmp_path / "c.safetensors"),
-            (["--format", "sentence-transformers"], tmp_path / "dense"),
+            (["--format", "sentence-transformers", "--dense-only"], tmp_path / "dense"),
         ]:
             assert runner.invoke(app, ["export", str(art), *args, "-o", str(path), "--no-check"]).exit_code == 0
             mode = stat.S_IMODE(path.stat().st_mode)

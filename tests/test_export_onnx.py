@@ -326,7 +326,7 @@ def test_without_filter_and_no_artifacts_says_fit_first(runner, tmp_path, monkey
         (["--onnx", "--append-to", "h.onnx", "--opset", "13"], "with --append-to the host's opset is kept"),
         (["--onnx", "--append-to", "h.onnx", "--fp16"], "with --append-to the host output's dtype decides"),
         (["--onnx", "--append-to", "h.onnx", "--per-token"], "filtered per token automatically"),
-        (["--format", "npy", "--normalize"], "--normalize applies to --onnx only"),
+        (["--format", "npy", "--normalize"], "--normalize applies to --onnx and whole sentence-transformers models"),
         (["--format", "npy", "--append-to", "h.onnx"], "--append-to applies to --onnx only"),
         (["--onnx", "--opset", "3"], "Invalid value for --opset: 3 is outside 8.."),
     ],

@@ -120,7 +120,7 @@ CASES: list[Case] = [
     Case("export-onnx-per-token-opset", ["export", F, "--onnx", "--per-token", "--opset", "13", "-o", "t.onnx"]),
     Case("export-onnx-external", ["export", F, "--onnx", "--external-data", "-o", "ext/f.onnx"]),
     Case("export-append-to", ["export", F, "--onnx", "--append-to", "host.onnx", "-o", "host.filtered.onnx"]),
-    Case("export-st-json", ["export", F, "--format", "sentence-transformers", "-o", "st", "--json"]),
+    Case("export-st-json", ["export", F, "--format", "sentence-transformers", "--dense-only", "-o", "st", "--json"]),
     Case("export-npy", ["export", F, "--format", "npy", "-o", "P.npy"]),
     Case("export-safetensors-fp16", ["export", F, "--format", "safetensors", "--fp16", "-o", "P16.safetensors"]),
     Case("export-newest-default", ["export", "--format", "npy", "--json"]),

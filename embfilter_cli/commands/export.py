@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from embfilter_cli.commands._options import force_option, output_options
+from embfilter_cli.commands._options import force_option, model_cache_option, output_options
 from embfilter_cli.errors import UsageError
 
 FORMATS = ("onnx", "sentence-transformers", "npy", "safetensors")
@@ -22,8 +22,9 @@ FORMATS = ("onnx", "sentence-transformers", "npy", "safetensors")
     "fmt",
     type=click.Choice(FORMATS),
     default=None,
-    help="What to write: an ONNX graph, a sentence-transformers Dense folder, the matrix P as .npy, "
-    "or safetensors (the artifact again, or with --fp16 a float16 deployment file).",
+    help="What to write: an ONNX graph, a sentence-transformers model (or with --dense-only its Dense "
+    "module alone), the matrix P as .npy, or safetensors (the artifact again, or with --fp16 a float16 "
+    "deployment file).",
 )
 @click.option(
     "-o",
@@ -56,7 +57,45 @@ FORMATS = ("onnx", "sentence-transformers", "npy", "safetensors")
     help="With --append-to: name the filtered output NAME and leave the host output as it is. "
     "[default: the filtered output takes the host output's name; the original becomes NAME_unfiltered]",
 )
-@click.option("--normalize", is_flag=True, help="ONNX: L2-normalise the filtered vectors (zero vectors stay zero).")
+@click.option(
+    "--normalize",
+    is_flag=True,
+    help="ONNX: L2-normalise the filtered vectors (zero vectors stay zero); sentence-transformers: add a "
+    "Normalize module.",
+)
+@click.option(
+    "-m",
+    "--model",
+    default=None,
+    metavar="SPEC",
+    help="sentence-transformers: the model to wrap (alias, Hub id, folder or .gguf). [default: the filter's "
+    "own model when it is here]",
+)
+@click.option("--revision", default=None, help="sentence-transformers: Hub revision for a Hub id.")
+@click.option(
+    "--pooling",
+    type=click.Choice(["mean", "last"]),
+    default=None,
+    help="sentence-transformers: pooling, as `embed --pooling`. [default: mean]",
+)
+@click.option(
+    "--recipe",
+    default=None,
+    metavar="NAME|TEMPLATE",
+    help="sentence-transformers: a prefix template like 'Query: {text}', saved as the model's default prompt "
+    "(templates with text after {text} cannot be). [default: none]",
+)
+@click.option(
+    "--max-length",
+    type=click.IntRange(min=1),
+    default=None,
+    help="sentence-transformers: max_seq_length in tokens, as `embed --max-length`. [default: 512]",
+)
+@click.option(
+    "--dense-only",
+    is_flag=True,
+    help="sentence-transformers: write only the filter's Dense module folder, to add to a model yourself.",
+)
 @click.option("--opset", type=int, default=None, help="Standalone ONNX: the ai.onnx opset. [default: 17]")
 @click.option(
     "--fp16",
@@ -77,6 +116,7 @@ FORMATS = ("onnx", "sentence-transformers", "npy", "safetensors")
     "files and the filter is over 1 MiB]",
 )
 @click.option("--no-check", is_flag=True, help="Skip the structural and numerical checks of what was written.")
+@model_cache_option
 @force_option
 @output_options
 def export(
@@ -88,11 +128,18 @@ def export(
     host_output: str | None,
     filtered_name: str | None,
     normalize: bool,
+    model: str | None,
+    revision: str | None,
+    pooling: str | None,
+    recipe: str | None,
+    max_length: int | None,
+    dense_only: bool,
     opset: int | None,
     fp16: bool,
     per_token: bool,
     external_data: bool | None,
     no_check: bool,
+    no_cache: bool,
     force: bool,
     json_: bool,
 ) -> None:
@@ -107,12 +154,27 @@ def export(
       embfilter export artifacts/qwen2-7b-r256.safetensors --onnx -o filter.onnx
       embfilter export F --onnx --append-to model.onnx -o model.filtered.onnx
       embfilter export F --onnx --append-to model.onnx --output sentence_embedding --normalize
-      embfilter export F --format sentence-transformers -o my-st-model/2_Dense
+      embfilter export F --format sentence-transformers --model smollm2-135m --pooling mean -o smol-filtered/
+      embfilter export F --format sentence-transformers --dense-only -o my-st-model/2_Dense
       embfilter export F --format npy -o P.npy
       embfilter export --onnx                    # newest artifact in ./artifacts
     """
+    whole = _check_model_flags(
+        fmt, dense_only, model=model, revision=revision, pooling=pooling, recipe=recipe, max_length=max_length
+    )
+    if no_cache and not whole:
+        raise UsageError("--no-cache applies to a whole sentence-transformers model (a GGUF model's conversion)")
     kind = _check_flags(
-        onnx_flag, fmt, append_to, host_output, filtered_name, normalize, opset, fp16, per_token, external_data
+        onnx_flag,
+        fmt,
+        append_to,
+        host_output,
+        filtered_name,
+        normalize and not whole,
+        opset,
+        fp16,
+        per_token,
+        external_data,
     )
     if kind == "onnx" and opset is not None:
         _check_opset(opset)
@@ -125,7 +187,7 @@ def export(
         info(f"Using the newest filter in {path.parent}/: {path.name}")
     else:
         path = Path(filter_path)
-    target = Path(out) if out else _default_out(kind, path, append_to, fp16)
+    target = Path(out) if out else _default_out(kind, path, append_to, fp16, whole)
     if out is None:
         info(f"Writing {target}")
     _refuse_existing(kind, target, force)  # before loading anything
@@ -164,7 +226,24 @@ def export(
     else:
         from embfilter_cli.export import formats
 
-        if kind == "sentence-transformers":
+        if whole:
+            from embfilter_cli.commands._st_export import export_whole_model
+
+            result = export_whole_model(
+                artifact,
+                target,
+                model=model,
+                revision=revision,
+                pooling=pooling or "mean",
+                recipe=recipe or "none",
+                max_length=max_length or 512,
+                normalize=normalize,
+                no_cache=no_cache,
+                check=check,
+                force=force,
+                info=info,
+            )
+        elif kind == "sentence-transformers":
             result = formats.export_sentence_transformers(artifact, target, check=check, force=force)
         elif kind == "npy":
             result = formats.export_npy(artifact, target, fp16=fp16, check=check, force=force)
@@ -173,6 +252,18 @@ def export(
 
     summary = {"filter": str(path), **result.summary()}
     _report(summary, kind, json_)
+
+
+def _check_model_flags(fmt: str | None, dense_only: bool, **model_flags: Any) -> bool:
+    """True for a whole sentence-transformers model; refuse its flags elsewhere."""
+    given = [f"--{name.replace('_', '-')}" for name, value in model_flags.items() if value is not None]
+    if fmt != "sentence-transformers":
+        if given or dense_only:
+            raise UsageError(f"{(given or ['--dense-only'])[0]} applies to --format sentence-transformers only")
+        return False
+    if dense_only and given:
+        raise UsageError(f"{given[0]} describes a whole model; --dense-only writes the Dense module alone")
+    return not dense_only
 
 
 def _check_flags(
@@ -215,7 +306,7 @@ def _check_flags(
                 if kind == "sentence-transformers"
                 else "a matrix cannot normalise; normalise after applying it (embfilter apply --normalize)"
             )
-            raise UsageError(f"--normalize applies to --onnx only; {hint}")
+            raise UsageError(f"--normalize applies to --onnx and whole sentence-transformers models; {hint}")
         if fp16 and kind == "sentence-transformers":
             raise UsageError(
                 "--fp16 is not available for sentence-transformers (a float16 Dense layer fails on float32 "
@@ -249,7 +340,7 @@ def _check_opset(opset: int) -> None:
         )
 
 
-def _default_out(kind: str, filter_path: Path, append_to: str | None, fp16: bool) -> Path:
+def _default_out(kind: str, filter_path: Path, append_to: str | None, fp16: bool, whole: bool = False) -> Path:
     stem = filter_path.with_suffix("")
     half = ".fp16" if fp16 else ""
     if kind == "onnx":
@@ -262,7 +353,7 @@ def _default_out(kind: str, filter_path: Path, append_to: str | None, fp16: bool
         return Path(f"{stem}{half}.npy")
     if kind == "safetensors":
         return Path(f"{stem}.fp16.safetensors") if fp16 else Path(f"{stem}.export.safetensors")
-    return Path(f"{stem}-st-dense")
+    return Path(f"{stem}-st") if whole else Path(f"{stem}-st-dense")
 
 
 def _refuse_existing(kind: str, target: Path, force: bool) -> None:
@@ -297,7 +388,12 @@ def _report(summary: dict[str, Any], kind: str, json_: bool) -> None:
         info(f"Check passed: max relative error {summary['max_rel_error']:.2e} ≤ {summary['bound']:g}")
     else:
         info("Not checked (--no-check)")
-    if kind == "sentence-transformers":
+    if summary["kind"] == "sentence-transformers-model":
+        info(
+            f"Load it with SentenceTransformer({str(summary['path'])!r}); encode() gives `embfilter embed`'s vectors "
+            + ("(the recipe is its default prompt)" if summary.get("prompt") else "")
+        )
+    elif kind == "sentence-transformers":
         info(
             f'Use it after pooling: add {{"idx": N, "name": "N", "path": "{Path(summary["path"]).name}", '
             '"type": "sentence_transformers.models.Dense"} to the model\'s modules.json (before any Normalize), '
