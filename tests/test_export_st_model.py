@@ -259,7 +259,12 @@ def test_model_flag_errors(runner, fitted, tmp_path, args, message):
 
 @pytest.mark.slow
 def test_builtin_model_export_encodes_like_embed(runner, tmp_path):
-    """SmolLM2 has a chat template; the exported folder still gives embed's vectors (mean and last)."""
+    """SmolLM2 has a chat template; the exported folder still gives embed's vectors.
+
+    One export (mean pooling; last pooling is covered on the tiny model): the export's own check
+    loads the folder with SentenceTransformer(folder) and compares with the Encoder, and this test
+    compares again with the `embed` CLI.
+    """
     from embfilter_cli.model.locate import default_model_path
 
     try:
@@ -269,11 +274,9 @@ def test_builtin_model_export_encodes_like_embed(runner, tmp_path):
     filt = tmp_path / "smol.safetensors"
     fit = runner.invoke(app, ["fit", "--rank", "64", "--bottom", "16", "-o", str(filt)])
     assert fit.exit_code == 0, fit.stderr
-    for pooling in ("mean", "last"):
-        out = tmp_path / f"st-{pooling}"
-        result = _export(runner, filt, out, "--pooling", pooling, "--json")
-        assert result.exit_code == 0, result.stderr
-        assert json.loads(result.stdout)["check"]["min_cosine"] >= 0.99999
-        reference = _embed(runner, tmp_path, "smollm2-135m", filt, "--pooling", pooling)
-        assert _cosines(_encode(out), reference).min() >= 0.99999
-        shutil.rmtree(out)  # 0.5 GB each
+    out = tmp_path / "st"
+    result = _export(runner, filt, out, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["check"]["min_cosine"] >= 0.99999
+    reference = _embed(runner, tmp_path, "smollm2-135m", filt)
+    assert _cosines(_encode(out), reference).min() >= 0.99999

@@ -115,10 +115,17 @@ def _st_modules() -> tuple[Any, Any, Any, Any, Any]:
             f"a sentence-transformers model needs the sentence-transformers package; run `{ST_INSTALL}` "
             "(or pass --dense-only for the Dense module folder, which needs nothing extra)"
         ) from exc
-    try:
-        from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
-    except ImportError:  # releases before 5.x
-        from sentence_transformers.models import Dense, Normalize, Pooling, Transformer  # type: ignore[no-redef]
+    import sentence_transformers
+
+    major = int(sentence_transformers.__version__.split(".")[0])
+    if major < 6:  # the text-only modality_config that keeps chat templates out arrived in 6.0
+        raise MissingDependencyError(
+            f"a whole sentence-transformers model needs sentence-transformers 6 or newer (installed: "
+            f"{sentence_transformers.__version__}); run `pip install -U 'sentence-transformers>=6'`, or pass "
+            "--dense-only"
+        )
+    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+
     return SentenceTransformer, Transformer, Pooling, Dense, Normalize
 
 
