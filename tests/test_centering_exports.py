@@ -240,7 +240,9 @@ def test_dense_module_has_bias_minus_mean(runner, centred, tmp_path):
     from embfilter_cli.export import formats
 
     out = tmp_path / "st" / "2_Dense"
-    result = runner.invoke(app, ["export", str(centred), "--format", "sentence-transformers", "-o", str(out), "--json"])
+    result = runner.invoke(
+        app, ["export", str(centred), "--format", "sentence-transformers", "--dense-only", "-o", str(out), "--json"]
+    )
     _ok(result)
     assert json.loads(result.stdout)["loader"].startswith("sentence-transformers ")
     assert json.loads((out / "config.json").read_text())["bias"] is True
@@ -258,7 +260,17 @@ def test_dense_check_without_the_library_rereads_the_bias(runner, centred, tmp_p
 
     monkeypatch.setattr(formats, "_load_dense", lambda folder: None)
     result = runner.invoke(
-        app, ["export", str(centred), "--format", "sentence-transformers", "-o", str(tmp_path / "d"), "--json"]
+        app,
+        [
+            "export",
+            str(centred),
+            "--format",
+            "sentence-transformers",
+            "--dense-only",
+            "-o",
+            str(tmp_path / "d"),
+            "--json",
+        ],
     )
     _ok(result)
     assert json.loads(result.stdout)["max_rel_error"] <= 1e-5
@@ -319,5 +331,9 @@ def test_uncentred_exports_are_unchanged(runner, make_filter, tmp_path):
     assert [n.op_type for n in onnx.load(str(tmp_path / "f.onnx")).graph.node] == ["MatMul"]
     _ok(runner.invoke(app, ["export", str(art), "--format", "npy", "-o", str(tmp_path / "P.npy")]))
     assert not (tmp_path / "P.mean.npy").exists()
-    _ok(runner.invoke(app, ["export", str(art), "--format", "sentence-transformers", "-o", str(tmp_path / "d")]))
+    _ok(
+        runner.invoke(
+            app, ["export", str(art), "--format", "sentence-transformers", "--dense-only", "-o", str(tmp_path / "d")]
+        )
+    )
     assert json.loads((tmp_path / "d" / "config.json").read_text())["bias"] is False
