@@ -74,21 +74,15 @@ def export_whole_model(
 
     from embfilter_cli.export.st_model import StModelSpec, export_st_model, require_tokenizer
     from embfilter_cli.filters.centering import check_centering_use
-    from embfilter_cli.text.embedding import (
-        check_filter_matches,
-        load_encoder_at,
-        model_target,
-        resolve_recipe,
-        unembedding_fingerprint,
-    )
+    from embfilter_cli.model.head import read_head_for_filter
+    from embfilter_cli.text.embedding import load_encoder_at, model_target, resolve_recipe
 
     prompt = prompt_for(recipe)  # before anything loads
     rec = resolve_recipe(recipe)
     # A centred filter's mean belongs to one pooling and recipe (its Dense bias is −mean).
     check_centering_use(artifact.centering, pooling, rec.name, rec.template, str(artifact.path))
     location = filter_model(artifact, model, revision)
-    sha, hidden = unembedding_fingerprint(location, artifact.metadata.get("tensor_name"))
-    check_filter_matches(artifact, hidden_size=hidden, unembedding_sha256=sha, model_source=location.source)
+    read_head_for_filter(location, artifact)  # refuses a filter fitted on another model
     if location.kind == "hf_folder":
         require_tokenizer(location.path)
     with _conversion_dir(no_cache) as cache_dir:

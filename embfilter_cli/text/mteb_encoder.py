@@ -78,14 +78,9 @@ class MtebEncoder:
     ) -> None:
         _require_mteb()
         from embfilter_cli.filters.artifact import FilterArtifact, load_artifact
+        from embfilter_cli.model.head import read_head_for_filter
         from embfilter_cli.model.locate import resolve_model
-        from embfilter_cli.text.embedding import (
-            check_filter_matches,
-            check_pooling,
-            load_encoder_at,
-            resolve_recipe,
-            unembedding_fingerprint,
-        )
+        from embfilter_cli.text.embedding import check_pooling, load_encoder_at, resolve_recipe
 
         check_pooling(pooling)
         resolve_recipe(recipe)
@@ -93,8 +88,7 @@ class MtebEncoder:
         artifact = None
         if filter is not None:
             artifact = filter if isinstance(filter, FilterArtifact) else load_artifact(filter)
-            sha, hidden = unembedding_fingerprint(location, artifact.metadata.get("tensor_name"))
-            check_filter_matches(artifact, hidden_size=hidden, unembedding_sha256=sha, model_source=location.source)
+            read_head_for_filter(location, artifact)  # refuses a filter fitted on another model
             if artifact.centered:
                 from embfilter_cli.filters.centering import check_centering_use
 
