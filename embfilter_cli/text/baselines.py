@@ -15,6 +15,7 @@ Not handled: pre-computed background embeddings (`.npy`) in eval (fit/center acc
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -106,10 +107,16 @@ def baseline_vectors(
 
     for k in abtt:
         attempt(
-            "abtt", k, f"all-but-the-top D={k}", "abtt" in skip_impossible, lambda k=k: pp.all_but_the_top(raw, axes, k)
+            "abtt",
+            k,
+            f"all-but-the-top D={k}",
+            "abtt" in skip_impossible,
+            functools.partial(pp.all_but_the_top, raw, axes, k),
         )
     for k in whiten:
-        attempt("whiten", k, f"whitening to {k}", "whiten" in skip_impossible, lambda k=k: pp.whiten(raw, axes, k))
+        attempt(
+            "whiten", k, f"whitening to {k}", "whiten" in skip_impossible, functools.partial(pp.whiten, raw, axes, k)
+        )
     for k in dict.fromkeys(pca):  # unique, in order
-        attempt("pca", k, f"PCA to {k}", True, lambda k=k: pp.pca(raw, axes, k))
+        attempt("pca", k, f"PCA to {k}", True, functools.partial(pp.pca, raw, axes, k))
     return out
