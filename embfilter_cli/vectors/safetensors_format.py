@@ -8,102 +8,64 @@ Not handled: integer, bool or 8-bit float tensors as the filtered tensor (they c
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
 from embfilter_cli.errors import InputDataError
+from embfilter_cli.safetensors_header import (
+    MAX_HEADER_BYTES,
+    SafetensorsHeader,
+    SafetensorsHeaderError,
+    TensorEntry,
+    read_header,
+)
 from embfilter_cli.vectors.base import Batch, Passthrough, SinkOptions, VectorFormat, VectorSource
 from embfilter_cli.vectors.dtypes import as_float, float32_to_bfloat16, storage_dtype
 from embfilter_cli.vectors.rawmatrix import COPY_CHUNK, BinarySink, RawMatrix, skip_bytes
 
-SAFETENSORS_MAX_HEADER = 100 << 20  # the safetensors library's own limit
 # safetensors dtype tag <-> our dtype names (bfloat16 is stored as raw uint16 bits in numpy)
 _ST_TO_NAME = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 _NAME_TO_ST = {v: k for k, v in _ST_TO_NAME.items()}
-_ST_ITEMSIZE = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E5M2": 1,
-    "F8_E4M3": 1,
-    "I16": 2,
-    "U16": 2,
-    "F16": 2,
-    "BF16": 2,
-    "I32": 4,
-    "U32": 4,
-    "F32": 4,
-    "I64": 8,
-    "U64": 8,
-    "F64": 8,
-}
 
 
-@dataclass
-class TensorEntry:
-    """One tensor of a safetensors header."""
-
-    name: str
-    dtype: str  # safetensors tag, e.g. "F32"
-    shape: tuple[int, ...]
-    begin: int  # byte offsets relative to the data section
-    end: int
-
-
-def read_safetensors_header(fp: IO[bytes], name: str) -> tuple[dict[str, str], list[TensorEntry], int]:
-    """Parse a safetensors header from the stream's start: (metadata, tensors in file order, header bytes)."""
-    head = fp.read(8)
-    if len(head) < 8:
-        raise InputDataError(
-            f"{name} is not a safetensors file ({len(head)} bytes, shorter than the 8-byte header length)"
-        )
-    n = int.from_bytes(head, "little")
-    if not 0 < n <= SAFETENSORS_MAX_HEADER:
-        raise InputDataError(
-            f"{name} is not a safetensors file (its first 8 bytes give a header length of {n}); "
-            "pass --format npy or --format jsonl if it is one of those"
-        )
-    raw = fp.read(n)
+def read_safetensors_header(fp: IO[bytes], name: str) -> SafetensorsHeader:
+    """Parse a safetensors header from the stream's start (the shared parser, with vector-input messages)."""
     try:
-        header = json.loads(raw.decode("utf-8")) if len(raw) == n else None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        header = None
-    if not isinstance(header, dict):
-        raise InputDataError(
-            f"{name} is not a safetensors file (its {n}-byte header is not a JSON object); recreate it"
-        )
-    metadata = header.pop("__metadata__", None) or {}
-    entries = []
-    for key, value in header.items():
-        try:
-            entry = TensorEntry(
-                key,
-                str(value["dtype"]),
-                tuple(int(s) for s in value["shape"]),
-                int(value["data_offsets"][0]),
-                int(value["data_offsets"][1]),
-            )
-        except (KeyError, TypeError, ValueError, IndexError):
-            raise InputDataError(f"{name}: header entry {key!r} is malformed; recreate the file") from None
-        itemsize = _ST_ITEMSIZE.get(entry.dtype)
-        if itemsize is None or entry.end - entry.begin != math.prod(entry.shape) * itemsize or entry.begin < 0:
+        return read_header(fp)
+    except SafetensorsHeaderError as exc:
+        n = exc.length
+        if exc.problem == "short":
             raise InputDataError(
-                f"{name}: tensor {key!r} ({entry.dtype} {list(entry.shape)}) has byte range "
-                f"[{entry.begin}, {entry.end}) that does not match its shape; recreate the file"
-            )
-        entries.append(entry)
-    entries.sort(key=lambda e: (e.begin, e.end))
-    for before, after in itertools.pairwise(entries):
-        if after.begin < before.end:
-            raise InputDataError(f"{name}: tensors {before.name!r} and {after.name!r} overlap; the file is damaged")
-    return {str(k): str(v) for k, v in metadata.items()}, entries, 8 + n
+                f"{name} is not a safetensors file ({n} bytes, shorter than the 8-byte header length)"
+            ) from None
+        if exc.problem == "length":
+            raise InputDataError(
+                f"{name} is not a safetensors file (its first 8 bytes give a header length of {n}); "
+                "pass --format npy or --format jsonl if it is one of those"
+            ) from None
+        if exc.problem == "json":
+            raise InputDataError(
+                f"{name} is not a safetensors file (its {n}-byte header is not a JSON object); recreate it"
+            ) from None
+        if exc.problem == "metadata":
+            raise InputDataError(
+                f"{name}: header __metadata__ is not an object of strings; recreate the file"
+            ) from None
+        if exc.problem == "range" and exc.entry is not None:
+            e = exc.entry
+            raise InputDataError(
+                f"{name}: tensor {e.name!r} ({e.dtype} {list(e.shape)}) has byte range "
+                f"[{e.begin}, {e.end}) that does not match its shape; recreate the file"
+            ) from None
+        if exc.problem == "overlap":
+            before, after = exc.names
+            raise InputDataError(f"{name}: tensors {before!r} and {after!r} overlap; the file is damaged") from None
+        raise InputDataError(f"{name}: header entry {exc.names[0]!r} is malformed; recreate the file") from None
 
 
 class SafetensorsSource(VectorSource):
@@ -113,7 +75,8 @@ class SafetensorsSource(VectorSource):
 
     def __init__(self, fp: IO[bytes], name: str, path: Path | None = None, tensor: str | None = None) -> None:
         self.fp, self.name, self.path = fp, name, path
-        self.metadata, self.entries, self.data_start = read_safetensors_header(fp, name)
+        header = read_safetensors_header(fp, name)
+        self.metadata, self.entries, self.data_start = header.metadata, header.entries, header.data_start
         names = [e.name for e in self.entries]
         if tensor is not None:
             found = [e for e in self.entries if e.name == tensor]
@@ -239,7 +202,7 @@ class SafetensorsSink(BinarySink):
 
 def _sniff(head: bytes) -> bool:
     """An 8-byte little-endian header length (at most the library's limit) followed by `{`."""
-    return len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= SAFETENSORS_MAX_HEADER
+    return len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= MAX_HEADER_BYTES
 
 
 def _open_sink(fp: IO[bytes], opts: SinkOptions) -> SafetensorsSink:
