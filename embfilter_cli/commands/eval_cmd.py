@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import click
 
 from embfilter_cli.commands._options import MAX_TEXT_BATCH, device_option, force_option, output_options
-from embfilter_cli.errors import UsageError
-
-DEFAULT_TOPS = "0,1,2,4,8,16,32,64,128"
-DEFAULT_BOTTOMS = "0,4,8,16,32,64"
-DEFAULT_RATIOS = "2,4,8"
 
 
 @click.command("eval")
@@ -154,29 +148,14 @@ def eval_cmd(
       embfilter eval --model M --data pairs.tsv --filter A.safetensors --filter B.safetensors --json
       embfilter eval --data pairs.tsv --background unlabeled.txt --abtt 1,2 --whiten 128
     """
-    from embfilter_cli.text.baselines import DEFAULT_ABTT, DEFAULT_WHITEN
-    from embfilter_cli.text.evaluation import parse_float_list, parse_int_list
+    from embfilter_cli.text.eval_request import parse_eval_request
 
-    if no_background and (background_spec or abtt_list or whiten_list):
-        raise UsageError("--no-background cannot be combined with --background, --abtt or --whiten")
-    abtt = parse_int_list(abtt_list, "--abtt") if abtt_list is not None else list(DEFAULT_ABTT)
-    whiten = parse_int_list(whiten_list, "--whiten") if whiten_list is not None else list(DEFAULT_WHITEN)
-    if 0 in whiten:
-        raise UsageError(f"--whiten {whiten_list!r}: whitening needs at least 1 dimension")
-
-    nothing_named = not filter_paths and sweep_top is None and sweep_bottom is None and ratios is None
-    if nothing_named:
-        sweep_top, sweep_bottom, ratios = DEFAULT_TOPS, DEFAULT_BOTTOMS, DEFAULT_RATIOS
-    tops = parse_int_list(sweep_top, "--sweep-top") if sweep_top is not None else None
-    bottoms = parse_int_list(sweep_bottom, "--sweep-bottom") if sweep_bottom is not None else None
-    if (tops is None) != (bottoms is None):
-        tops, bottoms = tops or [0], bottoms or [0]
-    ratio_list = parse_float_list(ratios, "--ratio") if ratios is not None else []
-    needs_spectrum = tops is not None or bool(ratio_list)
-    if plot_path is not None and tops is None:
-        raise UsageError("--plot draws the sweep heatmap; add --sweep-top and/or --sweep-bottom")
-    if save_best is not None and not needs_spectrum:
-        raise UsageError("--save-best saves the best band; add --sweep-top/--sweep-bottom or --ratio")
+    request = parse_eval_request(
+        no_background, background_spec, abtt_list, whiten_list, filter_paths, sweep_top, sweep_bottom, ratios
+    )
+    request.check_outputs(plot=plot_path is not None, save_best=save_best is not None)
+    abtt, whiten, tops, bottoms = request.abtt, request.whiten, request.tops, request.bottoms
+    ratio_list, needs_spectrum = request.ratios, request.needs_spectrum
     from embfilter_cli.files import check_writable
     from embfilter_cli.text.embedding import resolve_recipe
 
@@ -198,17 +177,9 @@ def eval_cmd(
 
     data = load_dataset(data_spec)
     info(f"Data: {data.name}: {len(data.pairs)} pairs over {len(data.texts)} texts")
-    from embfilter_cli.text.baselines import load_background
+    from embfilter_cli.commands._eval_output import load_background_noted, save_best_band
 
-    background = None if no_background else load_background(background_spec, data.name)
-    if background is None and (abtt_list or whiten_list):
-        raise UsageError("--abtt and --whiten are fitted on background texts; add --background TEXTS")
-    if background is not None:
-        from embfilter_cli.text.texts import describe_skipped
-
-        info(f"Background: {background.source}: {len(background.texts)} texts")
-        if background.skipped:
-            warn(f"--background: {describe_skipped(background.skipped)}")
+    background = load_background_noted(no_background, background_spec, data.name, bool(abtt_list or whiten_list))
     filters = [load_artifact(p) for p in filter_paths]
     from embfilter_cli.filters.centering import check_centering_use
 
@@ -249,14 +220,8 @@ def eval_cmd(
 
     saved = None
     if save_best is not None:
-        from embfilter_cli.filters.artifact import save_artifact
-        from embfilter_cli.text.evaluation import best_band_artifact
-
         assert spectrum is not None and facts is not None  # needs_spectrum
-        artifact, best_band = best_band_artifact(results, spectrum, facts, location, data, pooling, recipe)
-        save_artifact(artifact, save_best, force=force)
-        saved = {"path": save_best, **best_band.as_dict()}
-        info(f"Saved the best band ({saved['name']}, Spearman {saved['spearman']:.4f}) to {save_best}")
+        saved = save_best_band(results, spectrum, facts, location, data, pooling, recipe, save_best, force)
     if plot_path is not None and grid is not None:
         from embfilter_cli.text.plots import save_sweep_heatmap
 
@@ -279,74 +244,6 @@ def eval_cmd(
         )
         emit_json(document)
     else:
-        _print_results(results, grid, data, location.source, pooling, recipe)
+        from embfilter_cli.commands._eval_output import print_results
 
-
-def _print_results(results: list[Any], grid: Any, data: Any, source: str, pooling: str, recipe: str) -> None:
-    from embfilter_cli.console import Column, DataTable, print_table
-
-    raw = results[0].spearman
-    table = DataTable(
-        [
-            Column("embedding"),
-            Column("dims", justify="right"),
-            Column("Spearman", justify="right"),
-            Column("Δ raw", justify="right"),
-            Column("Pearson", justify="right"),
-        ],
-        title=f"{data.name} ({len(data.pairs)} pairs) · {source} · {pooling} pooling · recipe {recipe}",
-    )
-    best_sweep = {
-        c: max(
-            (r for r in results if r.kind == "sweep" and r.centered == c and math.isfinite(r.spearman)),
-            key=lambda r: r.spearman,
-            default=None,
-        )
-        for c in (False, True)
-    }
-    for r in results:
-        if r.kind == "sweep" and r is not best_sweep[r.centered]:
-            continue
-        name = {"sweep": "best of sweep: ", "baseline": "baseline: "}.get(r.kind, "") + r.name
-        delta = "" if r.kind == "raw" else f"{r.spearman - raw:+.4f}"
-        table.add_row(
-            ("★ " if r.best else "  ") + name,
-            str(r.output_dim),
-            _fmt(r.spearman),
-            delta,
-            _fmt(r.pearson),
-            style="bold" if r.best else None,
-        )
-    print_table(table)
-    if grid is None:
-        return
-    _print_heatmap(grid.spearman, grid, raw, "")
-    if grid.centered is not None:
-        _print_heatmap(grid.centered.spearman, grid, raw, ", each band followed by centering on the background")
-
-
-def _print_heatmap(values: Any, grid: Any, raw: float, what: str) -> None:
-    from embfilter_cli.console import Cell, Column, DataTable, print_table, styled
-
-    heat = DataTable(
-        [Column("R \\ B", justify="right", style="bold"), *(Column(str(b), justify="right") for b in grid.bottom)],
-        title=f"Spearman by band{what}: rows = top R removed, columns = bottom B removed (★ best; green beats raw)",
-    )
-    best_value = max((float(v) for v in values.ravel() if math.isfinite(float(v))), default=float("nan"))
-    for i, top in enumerate(grid.top):
-        cells: list[Cell] = []
-        for j in range(len(grid.bottom)):
-            value = float(values[i, j])
-            if not math.isfinite(value):
-                cells.append("—")
-                continue
-            style = "green" if value > raw + 1e-12 else ("red" if value < raw - 1e-12 else "")
-            star = "★" if value == best_value else ""
-            text = f"{star}{value:.3f}"
-            cells.append(styled(text, style) if style else text)
-        heat.add_row(str(top), *cells)
-    print_table(heat)
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.4f}" if math.isfinite(value) else "n/a"
+        print_results(results, grid, data, location.source, pooling, recipe)
