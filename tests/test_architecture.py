@@ -55,7 +55,6 @@ CORE_MAX_LINES = 450
 # Modules over their limit today (paths relative to embfilter_cli/). Shrink-only, like above.
 OVERSIZED: set[str] = {
     "commands/export.py",
-    "commands/fit.py",
     "text/embedding.py",
 }
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -171,7 +170,9 @@ def fit(
       embfilter fit --model model.gguf --rank 64 --solver randomized --device cuda --json
       embfilter fit --rank 64 --bottom 16 --center-on background.txt   # y = P·x − m (see `embfilter center`)
     """
-    iters = _parse_power_iters(power_iters)
+    from embfilter_cli.commands._fit_helpers import head_line, parse_power_iters, print_summary
+
+    iters = parse_power_iters(power_iters)
     if output is not None:
         from embfilter_cli.files import check_writable
 
@@ -203,12 +204,7 @@ def fit(
         from embfilter_cli.text.background import check_background_dim
 
         check_background_dim(background, d, f"a filter for {location.source}")  # before the decomposition
-    dropped = unemb.stored_rows - unemb.vocab_size
-    info(
-        f"W_U: {unemb.tensor_name} {unemb.stored_rows}×{d} {unemb.stored_dtype}"
-        + (" (tied input embeddings)" if unemb.tied else "")
-        + (f"; dropped {dropped} padding rows past the tokenizer's {unemb.vocab_size}" if dropped else "")
-    )
+    info(head_line(unemb))
     options = SolverOptions(solver, device, oversample, iters, tol, seed, precision)
     band, spectrum, rule = fit_spectrum(unemb.matrix, request, options, log=info, bar=progress_bar)
     from embfilter_cli.filters.artifact import default_artifact_path, save_artifact
@@ -247,59 +243,4 @@ def fit(
 
         emit_json(summary)
     else:
-        _print_summary(summary)
-
-
-def _parse_power_iters(value: str) -> int | None:
-    if value == "auto":
-        return None
-    try:
-        iters = int(value)
-    except ValueError:
-        raise click.BadParameter(
-            f"{value!r} is neither 'auto' nor a whole number", param_hint="--power-iters"
-        ) from None
-    if iters < 1:
-        raise click.BadParameter(f"must be at least 1, got {iters}", param_hint="--power-iters")
-    return iters
-
-
-def _print_summary(summary: dict[str, Any]) -> None:
-    from embfilter_cli.console import key_value_table, print_table
-
-    band = summary["band"]
-    sig = summary["sigma"]
-
-    def fmt(value: float | None) -> str:
-        return "—" if value is None else f"{value:.4g}"
-
-    table = key_value_table()
-    table.add_row("model", summary["model_source"])
-    table.add_row("tensor", f"{summary['tensor_name']} ({summary['vocab_rows_used']}×{summary['hidden_size']})")
-    table.add_row(
-        "band",
-        f"remove top {band['top']}, keep {band['start']}..{band['start'] + band['keep'] - 1}, remove bottom {band['bottom']}",
-    )
-    table.add_row(
-        "σ at edges",
-        f"σ_max {fmt(summary['sigma_max'])} · last removed {fmt(sig['sigma_last_removed_top'])} · "
-        f"kept {fmt(sig['sigma_first_kept'])} … {fmt(sig['sigma_last_kept'])} · first removed bottom {fmt(sig['sigma_first_removed_bottom'])}",
-    )
-    table.add_row("energy removed", f"{100 * summary['energy_removed']:.2f}% of ‖W_U‖²_F")
-    table.add_row("output dims", f"{summary['hidden_size']} → {summary['output_dim']} ({summary['projection_kind']})")
-    cert = summary["certificate"]
-    detail = ", ".join(
-        f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}" for k, v in cert.items() if k != "residual_history"
-    )
-    table.add_row("solver", f"{summary['solver']} in {summary['solve_seconds']:.2f}s ({detail})")
-    table.add_row("sha256(W_U)", summary["unembedding_sha256"])
-    if summary.get("centering"):
-        c = summary["centering"]
-        rec = c["centering"]
-        table.add_row(
-            "centred on",
-            f"{rec['count']} {'texts' if rec['source'] == 'texts' else 'embeddings'} from {rec['input']} "
-            f"({rec['pooling']} pooling, recipe {rec['recipe']}); ‖m‖ = {c['mean_norm']:.4g}",
-        )
-    table.add_row("saved", summary["output"])
-    print_table(table)
+        print_summary(summary)
