@@ -53,7 +53,8 @@ def verify(
     """Check a filter's integrity and, with --model, that it belongs to that model.
 
     \b
-    Checks: the file is a readable artifact of a known format version; the projection matches its
+    Checks: the file is a readable artifact of a known format version whose metadata (sizes, band)
+    agrees with its tensors' shapes; the projection matches its
     stored SHA-256; its rows are orthonormal (float32 tolerance) and orthogonal to the removed
     directions; a centred filter's mean matches its stored SHA-256 (and its record of how it was
     made is complete and names the filter's own W_U); with --model, the model's W_U has the SHA-256

@@ -273,20 +273,13 @@ def load_artifact(path: str | os.PathLike[str], verify_digest: bool = True) -> F
     missing = [k for k in REQUIRED_METADATA if k not in metadata]
     if missing:
         raise ArtifactError(f"{p} lacks metadata {missing}; it is damaged, refit it")
-    proj = tensors["projection"]
-    if proj.ndim != 2 or proj.dtype != np.float32:
-        raise ArtifactError(f"{p}: projection must be a float32 matrix, found {proj.dtype} {proj.shape}; refit it")
-    d = proj.shape[1]
-    if int(metadata["hidden_size"]) != d:
-        raise ArtifactError(f"{p}: projection has {d} columns but metadata says hidden_size={metadata['hidden_size']}")
+    _validate_fields(p, metadata, tensors)
+    proj, removed = tensors["projection"], tensors["removed_directions"]
     if verify_digest and array_sha256(proj) != metadata["projection_sha256"]:
         raise ArtifactError(
             f"{p}: the projection does not match its stored SHA-256 (stored {metadata['projection_sha256'][:16]}…, "
             f"actual {array_sha256(proj)[:16]}…); the file was modified or damaged, refit it"
         )
-    removed = tensors["removed_directions"]
-    if removed.ndim != 2 or (removed.size and removed.shape[1] != d):
-        raise ArtifactError(f"{p}: removed_directions has shape {removed.shape}, expected (r, {d}); refit it")
     _check_mean(p, version, mean, metadata, proj.shape[0], verify_digest)
     return FilterArtifact(
         projection=proj,
@@ -297,6 +290,77 @@ def load_artifact(path: str | os.PathLike[str], verify_digest: bool = True) -> F
         path=p,
         mean=mean,
     )
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    """A stored value for an error line: repr'd, on one line, cut to `limit` characters."""
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _validate_fields(p: Path, metadata: dict[str, str], tensors: dict[str, np.ndarray]) -> None:
+    """Every metadata field and tensor the commands rely on, checked once and against each other.
+
+    The projection digest covers only the projection's bytes, so the sizes, the band and the other
+    tensors are checked here against the projection's shape: a file whose band, hidden size or
+    removed directions disagree with its projection is refused, not trusted.
+    """
+
+    def bad(what: str, value: object, expected: str) -> ArtifactError:
+        return ArtifactError(
+            f"{p}: {what} is {_shown(value)}, expected {expected}; the file is damaged or edited, refit it"
+        )
+
+    proj = tensors["projection"]
+    if proj.ndim != 2 or proj.dtype != np.float32:
+        raise bad("tensor `projection`", f"{proj.dtype} {proj.shape}", "a float32 matrix")
+    k, d = (int(n) for n in proj.shape)
+    if k == 0 or d == 0:
+        raise bad("tensor `projection`", f"shape {proj.shape}", "at least one row and one column")
+    sizes: dict[str, int] = {}
+    for key in ("hidden_size", "vocab_size"):
+        raw = metadata[key]
+        if not re.fullmatch(r"[0-9]+", raw.strip()) or int(raw) <= 0:
+            raise bad(f"metadata `{key}`", raw, "a positive whole number")
+        sizes[key] = int(raw)
+    if sizes["hidden_size"] != d:
+        raise bad("metadata `hidden_size`", metadata["hidden_size"], f"{d} (the projection's column count)")
+    kind = metadata["projection_kind"]
+    if kind not in ("reduced", "projector"):
+        raise bad("metadata `projection_kind`", kind, '"reduced" or "projector"')
+    try:
+        band = json.loads(metadata["band"])
+    except ValueError:
+        raise bad(
+            "metadata `band`", metadata["band"], 'JSON like {"hidden_size": d, "start": s, "keep": k, ...}'
+        ) from None
+    band_keys = ("hidden_size", "start", "keep", "top", "bottom")
+    if not isinstance(band, dict) or not all(type(band.get(key)) is int and band[key] >= 0 for key in band_keys):
+        raise bad("metadata `band`", metadata["band"], f"a JSON object of non-negative integers {list(band_keys)}")
+    if band["hidden_size"] != d:
+        raise bad("metadata `band` hidden_size", band["hidden_size"], f"{d} (the projection's column count)")
+    if band["keep"] < 1 or band["top"] != band["start"] or band["top"] + band["keep"] + band["bottom"] != d:
+        raise bad("metadata `band`", metadata["band"], f"top = start, keep ≥ 1 and top + keep + bottom = {d}")
+    if kind == "reduced" and k != band["keep"]:
+        raise bad("metadata `band` keep", band["keep"], f"{k} (the reduced projection's row count)")
+    if kind == "projector" and k != d:
+        raise bad("tensor `projection`", f"shape {proj.shape}", f"({d}, {d}) for a projector")
+    sv = tensors["singular_values"]
+    if sv.ndim != 1 or sv.dtype.kind != "f" or not 1 <= sv.size <= d:
+        raise bad("tensor `singular_values`", f"{sv.dtype} {sv.shape}", f"1 to {d} floats (one per computed direction)")
+    if not np.isfinite(sv).all() or (sv < 0).any():
+        raise bad("tensor `singular_values`", sv.tolist(), "finite, non-negative values")
+    removed = tensors["removed_directions"]
+    r = band["top"] + band["bottom"]
+    if removed.ndim != 2 or removed.dtype.kind != "f" or (removed.shape[0] != r or (r and removed.shape[1] != d)):
+        raise bad(
+            "tensor `removed_directions`", f"{removed.dtype} {removed.shape}", f"float ({r}, {d}) (top + bottom rows)"
+        )
+    kept = tensors["kept_indices"]
+    if kept.ndim != 1 or kept.dtype.kind not in "iu" or kept.size not in (0, band["keep"]):
+        raise bad("tensor `kept_indices`", f"{kept.dtype} {kept.shape}", f"empty or {band['keep']} integers")
+    if kept.size and (kept.min() < 0 or kept.max() >= d):
+        raise bad("tensor `kept_indices`", kept.tolist(), f"indices in 0..{d - 1}")
 
 
 def _check_mean(
