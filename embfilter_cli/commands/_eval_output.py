@@ -43,6 +43,7 @@ def save_best_band(
 
 
 def print_results(results: list[Any], grid: Any, data: Any, source: str, pooling: str, recipe: str) -> None:
+    """The results table (raw, filters, best sweep row per centering, bands, baselines), then the heatmaps."""
     from embfilter_cli.console import Column, DataTable, print_table
 
     raw = results[0].spearman
