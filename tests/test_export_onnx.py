@@ -490,6 +490,11 @@ def test_append_errors_are_one_line_and_leave_nothing(runner, art, make_filter, 
     existing.write_bytes(b"old")
     ambiguous = gather_host(folder / "amb.onnx", pooled_name="pooled")
     already = gather_host(folder / "already.onnx", metadata={"embfilter.projection_sha256": "ab" * 32})
+    no_outputs = folder / "no_outputs.onnx"
+    m = onnx.load(str(gather_host(folder / "tmp_host.onnx")))
+    (folder / "tmp_host.onnx").unlink()
+    del m.graph.output[:]
+    onnx.save(m, str(no_outputs))
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     out = folder / "out.onnx"
     cases = [
@@ -506,6 +511,7 @@ def test_append_errors_are_one_line_and_leave_nothing(runner, art, make_filter, 
         ([str(text)], out, f"Error: {text} is not an ONNX model"),
         ([str(empty)], out, f"Error: {empty} is not an ONNX model"),
         ([str(art)], out, f"Error: {art} is not an ONNX model"),
+        ([str(no_outputs)], out, f"Error: {no_outputs} is an ONNX model but its graph declares no outputs"),
         ([str(folder / "missing.onnx")], out, f"Error: --append-to {folder / 'missing.onnx'}: no such file"),
         ([str(host)], existing, f"Error: {existing} already exists; pass --force"),
         ([str(already)], out, f"Error: {already} already contains an embfilter filter"),

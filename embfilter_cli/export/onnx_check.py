@@ -51,6 +51,7 @@ def _ort() -> Any:
         raise MissingDependencyError(
             "checking an ONNX export needs onnxruntime: pip install onnxruntime (or pass --no-check)"
         ) from exc
+    onnxruntime.set_default_logger_severity(3)  # errors only, for the process-wide logger as well
     return onnxruntime
 
 

@@ -79,8 +79,13 @@ def load_host(path: str | os.PathLike[str]) -> onnx.ModelProto:
             f"{p} is not an ONNX model ({type(exc).__name__}: {first_line(exc)}); give a .onnx file"
         ) from exc
     # Arbitrary bytes sometimes parse as a protobuf with only unknown fields: insist on a real graph.
-    if model.ir_version <= 0 or not model.graph.output or not model.graph.node:
-        raise ExportError(f"{p} is not an ONNX model (no IR version, graph nodes or outputs found); give a .onnx file")
+    if model.ir_version <= 0 or not model.graph.node:
+        raise ExportError(f"{p} is not an ONNX model (no IR version or graph nodes found); give a .onnx file")
+    if not model.graph.output:
+        raise ExportError(
+            f"{p} is an ONNX model but its graph declares no outputs, so there is no embedding to filter; "
+            "re-export it with its embedding as a graph output"
+        )
     return model
 
 
