@@ -187,11 +187,16 @@ def test_cache_round_trip_disable_and_corruption(tmp_path, planted):
     array = np.arange(6, dtype=np.float32).reshape(2, 3)
     cache.save_embeddings("k", array)
     np.testing.assert_array_equal(cache.load_embeddings("k"), array)
-    cache.save_spectrum("s", spectrum, {"sha256": "x"})
+    facts = {"sha256": "x", "tensor_name": "lm_head.weight", "vocab_size": 100, "stored_rows": 100, "hidden_size": 12}
+    cache.save_spectrum("s", spectrum, facts)
     loaded, head = cache.load_spectrum("s")
-    np.testing.assert_array_equal(loaded.vectors, spectrum.vectors) and head == {"sha256": "x"}
-    (tmp_path / "c" / "embeddings" / "k.npy").write_bytes(b"garbage")
-    assert cache.load_embeddings("k") is None
+    np.testing.assert_array_equal(loaded.vectors, spectrum.vectors)
+    np.testing.assert_array_equal(loaded.singular_values, spectrum.singular_values)
+    assert head == facts and loaded.certificate == spectrum.certificate
+    warned = []
+    cache.warn = warned.append
+    (tmp_path / "c" / "embeddings" / "k.safetensors").write_bytes(b"garbage")
+    assert cache.load_embeddings("k") is None and len(warned) == 1 and "damaged" in warned[0]
     off = Cache(tmp_path / "off", enabled=False)
     off.save_embeddings("k", array)
     assert off.load_embeddings("k") is None and not (tmp_path / "off").exists()

@@ -186,19 +186,16 @@ def eval_cmd(
     for art in filters:  # a centred filter's mean belongs to one pooling/recipe
         check_centering_use(art.centering, pooling, rec.name, rec.template, str(art.path))
     location = resolve_model(model, revision=revision)
-    cache = Cache(Path(cache_dir) if cache_dir else None, enabled=not no_cache)
+    cache = Cache(Path(cache_dir) if cache_dir else None, enabled=not no_cache, warn=warn)
     facts, spectrum = head_for_eval(location, cache, device, needs_spectrum, filters, log=info)
     embed_options: dict[str, Any] = dict(template=rec.template, pooling=pooling, recipe=recipe, batch_size=batch_size)
     embed_options.update(max_length=max_length, device=device, dtype=dtype, revision=revision, cache=cache)
     embed_options.update(log=info, warn=warn, notify=info, bar=progress_bar, encoders={})
+    embed_options.update(hidden_size=facts.hidden_size if facts is not None else None)
     raw, embed_info = cached_embeddings(location, data, **embed_options)
     bg_raw = bg_info = None
     if background is not None:
         bg_raw, bg_info = cached_embeddings(location, background, what="Background embeddings", **embed_options)
-    if facts is not None and raw.shape[1] != facts.hidden_size:
-        from embfilter_cli.errors import InputDataError
-
-        raise InputDataError(f"the model's hidden states have {raw.shape[1]} dims but its W_U has {facts.hidden_size}")
     results, grid = evaluate_all(
         raw,
         data,

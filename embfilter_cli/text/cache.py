@@ -3,7 +3,9 @@
 Entries live under `$EMBFILTER_CACHE` (default `~/.cache/embfilter`), keyed by a cheap model
 fingerprint (`model.head.model_fingerprint`), the recipe, pooling, max length, dtype and the
 data's SHA-256, so a second sweep over the same model and data runs no model at all. Files are
-written atomically; an unreadable entry counts as a miss and is overwritten.
+written atomically. Every entry is checked when read (arrays: `text/cache_entry.py`, key, layout,
+checksum, finite values; JSON: key and fields); a damaged entry is reported on the cache's `warn`
+callback, counts as a miss and is overwritten, so it never reaches a score.
 
 `cached_head_spectrum` is `filters.solve.head_spectrum` with this cache as its store;
 `cached_embeddings` embeds texts once and keeps the raw vectors. Log lines, warnings and the
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +37,7 @@ if TYPE_CHECKING:
     from embfilter_cli.text.baselines import BackgroundTexts
     from embfilter_cli.text.datasets import PairData
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: checked safetensors entries (text/cache_entry.py) replace .npy/.npz
 
 Log = Callable[[str], None]
 ProgressFn = Callable[[int, int], None]
@@ -61,93 +64,131 @@ def cache_key(**parts: Any) -> str:
 class Cache:
     """Raw embeddings and spectra on disk; a disabled cache stores and finds nothing.
 
-    Files are written atomically; an unreadable entry counts as a miss and is overwritten.
+    Files are written atomically. Array entries are read through `cache_entry.read_entry`
+    (key, layout, checksum and finiteness checked); a damaged entry is reported on `warn`
+    and counts as a miss, so the caller recomputes it and overwrites it.
     """
 
-    def __init__(self, root: Path | None = None, enabled: bool = True) -> None:
+    def __init__(self, root: Path | None = None, enabled: bool = True, warn: Log = _silent) -> None:
         self.root = Path(root) if root is not None else default_cache_dir()
         self.enabled = enabled
+        self.warn = warn
 
     def _path(self, kind: str, key: str, suffix: str) -> Path:
         return self.root / kind / f"{key}{suffix}"
 
-    def load_embeddings(self, key: str) -> np.ndarray | None:
-        """Cached embeddings under `key`, or None (disabled, missing or unreadable)."""
+    def _read(
+        self, kind: str, key: str, want: dict[str, tuple[str, int]], what: str
+    ) -> tuple[dict[str, np.ndarray], dict[str, str]] | None:
+        """An entry's checked arrays and metadata, or None (disabled, missing, or damaged: warned)."""
+        from embfilter_cli.text.cache_entry import DamagedEntry, read_entry
+
         if not self.enabled:
             return None
-        path = self._path("embeddings", key, ".npy")
-        if not path.is_file():
+        path = self._path(kind, key, ".safetensors")
+        if not path.exists():
             return None
         try:
-            array = np.load(path, allow_pickle=False)
-        except (OSError, ValueError):
+            return read_entry(path, key, want)
+        except DamagedEntry as exc:
+            self._damaged(what, path, str(exc))
             return None
-        return array if array.ndim == 2 and array.dtype == np.float32 else None
+
+    def _damaged(self, what: str, path: Path, why: str) -> None:
+        self.warn(f"the cached {what} {path} is damaged ({why}); recomputing it")
+
+    def load_embeddings(self, key: str, rows: int | None = None, cols: int | None = None) -> np.ndarray | None:
+        """Cached (rows, cols) float32 embeddings under `key`, or None (disabled, missing or damaged)."""
+        hit = self._read("embeddings", key, {"embeddings": ("F32", 2)}, "embeddings")
+        if hit is None:
+            return None
+        array = hit[0]["embeddings"]
+        n, d = array.shape
+        if d < 1 or n != (n if rows is None else rows) or d != (d if cols is None else cols):
+            wanted = f"{rows if rows is not None else 'n'}×{cols if cols is not None else 'd'}"
+            self._damaged("embeddings", self._path("embeddings", key, ".safetensors"), f"shape {n}×{d}, not {wanted}")
+            return None
+        return array
 
     def save_embeddings(self, key: str, array: np.ndarray) -> None:
         """Store embeddings under `key` (atomically; no-op when disabled)."""
-        if not self.enabled:
-            return
-        from embfilter_cli.files import atomic_path
+        from embfilter_cli.text.cache_entry import write_entry
 
-        with atomic_path(self._path("embeddings", key, ".npy"), force=True) as tmp, tmp.open("wb") as handle:
-            np.save(handle, np.ascontiguousarray(array, dtype=np.float32))
+        if self.enabled:
+            arrays = {"embeddings": np.ascontiguousarray(array, dtype=np.float32)}
+            write_entry(self._path("embeddings", key, ".safetensors"), key, arrays, {})
 
     def load_spectrum(self, key: str) -> tuple[Spectrum, dict[str, Any]] | None:
-        """A cached (spectrum, head facts) under `key`, or None."""
-        if not self.enabled:
-            return None
-        path = self._path("spectra", key, ".npz")
-        if not path.is_file():
-            return None
+        """A cached (spectrum, head facts) under `key`, or None (disabled, missing or damaged)."""
         from embfilter_cli.filters.spectral import Spectrum
 
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                meta = json.loads(str(npz["meta"]))
-                spectrum = Spectrum(
-                    singular_values=np.array(npz["singular_values"], dtype=np.float64),
-                    vectors=np.array(npz["vectors"], dtype=np.float64),
-                    solver=meta["solver"],
-                    params=meta["params"],
-                    certificate=meta["certificate"],
-                    frobenius_sq=float(meta["frobenius_sq"]),
-                    seconds=0.0,
-                )
-        except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        want = {"singular_values": ("F64", 1), "vectors": ("F64", 2)}
+        hit = self._read("spectra", key, want, "spectrum")
+        if hit is None:
             return None
-        return spectrum, meta["head"]
+        arrays, metadata = hit
+        values, vectors = arrays["singular_values"], arrays["vectors"]
+        try:
+            meta = json.loads(metadata["meta"])
+            head = meta["head"]
+            spectrum = Spectrum(
+                singular_values=values,
+                vectors=np.asfortranarray(vectors) if meta.get("fortran") is True else vectors,
+                solver=str(meta["solver"]),
+                params=dict(meta["params"]),
+                certificate=dict(meta["certificate"]),
+                frobenius_sq=float(meta["frobenius_sq"]),
+                seconds=0.0,
+            )
+            problem = _spectrum_problem(spectrum, head)
+        except (KeyError, TypeError, ValueError, RecursionError):
+            problem = "its facts are not the ones this version writes"
+        if problem:
+            self._damaged("spectrum", self._path("spectra", key, ".safetensors"), problem)
+            return None
+        return spectrum, head
 
     def save_spectrum(self, key: str, spectrum: Spectrum, head: dict[str, Any]) -> None:
         """Store a spectrum and its head facts under `key` (atomically; no-op when disabled)."""
+        from embfilter_cli.text.cache_entry import write_entry
+
         if not self.enabled:
             return
-        from embfilter_cli.files import atomic_path
-
         meta = {
             "solver": spectrum.solver,
             "params": spectrum.params,
             "certificate": spectrum.certificate,
             "frobenius_sq": spectrum.frobenius_sq,
             "head": head,
+            # Kept so a cached spectrum is bit-for-bit the computed one in use too: BLAS rounds
+            # differently for the two memory layouts, and a sweep must not change on a cache hit.
+            "fortran": bool(spectrum.vectors.flags.f_contiguous and not spectrum.vectors.flags.c_contiguous),
         }
-        with atomic_path(self._path("spectra", key, ".npz"), force=True) as tmp, tmp.open("wb") as handle:
-            np.savez(
-                handle,
-                singular_values=spectrum.singular_values,
-                vectors=spectrum.vectors,
-                meta=np.array(json.dumps(meta, default=json_default)),
-            )
+        arrays = {
+            "singular_values": np.asarray(spectrum.singular_values, dtype=np.float64),
+            "vectors": np.asarray(spectrum.vectors, dtype=np.float64),
+        }
+        write_entry(
+            self._path("spectra", key, ".safetensors"), key, arrays, {"meta": json.dumps(meta, default=json_default)}
+        )
 
     def load_json(self, kind: str, key: str) -> dict[str, Any] | None:
-        """A cached JSON object of `kind` under `key`, or None."""
+        """A cached JSON object of `kind` under `key`, or None (a "heads" object must be valid head facts)."""
         if not self.enabled:
             return None
         path = self._path(kind, key, ".json")
-        with contextlib.suppress(OSError, ValueError):
-            value = json.loads(path.read_text())
-            return value if isinstance(value, dict) else None
-        return None
+        if not path.is_file():
+            return None
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            stored = None
+        value = stored.get("value") if isinstance(stored, dict) and stored.get("key") == key else None
+        intact = isinstance(value, dict) and stored.get("sha256") == _json_digest(value)
+        if not intact or (kind == "heads" and _head_problem(value)):
+            self._damaged(kind.rstrip("s"), path, "it is not the JSON written for this key, or was edited")
+            return None
+        return value
 
     def save_json(self, kind: str, key: str, value: dict[str, Any]) -> None:
         """Store a JSON object of `kind` under `key` (atomically; no-op when disabled)."""
@@ -156,7 +197,42 @@ class Cache:
         from embfilter_cli.files import atomic_path
 
         with atomic_path(self._path(kind, key, ".json"), force=True) as tmp:
-            tmp.write_text(json.dumps(value, default=json_default))
+            text = json.dumps({"key": key, "value": value, "sha256": _json_digest(value)}, default=json_default)
+            tmp.write_text(text, encoding="utf-8")
+
+
+def _json_digest(value: dict[str, Any]) -> str:
+    """SHA-256 of `value`'s canonical JSON: an edited or damaged JSON entry no longer matches it."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=json_default).encode("utf-8")).hexdigest()
+
+
+def _head_problem(head: object) -> str:
+    """Why `head` is not a dict of head facts (see `model.head.HeadFacts`); "" when it is."""
+    ints = ("vocab_size", "stored_rows", "hidden_size")
+    if not isinstance(head, dict) or set(head) != {"sha256", "tensor_name", *ints}:
+        return "its head facts have the wrong fields"
+    if not all(isinstance(head[k], str) for k in ("sha256", "tensor_name")):
+        return "its head facts have the wrong types"
+    if not all(isinstance(head[k], int) and not isinstance(head[k], bool) and head[k] > 0 for k in ints):
+        return "its head sizes are not positive whole numbers"
+    return ""
+
+
+def _spectrum_problem(spectrum: Spectrum, head: object) -> str:
+    """Why a read spectrum cannot be W_U's of `head`; "" when it can."""
+    values, vectors = spectrum.singular_values, spectrum.vectors
+    d, k = vectors.shape
+    problem = _head_problem(head)
+    if problem:
+        return problem
+    assert isinstance(head, dict)
+    if d != head["hidden_size"] or not 0 < k <= d or values.shape != (k,):
+        return f"{k} singular values and vectors of {d} dims for a W_U of {head['hidden_size']} dims"
+    if (values < 0).any() or (np.diff(values) > 0).any():
+        return "its singular values are not non-negative and descending"
+    if not (math.isfinite(spectrum.frobenius_sq) and spectrum.frobenius_sq >= 0):
+        return "its Frobenius norm is not a finite non-negative number"
+    return ""
 
 
 def cached_head_spectrum(
@@ -192,12 +268,14 @@ def cached_embeddings(
     bar: BarFactory = _no_bar,
     what: str = "Raw embeddings",
     encoders: dict[str, Any] | None = None,
+    hidden_size: int | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Raw pooled embeddings of every text of `data`, from the cache or by running the model once.
 
     `data` is anything with `.texts` and `.sha256` (the scored pairs, or `eval --background`'s
     texts); `what` names it in the log lines. Pass the same `encoders` dict to several calls to
-    load the model at most once between them.
+    load the model at most once between them. `hidden_size` (W_U's d, when known): a cached entry
+    of another width is damaged, and a model whose hidden states have another width is an error.
 
     The cache's folder and switch also govern a GGUF model's cached Hugging Face conversion;
     `notify` receives the lines about building it (paths: printed literally by the CLI).
@@ -217,8 +295,8 @@ def cached_embeddings(
         dtype=dtype_name,
         data=data.sha256,
     )
-    raw = cache.load_embeddings(key)
-    if raw is not None and raw.shape[0] == len(data.texts):
+    raw = cache.load_embeddings(key, rows=len(data.texts), cols=hidden_size)
+    if raw is not None:
         log(f"{what}: from cache ({raw.shape[0]}×{raw.shape[1]})")
         return raw, {
             "cached": True,
@@ -261,6 +339,18 @@ def cached_embeddings(
             f"{encoder.last_truncated} text(s) exceeded --max-length {encoder.effective_max_length(max_length)} tokens "
             "and were cut (the template was kept)"
         )
+    bad = int((~np.isfinite(raw).all(axis=1)).sum()) if raw.size else 0
+    if bad:
+        from embfilter_cli.errors import InputDataError
+
+        raise InputDataError(
+            f"the model gave NaN or infinite embeddings for {bad} of {len(data.texts)} texts ({dtype_name}); "
+            "try --dtype float32"
+        )
+    if hidden_size is not None and raw.shape[1] != hidden_size:
+        from embfilter_cli.errors import InputDataError
+
+        raise InputDataError(f"the model's hidden states have {raw.shape[1]} dims but its W_U has {hidden_size}")
     cache.save_embeddings(key, raw)
     log(f"Embedded in {seconds:.1f}s ({len(data.texts) / max(seconds, 1e-9):.2f} texts/s)")
     return raw, {

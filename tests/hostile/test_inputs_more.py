@@ -1,0 +1,170 @@
+"""More hostile inputs: a damaged eval cache, hostile JSONL, GGUF metadata of the wrong type, FIFOs.
+
+A damaged cache entry is rebuilt with one warning and never reaches a score; everything else is
+refused with one `Error:` line, nothing left behind and existing files untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from embfilter_cli.cli import app
+from embfilter_cli.text.cache import Cache
+from embfilter_cli.text.cache_entry import write_entry
+
+# --------------------------------------------------------------------------- the eval cache
+
+PAIRS = [
+    ("The cat sat on the mat.", "A cat sat on a mat.", 4.8),
+    ("A dog ran in the park.", "The dog ran in the park.", 4.5),
+    ("Rain is expected over the weekend.", "Stock markets fell sharply on Monday.", 0.2),
+    ("The recipe needs two eggs and some flour.", "Two eggs and flour.", 3.9),
+    ("Stock markets fell sharply on Monday.", "Markets fell on Monday.", 4.1),
+]
+EVAL_ARGS = ["--device", "cpu", "--sweep-top", "0,2", "--sweep-bottom", "0,1", "--ratio", "2", "--json"]
+
+
+def _eval(runner: CliRunner, model: Path, tsv: Path, cache: Path):
+    return runner.invoke(app, ["eval", "-m", str(model), "--data", str(tsv), "--cache-dir", str(cache), *EVAL_ARGS])
+
+
+@pytest.fixture(scope="module")
+def filled(tiny_llama, tmp_path_factory) -> tuple[Path, Path, dict]:
+    """(pairs file, a cache filled by one clean eval run, that run's JSON document)."""
+    root = tmp_path_factory.mktemp("evalcache")
+    tsv = root / "pairs.tsv"
+    tsv.write_text("text1\ttext2\tscore\n" + "".join(f"{a}\t{b}\t{s}\n" for a, b, s in PAIRS))
+    first = _eval(CliRunner(), tiny_llama, tsv, root / "cache")
+    assert first.exit_code == 0, first.stderr
+    doc = json.loads(first.stdout)
+    assert doc["embedding"]["cached"] is False
+    return tsv, root / "cache", doc
+
+
+def _entry(cache: Path, kind: str) -> Path:
+    (path,) = (cache / kind).iterdir()
+    return path
+
+
+def _rewrite_embeddings(path: Path, change) -> None:
+    key = path.name.removesuffix(".safetensors")
+    array = Cache(path.parent.parent).load_embeddings(key)
+    assert array is not None and array.shape == (9, 32)  # 9 distinct texts, tiny Llama's d = 32
+    write_entry(path, key if change != "key" else "0" * 64, {"embeddings": _changed(array, change)}, {})
+
+
+def _changed(array: np.ndarray, change: str) -> np.ndarray:
+    if change == "nan":
+        return np.full_like(array, np.nan)
+    if change == "inf":
+        out = array.copy()
+        out[3, 5] = np.inf
+        return out
+    if change == "rows":
+        return array[:-1]
+    if change == "width":
+        return np.concatenate([array, array[:, :1]], axis=1)
+    return array  # "key": same values, written for another key
+
+
+def _damage_bytes(path: Path, how: str) -> None:
+    raw = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(raw[:-7])
+    elif how == "garbled":  # one flipped bit in the data section: still finite, but not what was written
+        path.write_bytes(raw[:-40] + bytes([raw[-40] ^ 0x01]) + raw[-39:])
+    elif how == "garbage":
+        path.write_bytes(b"\x00\x01 not a cache entry")
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "huge-header":  # a forged header claiming 10^12 rows must not allocate anything
+        header = {"embeddings": {"dtype": "F32", "shape": [10**12, 32], "data_offsets": [0, 4 * 32 * 10**12]}}
+        body = json.dumps(header).encode()
+        path.write_bytes(len(body).to_bytes(8, "little") + body + b"\0" * 64)
+    elif how == "fifo":
+        path.unlink()
+        os.mkfifo(path)
+
+
+def _assert_rebuilt(result, doc: dict, cache: Path) -> None:
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert "Traceback" not in result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("Warning:") and "cache" in line]
+    assert len(warnings) == 1 and "damaged" in warnings[0] and "recomputing" in warnings[0], result.stderr
+    assert str(cache) in warnings[0]
+    again = json.loads(result.stdout)
+    assert again["results"] == doc["results"] and again["grid"] == doc["grid"]  # the scores of a clean run
+
+
+@pytest.mark.parametrize(
+    "how", ["nan", "inf", "rows", "width", "key", "truncated", "garbled", "garbage", "empty", "huge-header", "fifo"]
+)
+def test_a_damaged_embeddings_entry_is_rebuilt_with_one_warning(runner, tiny_llama, filled, tmp_path, how):
+    tsv, filled_cache, doc = filled
+    cache = tmp_path / "cache"
+    shutil.copytree(filled_cache, cache)
+    entry = _entry(cache, "embeddings")
+    if how in ("nan", "inf", "rows", "width", "key"):
+        _rewrite_embeddings(entry, how)
+    else:
+        _damage_bytes(entry, how)
+    result = _eval(runner, tiny_llama, tsv, cache)
+    _assert_rebuilt(result, doc, cache)
+    assert json.loads(result.stdout)["embedding"]["cached"] is False
+    warned: list[str] = []
+    assert Cache(cache, warn=warned.append).load_embeddings(entry.stem) is not None and not warned  # rewritten whole
+    assert not list(cache.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("how", ["nan-values", "nan-vectors", "wrong-width", "bad-head", "garbled"])
+def test_a_damaged_spectrum_entry_is_rebuilt_with_one_warning(runner, tiny_llama, filled, tmp_path, how):
+    tsv, filled_cache, doc = filled
+    cache = tmp_path / "cache"
+    shutil.copytree(filled_cache, cache)
+    entry = _entry(cache, "spectra")
+    key = entry.stem
+    spectrum, head = Cache(cache).load_spectrum(key)
+    values, vectors = spectrum.singular_values.copy(), np.ascontiguousarray(spectrum.vectors)
+    meta = {"solver": spectrum.solver, "params": spectrum.params, "certificate": spectrum.certificate}
+    meta.update(frobenius_sq=spectrum.frobenius_sq, head=dict(head))
+    if how == "nan-values":
+        values[:] = np.nan
+    elif how == "nan-vectors":
+        vectors = vectors.copy()
+        vectors[0, 0] = np.nan
+    elif how == "wrong-width":
+        vectors = vectors[:-1]
+    elif how == "bad-head":
+        meta["head"]["hidden_size"] = "32"
+    if how == "garbled":
+        _damage_bytes(entry, "garbled")
+    else:
+        arrays = {"singular_values": values, "vectors": vectors}
+        write_entry(entry, key, arrays, {"meta": json.dumps(meta)})
+    _assert_rebuilt(_eval(runner, tiny_llama, tsv, cache), doc, cache)
+
+
+def test_a_damaged_head_facts_entry_is_rebuilt(runner, tiny_llama, filled, tmp_path):
+    tsv, filled_cache, _ = filled
+    cache = tmp_path / "cache"
+    shutil.copytree(filled_cache, cache)
+    shutil.rmtree(cache / "spectra")  # the facts are read first only when the spectrum is not cached
+    (entry,) = (cache / "heads").iterdir()
+    stored = json.loads(entry.read_text())
+    stored["value"]["hidden_size"] = 33
+    entry.write_text(json.dumps(stored))
+    filt = tmp_path / "f.safetensors"
+    assert runner.invoke(app, ["fit", "-q", "-m", str(tiny_llama), "--rank", "2", "-o", str(filt)]).exit_code == 0
+    # Only a filter (no band): eval then needs the facts, not the spectrum.
+    args = ["eval", "-m", str(tiny_llama), "--data", str(tsv), "--cache-dir", str(cache), "--device", "cpu"]
+    result = runner.invoke(app, [*args, "--filter", str(filt), "--no-auto", "--json"])
+    assert result.exit_code == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("Warning:") and "cache" in line]
+    assert len(warnings) == 1 and "damaged" in warnings[0] and str(entry) in warnings[0], result.stderr
