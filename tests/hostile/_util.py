@@ -8,7 +8,9 @@ test can assert that a failed run left nothing behind and changed nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -51,6 +53,15 @@ class Snapshot:
         leftovers = [name for name in now if name.endswith(".tmp")]
         assert not leftovers, leftovers
         assert now == self.files, sorted(set(now) ^ set(self.files)) or "contents changed"
+
+
+def fill_disk(folder: Path) -> None:
+    """Write into `folder` until its file system has no free block left."""
+    with contextlib.suppress(OSError), open(folder / "filler", "wb") as fh:
+        while True:
+            fh.write(b"\0" * 4096)
+            fh.flush()
+            os.fsync(fh.fileno())
 
 
 def safetensors_bytes(header: object, data: bytes = b"", raw_header: bytes | None = None) -> bytes:

@@ -18,7 +18,7 @@ import pytest
 from embfilter_cli.cli import app
 from embfilter_cli.errors import OutputExistsError
 from embfilter_cli.files import atomic_path
-from tests.hostile._util import Snapshot, expect_error, head_file
+from tests.hostile._util import Snapshot, expect_error, fill_disk, head_file
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -112,39 +112,6 @@ def test_failed_write_removes_the_folders_it_created(tmp_path):
 # --------------------------------------------------------------------------- full and read-only disks
 
 
-def _mount(folder: Path, options: str) -> bool:
-    folder.mkdir()
-    if os.geteuid() != 0:
-        return False
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
-    return done.returncode == 0
-
-
-@pytest.fixture
-def full_dir(tmp_path):
-    folder = tmp_path / "full"
-    if not _mount(folder, "size=16k"):
-        pytest.skip("needs root and tmpfs to simulate a full disk")
-    (folder / "keep.txt").write_text("x")
-    yield folder
-    subprocess.run(["umount", str(folder)], check=False)
-
-
-@pytest.fixture
-def ro_dir(tmp_path):
-    folder = tmp_path / "ro"
-    if os.geteuid() != 0:
-        folder.mkdir()
-        folder.chmod(0o555)
-        yield folder
-        folder.chmod(0o755)
-        return
-    if not _mount(folder, "ro,size=16k"):
-        pytest.skip("cannot mount a read-only tmpfs")
-    yield folder
-    subprocess.run(["umount", str(folder)], check=False)
-
-
 def _big_model(tmp_path: Path) -> Path:
     return head_file(tmp_path / "m.safetensors", rows=64, d=96)  # a 96×96 float32 projection: 36 KB
 
@@ -172,9 +139,7 @@ def _writing_commands(tmp_path: Path, art: Path, folder: Path) -> dict[str, list
 
 @pytest.mark.parametrize("command", ["fit", "apply", "export-npy", "export-safetensors"])
 def test_full_disk_is_one_line(runner, art, tmp_path, full_dir, command):
-    # fill the disk so that only a few bytes are left
-    with contextlib.suppress(OSError), open(full_dir / "filler", "wb") as fh:
-        fh.write(b"\0" * (15 << 10))
+    fill_disk(full_dir)
     before = Snapshot(full_dir)
     args = _writing_commands(tmp_path, art, full_dir)[command]
     line = expect_error(runner.invoke(app, args))
