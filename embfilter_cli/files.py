@@ -13,6 +13,7 @@ import contextlib
 import errno
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,15 @@ from embfilter_cli.errors import EmbfilterError, OutputExistsError
 
 
 class OutputWriteError(EmbfilterError):
-    """The output could not be written (read-only folder, disk full, permissions)."""
+    """The output could not be written (read-only folder, disk full, permissions).
+
+    `reason` is the short cause ("the disk is full", "… is not writable") for callers that word
+    their own message, such as a cache that warns and goes on.
+    """
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def exists_error(out: Path) -> OutputExistsError:
@@ -39,9 +48,12 @@ def write_error(out: Path, exc: OSError) -> OutputWriteError:
         errno.EPERM: "permission denied",
         errno.EFBIG: "the file is too large for the file system",
     }.get(exc.errno or 0, exc.strerror or type(exc).__name__)
-    return OutputWriteError(
-        f"could not write {out}: {reason}; nothing was written, free space or choose another -o path"
+    advice = (
+        "free space or choose another -o path"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        else "choose another -o path"
     )
+    return OutputWriteError(f"could not write {out}: {reason}; nothing was written, {advice}", reason)
 
 
 # Errors only writing can cause: reported as such even when raised inside the caller's body.
@@ -65,14 +77,21 @@ def check_writable(path: str | os.PathLike[str], force: bool) -> Path:
         raise exists_error(out)
     if out.exists() and out.is_dir():
         raise OutputExistsError(f"{out} is a directory; give a file path with -o")
-    folder = out.parent
+    check_folder_writable(out.parent, out)
+    return out
+
+
+def check_folder_writable(folder: Path, out: Path) -> None:
+    """Fail unless `folder`, or the nearest folder above it that exists, can take new entries for `out`."""
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():
-        raise OutputWriteError(f"could not write {out}: {folder} is not a folder; choose another -o path")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputWriteError(f"could not write {out}: {folder} is not writable; choose another -o path")
-    return out
+        reason = f"{folder} is not a folder"
+    elif not os.access(folder, os.W_OK | os.X_OK):
+        reason = f"{folder} is not writable"
+    else:
+        return
+    raise OutputWriteError(f"could not write {out}: {reason}; choose another -o path", reason)
 
 
 def make_parents(folder: Path) -> list[Path]:
@@ -177,10 +196,87 @@ def atomic_path(path: str | os.PathLike[str], force: bool = False) -> Iterator[P
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
         remove_empty(made)
-        os_error = exc if isinstance(exc, OSError) else _wrapped_os_error(exc)
-        if os_error is not None and (writing or os_error.errno in _WRITE_ERRNOS):
-            raise write_error(out, os_error) from exc
+        reported = _reported(exc, out, tmp, writing)
+        if reported is exc:
+            raise
+        raise reported from exc
+
+
+@contextlib.contextmanager
+def parents_made(out: Path) -> Iterator[list[Path]]:
+    """Create `out`'s missing folders for a block that writes files into them; removed again if it fails.
+
+    For writers whose side files (ONNX external data, links to a host's data) are undone after the
+    output's own `atomic_path` has already given up on its folders: the folders go last.
+    """
+    try:
+        made = make_parents(out.parent)
+    except OSError as exc:
+        raise write_error(out, exc) from exc
+    try:
+        yield made
+    except BaseException:
+        remove_empty(made)
         raise
+
+
+@contextlib.contextmanager
+def temp_dir_beside(out: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder next to the folder output `out`, for a writer that builds it whole.
+
+    The caller renames it (or its files) into place. Whatever happens, the temporary folder is
+    removed at the end; on failure so are the parent folders created for it. An OSError while
+    writing (disk full, read-only folder) becomes one OutputWriteError naming `out`, and an
+    EmbfilterError that names the temporary folder is told with `out` instead.
+    """
+    made: list[Path] = []
+    tmp: Path | None = None
+    writing = True
+    try:
+        made = make_parents(out.parent)
+        with signals_deferred():  # a signal between creating the folder and noting it would orphan it
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        writing = False
+        yield tmp
+    except BaseException as exc:
+        named, tmp = tmp, None
+        if named is not None:
+            shutil.rmtree(named, ignore_errors=True)
+        remove_empty(made)
+        reported = _reported(exc, out, named, writing)
+        if reported is exc:
+            raise
+        raise reported from exc
+    finally:
+        if tmp is not None:  # gone already when it was renamed into place
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _reported(exc: BaseException, out: Path, tmp: Path | None, writing: bool) -> BaseException:
+    """What to raise for `exc` met while writing `out` through the temporary `tmp` (`exc` itself if nothing better).
+
+    OSErrors of writing become one OutputWriteError; a known error whose message names the
+    temporary file (a checker or loader run on it) names the user's path instead.
+    """
+    os_error = exc if isinstance(exc, OSError) else _wrapped_os_error(exc)
+    if os_error is not None and (writing or os_error.errno in _WRITE_ERRNOS):
+        return write_error(out, os_error)
+    if isinstance(exc, EmbfilterError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        message = _untemp(exc.args[0], out, tmp)
+        if message != exc.args[0]:
+            with contextlib.suppress(TypeError):
+                return type(exc)(message)
+    return exc
+
+
+_TEMP_NAME = re.compile(r"(?P<dir>[^\s'\"]*/)?\.(?P<name>[^/\s'\"]+?)\.[A-Za-z0-9_]{6,}\.tmp\b")
+
+
+def _untemp(message: str, out: Path, tmp: Path | None) -> str:
+    """`message` with the temporary file's path or name (`.NAME.xxxxxx.tmp`) replaced by the user's."""
+    if tmp is not None:
+        message = message.replace(str(tmp), str(out)).replace(tmp.name, out.name)
+    return _TEMP_NAME.sub(lambda m: (m.group("dir") or "") + m.group("name"), message)
 
 
 def _wrapped_os_error(exc: BaseException) -> OSError | None:

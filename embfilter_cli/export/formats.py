@@ -31,9 +31,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +39,7 @@ import numpy as np
 from embfilter_cli import __version__
 from embfilter_cli.errors import ExportError, OutputExistsError
 from embfilter_cli.export.report import CheckReport, ExportResult, max_relative_error
-from embfilter_cli.files import atomic_path, check_writable
+from embfilter_cli.files import atomic_path, check_folder_writable, check_writable, temp_dir_beside
 from embfilter_cli.filters.artifact import FilterArtifact, array_sha256, load_artifact, save_artifact
 
 ST_IDENTITY = "torch.nn.modules.linear.Identity"
@@ -288,16 +285,9 @@ def _check_st_dir(out: Path, force: bool) -> None:
         raise OutputExistsError(
             f"{out} already exists and is not empty; pass --force to overwrite its files or choose another -o folder"
         )
-
-
-@contextlib.contextmanager
-def _temp_dir_beside(out: Path) -> Iterator[Path]:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already when it was renamed into place
+    check_folder_writable(out.parent, out)  # the folder is built beside its final place
+    if out.is_dir():  # --force into an existing folder replaces files inside it
+        check_folder_writable(out, out)
 
 
 def _load_dense(folder: Path) -> Any | None:
@@ -331,7 +321,7 @@ def export_sentence_transformers(
     config = st_config(artifact)
     report: CheckReport | None = None
     loader = None
-    with _temp_dir_beside(out) as tmp:
+    with temp_dir_beside(out) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", **_provenance(artifact)})
         for made in (tmp, tmp / "model.safetensors"):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from embfilter_cli.errors import ExportError
 from embfilter_cli.export.onnx_graph import first_line, onnx_module
+from embfilter_cli.files import make_parents, remove_empty
 
 if TYPE_CHECKING:
     import onnx
@@ -87,6 +88,7 @@ class SideFiles:
     def __init__(self) -> None:
         self.created: list[Path] = []
         self.backups: list[tuple[Path, Path]] = []
+        self.folders: list[Path] = []  # made for side files (a host's `weights/`), outermost first
 
     def claim(self, path: Path) -> None:
         """Free `path` for a new file, remembering how to restore what was there."""
@@ -104,6 +106,7 @@ class SideFiles:
         for backup, original in self.backups:
             with contextlib.suppress(FileNotFoundError):
                 os.replace(backup, original)
+        remove_empty(self.folders)
 
     def commit(self) -> None:
         """Keep the side files and delete the backups of what they replaced."""
@@ -167,7 +170,7 @@ def link_host_data(host_path: Path, out: Path, locations: list[str], side: SideF
                 f"{dst} exists and is not the host's data file {src}; the output folder needs the host's file under "
                 f"that name: write the output next to the host (-o {host_dir}/NAME.onnx) or remove {dst}"
             )
-        dst.parent.mkdir(parents=True, exist_ok=True)
+        side.folders.extend(make_parents(dst.parent))
         try:
             os.link(src, dst)
         except OSError as exc:

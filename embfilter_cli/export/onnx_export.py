@@ -31,7 +31,7 @@ from embfilter_cli.export.onnx_graph import (
 )
 from embfilter_cli.export.onnx_host import append_filter, load_host, value_info_desc
 from embfilter_cli.export.report import CheckReport, ExportResult
-from embfilter_cli.files import atomic_path, check_writable
+from embfilter_cli.files import atomic_path, check_writable, parents_made
 
 if TYPE_CHECKING:
     from embfilter_cli.filters.artifact import FilterArtifact
@@ -57,7 +57,8 @@ def export_standalone(
     if data_path is not None:
         check_writable(data_path, force)
     report: CheckReport | None = None
-    with side_files() as side, atomic_path(out, force=force) as tmp:
+    # Folders outlive the inner blocks' cleanup: a failed export removes its data file, then the folders.
+    with parents_made(out), side_files() as side, atomic_path(out, force=force) as tmp:
         if data_path is not None:
             externalize_initializer(model, model.graph.initializer[0].name, data_path, side)
         save_model(model, tmp)
@@ -120,7 +121,7 @@ def export_appended(
     if data_path is not None:
         check_writable(data_path, force)
     report: CheckReport | None = None
-    with side_files() as side:
+    with parents_made(out), side_files() as side:
         linked = link_host_data(host_path, out, locations, side) if locations else []
         if linked:
             note(

@@ -37,7 +37,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +130,7 @@ def _st_modules() -> tuple[Any, Any, Any, Any, Any]:
 
 def _check_out(out: Path, force: bool) -> None:
     from embfilter_cli.errors import OutputExistsError
+    from embfilter_cli.files import check_folder_writable
 
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out} is a file; a sentence-transformers model is a folder, give a folder with -o")
@@ -138,6 +138,7 @@ def _check_out(out: Path, force: bool) -> None:
         raise OutputExistsError(
             f"{out} already exists and is not empty; pass --force to replace it or choose another -o folder"
         )
+    check_folder_writable(out.parent, out)  # built beside its final place, then renamed (an old one moved aside)
 
 
 def _assemble(artifact: FilterArtifact, spec: StModelSpec) -> Any:
@@ -240,9 +241,9 @@ def export_st_model(
     with quiet_transformers():
         model = _assemble(artifact, spec)
     report = None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    from embfilter_cli.files import temp_dir_beside
+
+    with temp_dir_beside(out) as tmp:  # removed (with the folders made for it) if anything below fails
         with quiet_transformers():
             model.save(str(tmp))
         (tmp / "embfilter.json").write_text(json.dumps(_provenance(artifact, spec), indent=2) + "\n", encoding="utf-8")
@@ -253,8 +254,6 @@ def export_st_model(
             with quiet_transformers():
                 report = _check(tmp, reference, list(check_texts or CHECK_TEXTS))
         _publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(
         path=out,
         kind="sentence-transformers-model",
