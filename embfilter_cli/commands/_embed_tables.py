@@ -55,7 +55,7 @@ def run_table_embed(
         if engine != "local" or resume:
             raise UsageError("--engine ray and --resume need Parquet input files")
         return _texts_to_parquet(input_path, input_format, output, force, fn)
-    from embfilter_cli.vectors.shards import expand_inputs, plan_units
+    from embfilter_cli.vectors.shards import check_folders_writable, expand_inputs, plan_units
     from embfilter_cli.vectors.tables import apply_tables, count_parts
 
     files, root = expand_inputs(input_path)
@@ -65,6 +65,7 @@ def run_table_embed(
     if root is None and out.suffix.lower() not in TABLE_SUFFIXES:
         raise UsageError(f"{output}: a Parquet input gives a Parquet output; name a .parquet file or a folder")
     units = plan_units(files, root, out, "parquet", None, count_parts)
+    check_folders_writable(units)  # a read-only destination fails before the model is even resolved
     fn.location  # noqa: B018 - resolve the model (and check the filter) before any file is opened
     fn.artifact  # noqa: B018
     if engine == "ray":

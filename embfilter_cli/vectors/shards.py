@@ -209,6 +209,14 @@ def check_outputs(states: dict[str, str], units: Sequence[WorkUnit], force: bool
             )
 
 
+def check_folders_writable(units: Sequence[WorkUnit]) -> None:
+    """Refuse, before any model or input is read, outputs whose folder cannot be written (read-only, not a folder)."""
+    from embfilter_cli.files import check_writable
+
+    for unit in units:
+        check_writable(unit.output, force=True)  # whether it may be replaced is `check_outputs`' question
+
+
 def remove_stale_temporaries(output: Path) -> int:
     """Delete `.NAME.*.tmp` files a killed run left next to `output`; returns how many."""
     removed = 0

@@ -22,7 +22,13 @@ import pyarrow as pa
 
 from embfilter_cli.files import atomic_path
 from embfilter_cli.vectors.arrow_batches import FilterBatch
-from embfilter_cli.vectors.shards import WorkUnit, check_outputs, output_state, remove_stale_temporaries
+from embfilter_cli.vectors.shards import (
+    WorkUnit,
+    check_folders_writable,
+    check_outputs,
+    output_state,
+    remove_stale_temporaries,
+)
 
 DEFAULT_TABLE_BATCH_ROWS = 8192
 ProgressFn = Callable[[int, int | None], None]
@@ -193,6 +199,7 @@ def apply_tables(
         InputDataError: a damaged input or bad vectors, naming the file and row.
     """
     started = time.perf_counter()
+    check_folders_writable(units)
     states, _ = plan_states(units, fb)
     check_outputs(states, units, force, resume)
     d, k = fb.dims()
