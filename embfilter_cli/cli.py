@@ -137,7 +137,13 @@ class EmbfilterGroup(click.Group):
 @click.option(
     "-q", "--quiet", is_flag=True, help="Only data on stdout and errors/warnings on stderr; no progress bars."
 )
-def app(quiet: bool) -> None:
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="Info lines on stderr even when it is not a terminal (by default they show only in a terminal).",
+)
+def app(quiet: bool, verbose: bool) -> None:
     """Fit, export and evaluate spectral filters on an LLM's unembedding matrix (EmbedFilter).
 
     \b
@@ -148,11 +154,12 @@ def app(quiet: bool) -> None:
 
     Set EMBFILTER_DEBUG=1 to see tracebacks for errors.
     """
-    from embfilter_cli.console import set_quiet
+    from embfilter_cli.console import set_quiet, set_verbose
 
     # Always reset: in one process (tests, library use) an earlier -q must not leak into later runs.
     # A subcommand's own -q is parsed after this and can still switch it on.
     set_quiet(quiet)
+    set_verbose(verbose)
 
 
 INTERRUPTED_MESSAGE = "Interrupted; no output file was written."

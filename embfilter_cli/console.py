@@ -7,7 +7,7 @@
 | a table on stdout | `DataTable` + `print_table` (`key_value_table` for two-column summaries) |
 | one JSON document on stdout | `emit_json` |
 | progress on stderr | `progress_bar` (a context manager yielding the core's `progress=` callback) |
-| info (hidden by -q) and warnings on stderr | `info`, `warn` |
+| info (a terminal or -v; hidden by -q), notices (hidden by -q) and warnings on stderr | `info`, `notice`, `warn` |
 
 Errors are not printed here: they are raised and turned into `Error: …` lines by `cli.py`.
 
@@ -50,12 +50,17 @@ def literal(text: str, style: str = "") -> Text:
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 out_console = Console(highlight=False, soft_wrap=True)
 
-_state = {"quiet": False}
+_state = {"quiet": False, "verbose": False}
 
 
 def set_quiet(quiet: bool) -> None:
-    """Silence info messages and progress bars (warnings and errors still show)."""
+    """Silence info messages, notices and progress bars (warnings and errors still show)."""
     _state["quiet"] = quiet
+
+
+def set_verbose(verbose: bool) -> None:
+    """Show info messages even when stderr is not a terminal (a log file, a pipe, a CI job)."""
+    _state["verbose"] = verbose
 
 
 def is_quiet() -> bool:
@@ -66,8 +71,35 @@ def is_quiet() -> bool:
 # --------------------------------------------------------------------------- stderr: info and warnings
 
 
+def info_enabled() -> bool:
+    """Whether `info` prints: not -q, and stderr is a terminal or -v was given.
+
+    Info lines (what was loaded, what was saved) are for a person watching. When stderr goes to
+    a pipe or a file, a script reads it, and a failure must be one `Error:` line there, not
+    several lines of progress before it (progress bars follow the same rule). `-v` keeps them
+    for a log file.
+    """
+    if _state["quiet"]:
+        return False
+    return _state["verbose"] or _stderr_is_terminal()
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced by an object without isatty, or closed
+        return False
+
+
 def info(message: str) -> None:
-    """A log line on stderr, printed literally; hidden by -q."""
+    """A log line on stderr, printed literally, for a person watching (see `info_enabled`)."""
+    if info_enabled():
+        err_console.print(literal(message))
+
+
+def notice(message: str) -> None:
+    """A line on stderr that explains a long wait or a disk write the user did not ask for
+    (building the model cache); shown unless -q, terminal or not."""
     if not _state["quiet"]:
         err_console.print(literal(message))
 
@@ -177,7 +209,7 @@ class Report(Protocol):
 
 def progress_enabled() -> bool:
     """Whether progress bars are shown: stderr is a terminal and -q is off."""
-    return not _state["quiet"] and sys.stderr.isatty()
+    return not _state["quiet"] and _stderr_is_terminal()
 
 
 @contextlib.contextmanager

@@ -66,7 +66,9 @@ def test_npy_file_to_file_matches_float64_reference_across_batches(runner, filt,
     x = _x(50)
     np.save(tmp_path / "x.npy", x)
     out = tmp_path / "y.npy"
-    result = runner.invoke(app, ["apply", str(filt), str(tmp_path / "x.npy"), "-o", str(out), "--batch-size", "7"])
+    result = runner.invoke(
+        app, ["-v", "apply", str(filt), str(tmp_path / "x.npy"), "-o", str(out), "--batch-size", "7"]
+    )
     assert result.exit_code == 0, result.stderr
     assert result.stdout == ""
     assert "Filtered 50 vectors 16 → 13 dims (float32)" in result.stderr
@@ -75,7 +77,7 @@ def test_npy_file_to_file_matches_float64_reference_across_batches(runner, filt,
     np.testing.assert_allclose(y, _ref(x, filt), rtol=1e-5, atol=1e-5)
     # batching must not change results beyond float32 rounding
     one = tmp_path / "one.npy"
-    assert runner.invoke(app, ["apply", str(filt), str(tmp_path / "x.npy"), "-o", str(one), "-q"]).exit_code == 0
+    assert runner.invoke(app, ["-v", "apply", str(filt), str(tmp_path / "x.npy"), "-o", str(one), "-q"]).exit_code == 0
     np.testing.assert_allclose(np.load(one), y, rtol=1e-6, atol=1e-6)
 
 
@@ -125,7 +127,7 @@ def test_normalize_gives_unit_vectors_and_keeps_zero_rows_zero(runner, filt, tmp
     x[3] = 0
     np.save(tmp_path / "x.npy", x)
     result = runner.invoke(
-        app, ["apply", str(filt), str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy"), "--normalize"]
+        app, ["-v", "apply", str(filt), str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy"), "--normalize"]
     )
     assert result.exit_code == 0 and "L2-normalised" in result.stderr
     y = np.load(tmp_path / "y.npy")
@@ -206,10 +208,10 @@ def test_jsonl_from_stdin_sniffed_or_named(runner, filt, fmt_args):
 
 def test_empty_jsonl_and_empty_stdin_give_empty_output(runner, filt, tmp_path):
     (tmp_path / "e.jsonl").write_text("")
-    result = runner.invoke(app, ["apply", str(filt), str(tmp_path / "e.jsonl"), "-o", str(tmp_path / "o.jsonl")])
+    result = runner.invoke(app, ["-v", "apply", str(filt), str(tmp_path / "e.jsonl"), "-o", str(tmp_path / "o.jsonl")])
     assert result.exit_code == 0, result.stderr
     assert (tmp_path / "o.jsonl").read_bytes() == b""
-    result = runner.invoke(app, ["apply", str(filt), "-"], input=b"")
+    result = runner.invoke(app, ["-v", "apply", str(filt), "-"], input=b"")
     assert result.exit_code == 0 and result.stdout_bytes == b""
     assert "Filtered 0 vectors" in result.stderr
 
@@ -296,7 +298,7 @@ def test_safetensors_bfloat16_in_and_out_match_torch_rounding(runner, filt, tmp_
 
     save_pt({"emb": x}, str(tmp_path / "x.safetensors"))
     out = tmp_path / "y.safetensors"
-    result = runner.invoke(app, ["apply", str(filt), str(tmp_path / "x.safetensors"), "-o", str(out)])
+    result = runner.invoke(app, ["-v", "apply", str(filt), str(tmp_path / "x.safetensors"), "-o", str(out)])
     assert result.exit_code == 0, result.stderr
     with safe_open(str(out), "pt") as fh:
         y = fh.get_tensor("emb")
@@ -304,7 +306,9 @@ def test_safetensors_bfloat16_in_and_out_match_torch_rounding(runner, filt, tmp_
     expected = torch.from_numpy(x.float().numpy() @ load_artifact(filt).projection.T).to(torch.bfloat16)
     assert torch.equal(y, expected)
     # bfloat16 into .npy becomes float32 (numpy has no bfloat16), said on stderr
-    result = runner.invoke(app, ["apply", str(filt), str(tmp_path / "x.safetensors"), "-o", str(tmp_path / "y.npy")])
+    result = runner.invoke(
+        app, ["-v", "apply", str(filt), str(tmp_path / "x.safetensors"), "-o", str(tmp_path / "y.npy")]
+    )
     assert result.exit_code == 0 and "writing float32" in result.stderr
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), _ref(x.float().numpy(), filt), rtol=1e-5, atol=1e-5)
 

@@ -192,7 +192,7 @@ def test_fit_band_auto_saves_the_rule_s_band(runner, planted_head, tmp_path):
 
     path, v = planted_head
     out = tmp_path / "auto.safetensors"
-    result = runner.invoke(app, ["fit", "--model", str(path), "--band", "auto", "-o", str(out), "--json"])
+    result = runner.invoke(app, ["-v", "fit", "--model", str(path), "--band", "auto", "-o", str(out), "--json"])
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["band"] == {"hidden_size": 40, "start": 2, "keep": 35, "top": 2, "bottom": 3}

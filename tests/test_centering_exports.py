@@ -278,7 +278,7 @@ def test_dense_check_without_the_library_rereads_the_bias(runner, centred, tmp_p
 
 def test_npy_export_writes_the_mean_beside_p(runner, centred, tmp_path):
     out = tmp_path / "P.npy"
-    result = runner.invoke(app, ["export", str(centred), "--format", "npy", "-o", str(out)])
+    result = runner.invoke(app, ["-v", "export", str(centred), "--format", "npy", "-o", str(out)])
     _ok(result)
     mean_file = tmp_path / "P.mean.npy"
     assert "Apply it as y = x @ P.T - m, with P = np.load(" in result.stderr and str(mean_file) in result.stderr
@@ -287,7 +287,7 @@ def test_npy_export_writes_the_mean_beside_p(runner, centred, tmp_path):
     assert rel_err(x.astype(np.float64) @ p.T.astype(np.float64) - m, reference(centred, x)) <= 1e-12
     # both files or neither: an existing mean file stops the export before either is written
     (tmp_path / "Q.mean.npy").write_bytes(b"someone else's")
-    result = runner.invoke(app, ["export", str(centred), "--format", "npy", "-o", str(tmp_path / "Q.npy")])
+    result = runner.invoke(app, ["-v", "export", str(centred), "--format", "npy", "-o", str(tmp_path / "Q.npy")])
     assert result.exit_code == 1 and "Q.mean.npy already exists" in result.stderr
     assert not (tmp_path / "Q.npy").exists() and (tmp_path / "Q.mean.npy").read_bytes() == b"someone else's"
     assert not list(tmp_path.glob(".*.tmp"))
@@ -307,13 +307,13 @@ def test_safetensors_exports_keep_the_mean(runner, centred, tmp_path):
 
     _ok(
         runner.invoke(
-            app, ["export", str(centred), "--format", "safetensors", "-o", str(tmp_path / "copy.safetensors")]
+            app, ["-v", "export", str(centred), "--format", "safetensors", "-o", str(tmp_path / "copy.safetensors")]
         )
     )
     copy = load_artifact(tmp_path / "copy.safetensors")
     np.testing.assert_array_equal(copy.mean, load_artifact(centred).mean)
     result = runner.invoke(
-        app, ["export", str(centred), "--format", "safetensors", "--fp16", "-o", str(tmp_path / "h.safetensors")]
+        app, ["-v", "export", str(centred), "--format", "safetensors", "--fp16", "-o", str(tmp_path / "h.safetensors")]
     )
     _ok(result)
     assert "Apply it as y = x @ projection.T - mean" in result.stderr

@@ -26,8 +26,18 @@ def odd_dir(tmp_path: Path) -> Path:
     return folder
 
 
-def test_info_warn_and_text_are_literal(capsys):
+@pytest.fixture(autouse=True)
+def _fresh_console_state():
+    """Each test starts from the defaults (quiet and verbose off) and leaves them so."""
     console.set_quiet(False)
+    console.set_verbose(False)
+    yield
+    console.set_quiet(False)
+    console.set_verbose(False)
+
+
+def test_info_warn_and_text_are_literal(capsys):
+    console.set_verbose(True)
     console.info(f"Writing {MARKUP}")
     console.warn(f"odd {MARKUP}")
     console.out_text(f"data {MARKUP}")
@@ -44,6 +54,25 @@ def test_quiet_hides_info_not_warnings(capsys):
     finally:
         console.set_quiet(False)
     assert capsys.readouterr().err == "Warning: shown\n"
+
+
+def test_info_shows_only_to_a_terminal_or_with_verbose(capsys, monkeypatch):
+    console.info("to a pipe")  # pytest's stderr is not a terminal
+    console.notice("building the cache")
+    console.warn("always")
+    assert capsys.readouterr().err == "building the cache\nWarning: always\n"
+    console.set_verbose(True)
+    console.info("asked for")
+    assert capsys.readouterr().err == "asked for\n"
+    console.set_verbose(False)
+    monkeypatch.setattr(console.sys.stderr, "isatty", lambda: True)
+    console.info("a person is watching")
+    assert capsys.readouterr().err == "a person is watching\n"
+    console.set_quiet(True)  # -q beats both the terminal and -v
+    console.set_verbose(True)
+    console.info("hidden")
+    console.notice("hidden too")
+    assert capsys.readouterr().err == ""
 
 
 def test_table_cells_and_title_are_literal_and_styles_apply(capsys):
@@ -81,13 +110,13 @@ def test_fit_prints_an_odd_model_path_literally(runner, tiny_llama, odd_dir, mon
     model = odd_dir / "llama"
     shutil.copytree(tiny_llama, model)
     out = odd_dir / "[bold]f.safetensors"
-    result = runner.invoke(app, ["fit", "--model", str(model), "--rank", "2", "-o", str(out)])
+    result = runner.invoke(app, ["-v", "fit", "--model", str(model), "--rank", "2", "-o", str(out)])
     assert result.exit_code == 0, result.stderr
     assert f"Model: {model}" in result.stderr  # info line
     rows = [line.rstrip().split(None, 1) for line in result.stdout.splitlines()]
     table = {key: value for key, value in rows if key in ("model", "saved")}
     assert table == {"model": str(model), "saved": str(out)}  # table cells
-    again = runner.invoke(app, ["fit", "--model", str(model), "--rank", "2", "-o", str(out)])
+    again = runner.invoke(app, ["-v", "fit", "--model", str(model), "--rank", "2", "-o", str(out)])
     assert again.exit_code == 1
     assert again.stderr.startswith(f"Error: {out} already exists")  # error line
 
@@ -95,10 +124,10 @@ def test_fit_prints_an_odd_model_path_literally(runner, tiny_llama, odd_dir, mon
 def test_export_prints_an_odd_path_literally(runner, make_filter, odd_dir):
     filt = make_filter()
     target = odd_dir / "P.npy"
-    result = runner.invoke(app, ["export", str(filt), "--format", "npy", "-o", str(target)])
+    result = runner.invoke(app, ["-v", "export", str(filt), "--format", "npy", "-o", str(target)])
     assert result.exit_code == 0, result.stderr
     assert f"Wrote {target} (npy," in result.stderr  # info line
-    again = runner.invoke(app, ["export", str(filt), "--format", "npy", "-o", str(target)])
+    again = runner.invoke(app, ["-v", "export", str(filt), "--format", "npy", "-o", str(target)])
     assert again.exit_code == 1 and str(target) in again.stderr and again.stderr.startswith("Error: ")
 
 
@@ -109,12 +138,12 @@ def test_apply_prints_an_odd_path_literally(runner, make_filter, odd_dir):
     np.save(odd_dir / "x.npy", x)
     out = odd_dir / "[bold]y.npy"
     args = ["apply", str(filt), str(odd_dir / "x.npy"), "-o", str(out)]
-    result = runner.invoke(app, [*args, "--allow-nonfinite"])
+    result = runner.invoke(app, ["-v", *args, "--allow-nonfinite"])
     assert result.exit_code == 0, result.stderr
     assert result.stderr.splitlines()[0] == "Warning: 1 input vectors held NaN/Inf; their results are NaN/Inf"
     assert result.stderr.splitlines()[1].endswith(f"→ {out}")  # info line
     np.save(odd_dir / "x.npy", x[:, :8])
-    bad = runner.invoke(app, [*args, "--force"])
+    bad = runner.invoke(app, ["-v", *args, "--force"])
     assert bad.exit_code == 1
     assert bad.stderr.startswith(f"Error: {odd_dir / 'x.npy'} holds 8-dimensional vectors")  # error line
 

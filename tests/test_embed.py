@@ -323,7 +323,9 @@ def test_cli_lines_to_npy_equals_core(runner, tiny_llama, encoder, tmp_path):
     src = tmp_path / "in.txt"
     src.write_text("\n".join(TEXTS) + "\n\n")
     out = tmp_path / "raw.npy"
-    result = runner.invoke(app, ["embed", "--model", str(tiny_llama), "--device", "cpu", str(src), "-o", str(out)])
+    result = runner.invoke(
+        app, ["-v", "embed", "--model", str(tiny_llama), "--device", "cpu", str(src), "-o", str(out)]
+    )
     assert result.exit_code == 0, result.stderr
     assert result.stdout == ""
     assert "1 empty text skipped (line 6)" in result.stderr and "Embedded 5 texts" in result.stderr

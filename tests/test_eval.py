@@ -218,7 +218,7 @@ def test_head_spectrum_is_cached(tiny_llama, tmp_path):
 
 
 def _eval(runner, tiny_llama, tsv, *extra):
-    return runner.invoke(app, ["eval", "-m", str(tiny_llama), "--device", "cpu", "--data", str(tsv), *extra])
+    return runner.invoke(app, ["eval", "-v", "-m", str(tiny_llama), "--device", "cpu", "--data", str(tsv), *extra])
 
 
 def test_cli_json_schema_and_second_run_uses_the_cache(runner, tiny_llama, tsv, monkeypatch):
@@ -251,7 +251,7 @@ def test_cli_no_cache_recomputes(runner, tiny_llama, tsv, tmp_path):
 
 def test_cli_table_on_stdout_and_filters(runner, tiny_llama, tsv, tmp_path):
     filt = tmp_path / "f.safetensors"
-    assert runner.invoke(app, ["fit", "-m", str(tiny_llama), "--rank", "2", "-o", str(filt)]).exit_code == 0
+    assert runner.invoke(app, ["-v", "fit", "-m", str(tiny_llama), "--rank", "2", "-o", str(filt)]).exit_code == 0
     result = _eval(runner, tiny_llama, tsv, "--filter", str(filt), "--sweep-top", "0,2", "--sweep-bottom", "0")
     assert result.exit_code == 0, result.stderr
     assert "f.safetensors" in result.stdout and "Spearman by band" in result.stdout and "★" in result.stdout

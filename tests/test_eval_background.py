@@ -204,7 +204,7 @@ def test_lee_has_a_default_background_and_other_data_has_none():
 
 def _eval(runner, tiny_llama, tsv, *extra):
     return runner.invoke(
-        app, ["eval", "-m", str(tiny_llama), "--device", "cpu", "--data", str(tsv), "--ratio", "2", *extra]
+        app, ["eval", "-v", "-m", str(tiny_llama), "--device", "cpu", "--data", str(tsv), "--ratio", "2", *extra]
     )
 
 

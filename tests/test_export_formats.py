@@ -61,7 +61,7 @@ def test_npy_is_the_projection_matrix(runner, art, tmp_path, fp16):
 
 
 def test_npy_default_path_is_beside_the_filter(runner, art):
-    result = runner.invoke(app, ["export", str(art), "--format", "npy"])
+    result = runner.invoke(app, ["-v", "export", str(art), "--format", "npy"])
     assert result.exit_code == 0, result.stderr
     assert f"Writing {art.with_suffix('.npy')}" in result.stderr and result.stdout == ""
     assert art.with_suffix(".npy").exists()
@@ -108,7 +108,7 @@ def test_safetensors_fp16_is_a_deployment_file_not_an_artifact(runner, art, tmp_
 def test_sentence_transformers_folder_layout(runner, art, tmp_path):
     out = tmp_path / "model" / "2_Dense"
     result = runner.invoke(
-        app, ["export", str(art), "--format", "sentence-transformers", "--dense-only", "-o", str(out)]
+        app, ["-v", "export", str(art), "--format", "sentence-transformers", "--dense-only", "-o", str(out)]
     )
     assert result.exit_code == 0, result.stderr
     assert result.stdout == ""

@@ -116,7 +116,7 @@ def ids(batch: int = 3, seq: int = 6, vocab: int = VOCAB, seed: int = 5) -> np.n
 @pytest.mark.parametrize("opset", [11, 17, 18])
 def test_standalone_graph_matches_float64_reference(runner, art, tmp_path, normalize, opset):
     out = tmp_path / "filter.onnx"
-    args = ["export", str(art), "--onnx", "-o", str(out), "--opset", str(opset)] + (
+    args = ["export", "-v", str(art), "--onnx", "-o", str(out), "--opset", str(opset)] + (
         ["--normalize"] if normalize else []
     )
     result = runner.invoke(app, args)
@@ -234,10 +234,12 @@ def test_no_check_skips_and_says_so(runner, art, tmp_path, monkeypatch):
         raise AssertionError("the check ran despite --no-check")
 
     monkeypatch.setattr(onnx_export, "check_standalone", boom)
-    result = runner.invoke(app, ["export", str(art), "--onnx", "-o", str(tmp_path / "n.onnx"), "--no-check", "--json"])
+    result = runner.invoke(
+        app, ["-v", "export", str(art), "--onnx", "-o", str(tmp_path / "n.onnx"), "--no-check", "--json"]
+    )
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["checked"] is False and json.loads(result.stdout)["max_rel_error"] is None
-    result = runner.invoke(app, ["export", str(art), "--onnx", "-o", str(tmp_path / "m.onnx"), "--no-check"])
+    result = runner.invoke(app, ["-v", "export", str(art), "--onnx", "-o", str(tmp_path / "m.onnx"), "--no-check"])
     assert "Not checked (--no-check)" in result.stderr
 
 
@@ -299,7 +301,7 @@ def test_without_filter_uses_newest_artifact(runner, make_filter, tmp_path, monk
     old = make_filter(name="artifacts/old.safetensors", model_source="old")
     new = make_filter(name="artifacts/new.safetensors", model_source="new", top=3)
     os.utime(old, (1_000_000, 1_000_000))
-    result = runner.invoke(app, ["export", "--onnx", "--json"])
+    result = runner.invoke(app, ["-v", "export", "--onnx", "--json"])
     assert result.exit_code == 0, result.stderr
     assert "Using the newest filter in artifacts/: new.safetensors" in result.stderr
     doc = json.loads(result.stdout)
@@ -352,7 +354,7 @@ def run_host(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def test_append_to_pooled_host(runner, art, tmp_path, normalize, opset, ir):
     host = gather_host(tmp_path / "host" / "model.onnx", opset=opset, ir=ir, metadata={"owner": "host"})
     out = tmp_path / "host" / "model.filtered.onnx"
-    args = ["export", str(art), "--onnx", "--append-to", str(host), "-o", str(out)] + (
+    args = ["-v", "export", str(art), "--onnx", "--append-to", str(host), "-o", str(out)] + (
         ["--normalize"] if normalize else []
     )
     result = runner.invoke(app, args)
@@ -417,6 +419,7 @@ def test_append_after_token_level_output_filters_each_token(runner, art, tmp_pat
     result = runner.invoke(
         app,
         [
+            "-v",
             "export",
             str(art),
             "--onnx",
@@ -605,7 +608,9 @@ def test_append_to_external_data_host_in_another_folder_links_its_data(runner, a
     data = tmp_path / "hub" / "weights" / "model.data"
     data_bytes = data.read_bytes()
     out = tmp_path / "deploy" / "model.filtered.onnx"
-    result = runner.invoke(app, ["export", str(art), "--onnx", "--append-to", str(host), "-o", str(out), "--json"])
+    result = runner.invoke(
+        app, ["-v", "export", str(art), "--onnx", "--append-to", str(host), "-o", str(out), "--json"]
+    )
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["linked_host_data"] == ["weights/model.data"]
     assert "Hard-linked 1 external data file(s) of the host" in result.stderr
@@ -616,7 +621,9 @@ def test_append_to_external_data_host_in_another_folder_links_its_data(runner, a
     assert rel_err(got["sentence_embedding"], reference(host_out["sentence_embedding"], art)) <= 1e-5
     # A second export into the same folder reuses the link.
     out2 = out.parent / "second.onnx"
-    result = runner.invoke(app, ["export", str(art), "--onnx", "--append-to", str(host), "-o", str(out2), "--json"])
+    result = runner.invoke(
+        app, ["-v", "export", str(art), "--onnx", "--append-to", str(host), "-o", str(out2), "--json"]
+    )
     assert result.exit_code == 0 and json.loads(result.stdout)["linked_host_data"] == []
 
 
@@ -728,7 +735,9 @@ def test_append_to_transformers_exported_host(runner, make_filter, tmp_path):
     host = _export_tiny_llama(tmp_path)
     art32 = make_filter(d=32, top=4, bottom=2, name="f32.safetensors")
     out = tmp_path / "llama.filtered.onnx"
-    result = runner.invoke(app, ["export", str(art32), "--onnx", "--append-to", str(host), "-o", str(out), "--json"])
+    result = runner.invoke(
+        app, ["-v", "export", str(art32), "--onnx", "--append-to", str(host), "-o", str(out), "--json"]
+    )
     assert result.exit_code == 0, result.stderr
     assert (
         "Filtering output 'last_hidden_state' of llama.onnx (its only output (rank 3, filtered per token))"
@@ -807,7 +816,7 @@ def test_projector_filter_keeps_the_dimension(runner, make_filter, tmp_path):
 
 def test_append_default_output_is_beside_the_host(runner, art, tmp_path):
     host = gather_host(tmp_path / "hub" / "model.onnx", external="model.data")
-    result = runner.invoke(app, ["export", str(art), "--onnx", "--append-to", str(host)])
+    result = runner.invoke(app, ["-v", "export", str(art), "--onnx", "--append-to", str(host)])
     assert result.exit_code == 0, result.stderr
     out = tmp_path / "hub" / "model.filtered.onnx"
     assert f"Writing {out}" in result.stderr

@@ -78,7 +78,19 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def test_the_exported_model_encodes_like_embed(runner, tiny_llama, fitted, tmp_path, pooling, extra):
     out = tmp_path / "st"
     result = runner.invoke(
-        app, ["export", str(fitted), "--format", "sentence-transformers", "--pooling", pooling, *extra, "-o", str(out)]
+        app,
+        [
+            "-v",
+            "export",
+            str(fitted),
+            "--format",
+            "sentence-transformers",
+            "--pooling",
+            pooling,
+            *extra,
+            "-o",
+            str(out),
+        ],
     )
     assert result.exit_code == 0, result.stderr
     assert result.stdout == "" and "Load it with SentenceTransformer(" in result.stderr

@@ -27,7 +27,7 @@ def _ref_vectors(folder: Path) -> tuple[np.ndarray, np.ndarray]:
 def test_fit_json_summary_and_artifact_match_float64_svd(runner, tiny_llama_sharded, tmp_path):
     out = tmp_path / "f.safetensors"
     result = runner.invoke(
-        app, ["fit", "--model", str(tiny_llama_sharded), "--rank", "4", "--bottom", "2", "-o", str(out), "--json"]
+        app, ["-v", "fit", "--model", str(tiny_llama_sharded), "--rank", "4", "--bottom", "2", "-o", str(out), "--json"]
     )
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
@@ -48,7 +48,17 @@ def test_fit_json_summary_and_artifact_match_float64_svd(runner, tiny_llama_shar
 def test_fit_table_goes_to_stdout_logs_to_stderr(runner, tiny_llama_sharded, tmp_path):
     result = runner.invoke(
         app,
-        ["fit", "-m", str(tiny_llama_sharded), "--ratio", "2", "--no-reduce", "-o", str(tmp_path / "p.safetensors")],
+        [
+            "-v",
+            "fit",
+            "-m",
+            str(tiny_llama_sharded),
+            "--ratio",
+            "2",
+            "--no-reduce",
+            "-o",
+            str(tmp_path / "p.safetensors"),
+        ],
     )
     assert result.exit_code == 0, result.stderr
     assert "energy removed" in result.stdout and "Model:" in result.stderr and "Model:" not in result.stdout

@@ -252,7 +252,7 @@ def test_directions_json_matches_float64_reference(runner, models):
 
 
 def test_directions_table_on_stdout_logs_on_stderr(runner, models):
-    args = ["inspect", "directions", "--model", str(models["a"]), "--band", "0:2", "--top", "4"]
+    args = ["-v", "inspect", "directions", "--model", str(models["a"]), "--band", "0:2", "--top", "4"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -320,9 +320,9 @@ def test_filter_removed_and_kept_come_from_the_artifact(runner, models, monkeypa
 
 def test_projector_filter_kept_directions_fall_back_to_the_spectrum(runner, models):
     reduced = json.loads(
-        runner.invoke(app, ["inspect", "directions", "--filter", str(models["r2"]), "--kept", "--json"]).stdout
+        runner.invoke(app, ["-v", "inspect", "directions", "--filter", str(models["r2"]), "--kept", "--json"]).stdout
     )
-    proj = runner.invoke(app, ["inspect", "directions", "--filter", str(models["proj"]), "--kept", "--json"])
+    proj = runner.invoke(app, ["-v", "inspect", "directions", "--filter", str(models["proj"]), "--kept", "--json"])
     assert proj.exit_code == 0, proj.stderr
     assert "Computing the exact spectrum" in proj.stderr
     assert [[t["id"] for t in d["positive"]] for d in json.loads(proj.stdout)["directions"]] == [
@@ -390,13 +390,13 @@ def test_bare_inspect_uses_the_newest_artifact(runner, models, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     (tmp_path / "artifacts").mkdir()
     shutil.copy(models["r2b1"], tmp_path / "artifacts" / "only.safetensors")
-    result = runner.invoke(app, ["inspect", "--top", "2", "--json"])
+    result = runner.invoke(app, ["-v", "inspect", "--top", "2", "--json"])
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["filter"] == "artifacts/only.safetensors" and doc["selection"] == "removed"
     assert [d["index"] for d in doc["directions"]] == [0, 1, 31] and len(doc["directions"][0]["positive"]) == 2
     assert "Newest filter in artifacts/: artifacts/only.safetensors" in result.stderr
-    table = runner.invoke(app, ["inspect", "-q"])
+    table = runner.invoke(app, ["-v", "inspect", "-q"])
     assert table.exit_code == 0 and table.stderr == "" and "removed bottom" in table.stdout
 
 
@@ -453,7 +453,7 @@ def test_spectrum_from_a_filter_alone_reads_no_model(runner, models, monkeypatch
 
 def test_spectrum_plot_is_written_atomically(runner, models, tmp_path):
     out = tmp_path / "plots" / "s.png"
-    args = ["inspect", "spectrum", "--filter", str(models["r2b1"]), "--plot", str(out)]
+    args = ["-v", "inspect", "spectrum", "--filter", str(models["r2b1"]), "--plot", str(out)]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
@@ -465,7 +465,7 @@ def test_spectrum_plot_is_written_atomically(runner, models, tmp_path):
     assert out.read_bytes() == before
     assert runner.invoke(app, [*args, "--force"]).exit_code == 0
     svg = runner.invoke(
-        app, ["inspect", "spectrum", "--filter", str(models["r2b1"]), "--plot", str(tmp_path / "s.svg")]
+        app, ["-v", "inspect", "spectrum", "--filter", str(models["r2b1"]), "--plot", str(tmp_path / "s.svg")]
     )
     assert svg.exit_code == 0 and (tmp_path / "s.svg").read_text().lstrip().startswith("<?xml")
 
@@ -532,6 +532,7 @@ def test_text_table_stdin_and_no_filter(runner, models):
     result = runner.invoke(
         app,
         [
+            "-v",
             "inspect",
             "text",
             "--model",
@@ -557,6 +558,7 @@ def test_text_table_stdin_and_no_filter(runner, models):
     with_filter = runner.invoke(
         app,
         [
+            "-v",
             "inspect",
             "text",
             "--model",

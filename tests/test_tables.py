@@ -192,7 +192,9 @@ def test_parquet_file_to_file(runner, filt, tmp_path):
     x = _x(20)
     pq.write_table(_table(x, "fixed"), tmp_path / "v.parquet", row_group_size=6)
     out = tmp_path / "f.parquet"
-    result = runner.invoke(app, ["apply", str(filt), str(tmp_path / "v.parquet"), "-o", str(out), "--batch-size", "4"])
+    result = runner.invoke(
+        app, ["-v", "apply", str(filt), str(tmp_path / "v.parquet"), "-o", str(out), "--batch-size", "4"]
+    )
     assert result.exit_code == 0, result.stderr
     assert result.stdout == ""
     assert "Filtered 20 vectors 16 → 13 dims (float32)" in result.stderr and "1 file written" in result.stderr

@@ -101,7 +101,7 @@ CASES: list[Case] = [
     Case("models", ["models"]),
     Case("models-json", ["models", "--json"]),
     # --- fit
-    Case("fit-rank-bottom", ["fit", "-m", "llama", "--rank", "3", "--bottom", "1", "-o", F]),
+    Case("fit-rank-bottom", ["-v", "fit", "-m", "llama", "--rank", "3", "--bottom", "1", "-o", F]),
     Case("fit-json-default-name", ["fit", "-m", "llama", "--rank", "2", "--json"]),
     Case("fit-ratio-no-reduce", ["fit", "-m", "llama", "--ratio", "2", "--no-reduce", "-o", "ratio.safetensors"]),
     Case("fit-start-keep-quiet", ["fit", "-m", "llama", "--start", "4", "--keep", "8", "-q", "-o", "sk.safetensors"]),
@@ -115,36 +115,38 @@ CASES: list[Case] = [
         ["fit", "-m", "llama", "--keep", "16", "--precision", "float32", "-o", "k16.safetensors"],
     ),
     # --- export
-    Case("export-onnx", ["export", F, "--onnx", "-o", "f.onnx"]),
+    Case("export-onnx", ["-v", "export", F, "--onnx", "-o", "f.onnx"]),
     Case("export-onnx-fp16-normalize-json", ["export", F, "--onnx", "--fp16", "--normalize", "-o", "h.onnx", "--json"]),
     Case("export-onnx-per-token-opset", ["export", F, "--onnx", "--per-token", "--opset", "13", "-o", "t.onnx"]),
     Case("export-onnx-external", ["export", F, "--onnx", "--external-data", "-o", "ext/f.onnx"]),
-    Case("export-append-to", ["export", F, "--onnx", "--append-to", "host.onnx", "-o", "host.filtered.onnx"]),
+    Case("export-append-to", ["-v", "export", F, "--onnx", "--append-to", "host.onnx", "-o", "host.filtered.onnx"]),
     Case("export-st-json", ["export", F, "--format", "sentence-transformers", "--dense-only", "-o", "st", "--json"]),
     Case("export-npy", ["export", F, "--format", "npy", "-o", "P.npy"]),
     Case("export-safetensors-fp16", ["export", F, "--format", "safetensors", "--fp16", "-o", "P16.safetensors"]),
     Case("export-newest-default", ["export", "--format", "npy", "--json"]),
     # --- apply
-    Case("apply-npy", ["apply", F, "vectors.npy", "-o", "out.npy"]),
+    Case("apply-npy", ["-v", "apply", F, "vectors.npy", "-o", "out.npy"]),
     Case("apply-npy-json-normalize", ["apply", F, "vectors.npy", "-o", "outn.npy", "--normalize", "--json"]),
     Case("apply-jsonl-stdout", ["apply", F, "vectors.jsonl"]),
     Case("apply-stdin-jsonl-to-npy", ["apply", F, "-", "--format", "jsonl", "-o", "stdin.npy"], stdin=_jsonl_vectors()),
     Case("apply-safetensors", ["apply", F, "vectors.safetensors", "-o", "out.safetensors"]),
     Case("apply-npy-to-jsonl-float32", ["apply", F, "vectors.npy", "--to", "jsonl", "--dtype", "float32"]),
     # --- verify
-    Case("verify", ["verify", F]),
+    Case("verify", ["-v", "verify", F]),
     Case("verify-model-json", ["verify", F, "-m", "llama", "--json"]),
     # --- inspect
     Case("inspect-bare-json", ["inspect", "--top", "2", "--json"]),
-    Case("inspect-directions", ["inspect", "directions", "-m", "llama", "--band", "0:3", "--top", "3"]),
+    Case("inspect-directions", ["-v", "inspect", "directions", "-m", "llama", "--band", "0:3", "--top", "3"]),
     Case(
         "inspect-directions-filter-json", ["inspect", "directions", "--filter", F, "--removed", "--top", "2", "--json"]
     ),
     Case("inspect-spectrum", ["inspect", "spectrum", "-m", "llama", "--rank", "3", "--bottom", "1"]),
     Case("inspect-spectrum-json", ["inspect", "spectrum", "--filter", F, "--json"]),
-    Case("inspect-text", ["inspect", "text", "-m", "llama", "The cat sat on the mat.", "--filter", F, "--top", "3"]),
+    Case(
+        "inspect-text", ["-v", "inspect", "text", "-m", "llama", "The cat sat on the mat.", "--filter", F, "--top", "3"]
+    ),
     # --- embed
-    Case("embed-npy", ["embed", "texts.txt", "-m", "llama", "--device", "cpu", "-o", "emb.npy"]),
+    Case("embed-npy", ["-v", "embed", "texts.txt", "-m", "llama", "--device", "cpu", "-o", "emb.npy"]),
     Case(
         "embed-jsonl-filter-json",
         [

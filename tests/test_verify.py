@@ -149,7 +149,7 @@ def test_damaged_files_exit_1_with_one_line(runner, make_filter, damage, needle)
 
 def test_no_filter_argument_uses_the_newest_artifact(runner, make_filter, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = runner.invoke(app, ["verify"])
+    result = runner.invoke(app, ["-v", "verify"])
     assert result.exit_code == 1
     assert "none found in artifacts/; run `embfilter fit` first" in _error_line(result)
     (tmp_path / "artifacts").mkdir()
@@ -157,7 +157,7 @@ def test_no_filter_argument_uses_the_newest_artifact(runner, make_filter, tmp_pa
     for path, when in ((old, 1_000_000), (new, 2_000_000)):
         shutil.move(path, tmp_path / "artifacts" / path.name)
         os.utime(tmp_path / "artifacts" / path.name, (when, when))
-    result = runner.invoke(app, ["verify"])
+    result = runner.invoke(app, ["-v", "verify"])
     assert result.exit_code == 0, result.stderr
     assert "Filter: artifacts/new.safetensors (the newest in artifacts/)" in result.stderr
     assert "remove top 3" in result.stdout
@@ -165,7 +165,7 @@ def test_no_filter_argument_uses_the_newest_artifact(runner, make_filter, tmp_pa
 
 def test_matching_model_passes(runner, llamas):
     a, _, filt = llamas
-    result = runner.invoke(app, ["verify", str(filt), "--model", str(a), "--json"])
+    result = runner.invoke(app, ["-v", "verify", str(filt), "--model", str(a), "--json"])
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["ok"] and doc["model"]["match"] is True and doc["model"]["tensor_name"] == "lm_head.weight"

@@ -50,8 +50,17 @@ def _set_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
     return value
 
 
+def _set_verbose(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        from embfilter_cli.console import set_verbose
+
+        set_verbose(True)
+    return value
+
+
 def output_options(func: F) -> F:
-    """`--json` (one JSON document on stdout) and `-q` (no progress/info on stderr)."""
+    """`--json` (one JSON document on stdout), `-q` (no progress/info on stderr) and `-v` (info lines
+    even when stderr is not a terminal)."""
     func = click.option("--json", "json_", is_flag=True, help="Print one JSON document on stdout instead of a table.")(
         func
     )
@@ -63,6 +72,15 @@ def output_options(func: F) -> F:
         callback=_set_quiet,
         is_eager=True,
         help="No progress bars or info lines on stderr.",
+    )(func)
+    func = click.option(
+        "-v",
+        "--verbose",
+        is_flag=True,
+        expose_value=False,
+        callback=_set_verbose,
+        is_eager=True,
+        help="Info lines on stderr even when it is not a terminal (a log file, a pipe).",
     )(func)
     return func
 

@@ -123,7 +123,7 @@ def embed(
     if to_stdout and json_:
         raise UsageError("--json prints a summary on stdout, which -o - already uses for the embeddings; drop one")
 
-    from embfilter_cli.console import info, progress_bar, warn
+    from embfilter_cli.console import info, notice, progress_bar, warn
     from embfilter_cli.text.embedding import resolve_recipe
     from embfilter_cli.text.texts import describe_skipped, read_texts
 
@@ -154,7 +154,7 @@ def embed(
     info(f"Loading {location.source} ({location.kind.replace('_', ' ')})…")
     start = time.perf_counter()
     encoder = load_encoder_at(
-        location, device=device, dtype=dtype, revision=revision, use_cache=not no_cache, notify=info
+        location, device=device, dtype=dtype, revision=revision, use_cache=not no_cache, notify=notice
     )
     loaded = time.perf_counter()
     info(

@@ -168,7 +168,7 @@ def eval_cmd(
 
         require_matplotlib()
 
-    from embfilter_cli.console import info, progress_bar, warn
+    from embfilter_cli.console import info, notice, progress_bar, warn
     from embfilter_cli.filters.artifact import load_artifact
     from embfilter_cli.model.locate import resolve_model
     from embfilter_cli.text.cache import cached_embeddings
@@ -191,7 +191,7 @@ def eval_cmd(
     facts, spectrum = head_for_eval(location, cache, device, needs_spectrum, filters, log=info)
     embed_options: dict[str, Any] = dict(template=rec.template, pooling=pooling, recipe=recipe, batch_size=batch_size)
     embed_options.update(max_length=max_length, device=device, dtype=dtype, revision=revision, cache=cache)
-    embed_options.update(log=info, warn=warn, notify=info, bar=progress_bar, encoders={})
+    embed_options.update(log=info, warn=warn, notify=notice, bar=progress_bar, encoders={})
     embed_options.update(hidden_size=facts.hidden_size if facts is not None else None)
     raw, embed_info = cached_embeddings(location, data, **embed_options)
     bg_raw = bg_info = None

@@ -78,7 +78,7 @@ def text(
       embfilter inspect text "The cat sat on the mat." "Stocks fell." --filter F
       echo "A dog ran in the park." | embfilter inspect text - --pooling last --recipe prompteol --json
     """
-    from embfilter_cli.console import emit_json, info, out_text, warn
+    from embfilter_cli.console import emit_json, info, notice, out_text, warn
     from embfilter_cli.errors import InputDataError
     from embfilter_cli.text.directions import token_entries
     from embfilter_cli.text.embedding import check_pooling, load_encoder, resolve_recipe
@@ -96,7 +96,9 @@ def text(
         check_centering_use(ctx.artifact.centering, pooling, rec.name, rec.template, str(ctx.artifact.path))
 
     info(f"Embedding {len(items)} text(s): pooling={pooling}, recipe={recipe}")
-    encoder = load_encoder(ctx.spec, device=device, dtype=dtype, revision=revision, use_cache=not no_cache, notify=info)
+    encoder = load_encoder(
+        ctx.spec, device=device, dtype=dtype, revision=revision, use_cache=not no_cache, notify=notice
+    )
     embeddings = encoder.embed(items, pooling=pooling, recipe=recipe, batch_size=batch_size, max_length=max_length)
     if embeddings.shape[1] != ctx.unemb.hidden_size:
         raise InputDataError(

@@ -21,12 +21,12 @@ def test_model_path_with_escapes_is_printed_escaped(runner, tmp_path):
     folder.mkdir()
     head_file(folder / "model.safetensors")
     out = tmp_path / "f.safetensors"
-    result = runner.invoke(app, ["fit", "-m", str(folder), "--rank", "1", "-o", str(out)])
+    result = runner.invoke(app, ["-v", "fit", "-m", str(folder), "--rank", "1", "-o", str(out)])
     assert result.exit_code == 0, result.stderr
     assert "\x1b" not in result.stdout and "\x1b" not in result.stderr and "\x07" not in result.stdout
     assert "\\x1b" in result.stdout + result.stderr  # shown, visibly
     # --json keeps the exact name (JSON escapes it itself)
-    again = runner.invoke(app, ["fit", "-q", "-m", str(folder), "--rank", "1", "-o", str(out), "-f", "--json"])
+    again = runner.invoke(app, ["-v", "fit", "-q", "-m", str(folder), "--rank", "1", "-o", str(out), "-f", "--json"])
     assert json.loads(again.stdout)["model_source"].endswith(f"m{ESC}")
 
 
