@@ -143,7 +143,9 @@ def test_full_disk_is_one_line(runner, art, tmp_path, full_dir, command):
     before = Snapshot(full_dir)
     args = _writing_commands(tmp_path, art, full_dir)[command]
     line = expect_error(runner.invoke(app, args))
-    assert "full" in line or "No space" in line or "could not write" in line, line
+    out = args[args.index("-o") + 1]
+    assert f"could not write {out}: the disk is full" in line and "free space or choose another" in line, line
+    assert ".tmp" not in line, line  # the user's path, never the hidden temporary file's
     before.assert_unchanged()
 
 
