@@ -38,16 +38,19 @@ def exists_error(out: Path) -> OutputExistsError:
     return OutputExistsError(f"{out} already exists; pass --force to overwrite it or choose another -o path")
 
 
+_REASONS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EFBIG: "the file is too large for the file system",
+}
+
+
 def write_error(out: Path, exc: OSError) -> OutputWriteError:
     """One line for an OSError met while writing `out` (names the user's path, never the temp file)."""
-    reason = {
-        errno.ENOSPC: "the disk is full",
-        errno.EDQUOT: "the disk quota is exceeded",
-        errno.EROFS: "the file system is read-only",
-        errno.EACCES: "permission denied",
-        errno.EPERM: "permission denied",
-        errno.EFBIG: "the file is too large for the file system",
-    }.get(exc.errno or 0, exc.strerror or type(exc).__name__)
+    reason = _REASONS.get(exc.errno or 0, exc.strerror or type(exc).__name__)
     advice = (
         "free space or choose another -o path"
         if exc.errno in (errno.ENOSPC, errno.EDQUOT)
@@ -277,6 +280,19 @@ def _untemp(message: str, out: Path, tmp: Path | None) -> str:
     if tmp is not None:
         message = message.replace(str(tmp), str(out)).replace(tmp.name, out.name)
     return _TEMP_NAME.sub(lambda m: (m.group("dir") or "") + m.group("name"), message)
+
+
+def unwritable_reason(exc: BaseException) -> str | None:
+    """Why `exc` means a place cannot be written (disk full, read-only, no permission), or None.
+
+    For optional writes (caches, memos) that warn and go on instead of failing the run.
+    """
+    if isinstance(exc, OutputWriteError):
+        return exc.reason
+    os_error = exc if isinstance(exc, OSError) else _wrapped_os_error(exc)
+    if os_error is None or os_error.errno not in _REASONS:
+        return None
+    return _REASONS[os_error.errno or 0]
 
 
 def _wrapped_os_error(exc: BaseException) -> OSError | None:

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from embfilter_cli.errors import ConversionError, ModelNotFoundError
-from embfilter_cli.files import atomic_path, default_cache_dir
+from embfilter_cli.files import OutputWriteError, atomic_path, default_cache_dir, unwritable_reason
 
 FORMAT_VERSION = "1"
 MANIFEST = "embfilter-conversion.json"
@@ -100,7 +100,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
-    with contextlib.suppress(OSError):  # a memo that cannot be written only costs a re-hash later
+    # A memo that cannot be written (read-only or full cache) only costs a re-hash later.
+    with contextlib.suppress(OSError, OutputWriteError):
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path, force=True) as tmp:
             tmp.write_text(json.dumps(value, indent=1), encoding="utf-8")
@@ -301,6 +302,28 @@ def converted_folder(
     return Converted(folder, built=True, seconds=time.perf_counter() - start, rebuilt_because=reason)
 
 
+def cached_conversion(
+    gguf_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None, notify: NotifyFn | None = None
+) -> Path | None:
+    """`converted_folder(...).folder`, or None when the cache cannot be written (read-only, full, no permission).
+
+    The caller then loads the GGUF file itself, as with --no-cache: slower, same vectors. `notify`
+    says why.
+    """
+    try:
+        return converted_folder(gguf_path, cache_dir, notify=notify).folder
+    except Exception as exc:
+        reason = unwritable_reason(exc)
+        if reason is None:
+            raise
+        if notify:
+            notify(
+                f"Cannot convert {Path(gguf_path).name} into the cache {cache_root(cache_dir)} ({reason}); loading the "
+                "GGUF file directly (slower; free space or point EMBFILTER_CACHE or --cache-dir at a writable folder)"
+            )
+        return None
+
+
 def _discard(path: Path) -> None:
     """Move a damaged entry out of the way atomically, then delete it."""
     aside = path.with_name(f".{path.name}.damaged-{os.getpid()}-{time.monotonic_ns()}")
@@ -316,6 +339,7 @@ __all__ = [
     "MANIFEST",
     "Converted",
     "cache_root",
+    "cached_conversion",
     "conversion_key",
     "convert_with_transformers",
     "converted_folder",

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from embfilter_cli.files import OutputWriteError
+from embfilter_cli.files import OutputWriteError, unwritable_reason
 from embfilter_cli.text.cache import Cache
 
 
@@ -35,10 +35,11 @@ class BestEffortCache(Cache):
             return
         try:
             save(*args)
-        except OSError as exc:  # an error atomic_path did not own (e.g. the cache folder itself)
-            self._failed(exc.strerror or type(exc).__name__)
-        except OutputWriteError as exc:
-            self._failed(exc.reason)
+        except (OSError, OutputWriteError) as exc:
+            reason = unwritable_reason(exc)
+            if reason is None:  # not a write failure (a bug, or an input error): not ours to hide
+                raise
+            self._failed(reason)
 
     def _failed(self, reason: str) -> None:
         self.write_failed = True

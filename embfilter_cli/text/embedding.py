@@ -413,9 +413,10 @@ def model_target(
     kwargs: dict[str, Any] = {}
     if location.kind == "gguf_file":
         if use_cache:
-            from embfilter_cli.model.gguf_convert import converted_folder
+            from embfilter_cli.model.gguf_convert import cached_conversion
 
-            return str(converted_folder(location.path, cache_dir, notify=notify).folder), kwargs
+            if (folder := cached_conversion(location.path, cache_dir, notify=notify)) is not None:
+                return str(folder), kwargs  # (None: the cache cannot be written, so load the GGUF itself)
         kwargs["gguf_file"] = location.path.name
         return str(location.path.parent), kwargs
     if Path(location.source).exists():

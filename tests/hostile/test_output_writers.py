@@ -341,3 +341,49 @@ def test_a_failed_check_after_force_keeps_the_previous_export(runner, art, tmp_p
     _fail_with_temp_name(monkeypatch, formats, "_check_st")
     _assert_names_the_output(expect_error(runner.invoke(app, [*args, "--force"])), out)
     before.assert_unchanged()
+
+
+# --------------------------------------------------------------------------- a GGUF model's cached conversion
+
+
+@pytest.mark.parametrize("disk", ["full", "read-only"])
+def test_an_unwritable_cache_loads_the_gguf_directly(tmp_path, monkeypatch, request, disk):
+    """The conversion cache is an optimisation: when it cannot be written the GGUF is loaded itself (like --no-cache)."""
+    from embfilter_cli.model import gguf_convert
+    from embfilter_cli.model.locate import resolve_model
+    from embfilter_cli.text.embedding import model_target
+
+    def convert(gguf: Path, out: Path) -> None:  # writes weights, as transformers' save_pretrained would
+        (out / "model.safetensors").write_bytes(b"\0" * 65536)
+
+    monkeypatch.setattr(gguf_convert, "convert_with_transformers", convert)
+    cache = request.getfixturevalue("full_dir" if disk == "full" else "ro_dir")
+    if disk == "full":
+        fill_disk(cache)
+    before = Snapshot(cache)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(np.random.default_rng(0).bytes(4096))
+    notes: list[str] = []
+    target, kwargs = model_target(resolve_model(str(gguf)), cache_dir=cache, notify=notes.append)
+    assert (target, kwargs) == (str(tmp_path), {"gguf_file": "m.gguf"})
+    # (a full disk is found while converting, after the "Converting m.gguf once" note)
+    assert notes[-1].startswith("Cannot convert m.gguf into the cache") and str(cache) in notes[-1], notes
+    assert len(notes) == (2 if disk == "full" else 1), notes
+    _no_temp_name(notes[-1])
+    before.assert_unchanged()
+
+
+def test_embed_with_an_unwritable_cache_is_not_a_traceback(runner, tmp_path, tiny_llama, ro_dir, monkeypatch):
+    from embfilter_cli.model import gguf_convert
+    from tests.test_gguf_convert import FakeConverter
+
+    monkeypatch.setattr(gguf_convert, "convert_with_transformers", FakeConverter(tiny_llama))
+    monkeypatch.setenv("EMBFILTER_CACHE", str(ro_dir))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(np.random.default_rng(0).bytes(4096))  # not a model: the direct load fails, proving it ran
+    (tmp_path / "t.txt").write_text("a text\n")
+    result = runner.invoke(
+        app, ["embed", "-q", str(tmp_path / "t.txt"), "-m", str(gguf), "-o", str(tmp_path / "e.npy")]
+    )
+    expect_error(result, match="transformers could not load")
+    assert not (tmp_path / "e.npy").exists()
