@@ -103,3 +103,59 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("EMBFILTER_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert default_cache_dir() == tmp_path / ".cache" / "embfilter"
+
+
+# --------------------------------------------------------------------------- folder outputs, messages
+
+
+def test_temp_dir_beside_removes_itself_and_the_folders_it_made_on_any_failure(tmp_path):
+    from embfilter_cli.files import temp_dir_beside
+
+    (tmp_path / "kept").mkdir()
+    for exc in (RuntimeError("boom"), KeyboardInterrupt()):
+        with pytest.raises(type(exc)), temp_dir_beside(tmp_path / "kept" / "a" / "b" / "out") as tmp:
+            (tmp / "config.json").write_text("{}")
+            raise exc
+        assert [p.name for p in tmp_path.iterdir()] == ["kept"] and list((tmp_path / "kept").iterdir()) == []
+
+
+def test_temp_dir_beside_is_gone_after_success_whether_renamed_or_not(tmp_path):
+    from embfilter_cli.files import temp_dir_beside
+
+    with temp_dir_beside(tmp_path / "out") as tmp:
+        (tmp / "f").write_text("x")
+        os.rename(tmp, tmp_path / "out")
+    with temp_dir_beside(tmp_path / "other") as tmp:  # a writer that moved only the files out
+        (tmp / "g").write_text("y")
+        os.replace(tmp / "g", tmp_path / "out" / "g")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["f", "g"]
+
+
+def test_an_error_that_names_the_temporary_file_names_the_output(tmp_path):
+    from embfilter_cli.errors import ExportError
+
+    out = tmp_path / "model.onnx"
+    with pytest.raises(ExportError) as caught, atomic_path(out) as tmp:
+        raise ExportError(f"cannot load {tmp.name}: bad bytes in {tmp}; nothing was written")
+    assert str(caught.value) == f"cannot load model.onnx: bad bytes in {out}; nothing was written"
+    # a temporary name the writer did not make itself (a side file's) is cleaned up by its shape
+    with pytest.raises(ExportError) as caught, atomic_path(out):
+        raise ExportError(f"see {tmp_path}/.weights.data.ab12_xyz.tmp and .x.onnx.q1w2e3r4.tmp")
+    assert str(caught.value) == f"see {tmp_path}/weights.data and x.onnx"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_reason_tells_write_failures_from_others(tmp_path):
+    import errno
+
+    from embfilter_cli.files import OutputWriteError, unwritable_reason, write_error
+
+    assert unwritable_reason(OSError(errno.ENOSPC, "No space left on device")) == "the disk is full"
+    assert unwritable_reason(write_error(tmp_path / "f", OSError(errno.EROFS, "x"))) == "the file system is read-only"
+    assert unwritable_reason(OutputWriteError("could not write f: /x is not writable", "/x is not writable")) == (
+        "/x is not writable"
+    )
+    assert unwritable_reason(RuntimeError("I/O error: No space left on device (os error 28)")) == "the disk is full"
+    assert unwritable_reason(OSError(errno.ENOENT, "No such file")) is None
+    assert unwritable_reason(ValueError("bad")) is None
