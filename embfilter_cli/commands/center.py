@@ -143,26 +143,11 @@ def centre_logged(
 
 def _filter_model(artifact: Any, model: str | None, revision: str | None) -> Any:
     """Resolve --model (default: the filter's own model) and refuse one with another W_U."""
-    from embfilter_cli.model.head import read_head_for_filter
-    from embfilter_cli.model.locate import resolve_model
+    from embfilter_cli.model.head import locate_for_filter, read_head_for_filter
 
-    if model is None:
-        model, stored_revision = default_model_of(artifact)
-        revision = revision or stored_revision
-    location = resolve_model(model, revision=revision)
+    _, location = locate_for_filter(model, revision, artifact)
     read_head_for_filter(location, artifact)
     return location
-
-
-def default_model_of(artifact: Any) -> tuple[str | None, str | None]:
-    """The --model spec and revision that name the model a filter was fitted on (None: the built-in one)."""
-    from embfilter_cli.model.aliases import DEFAULT_MODEL_ALIAS, MODEL_ALIASES
-
-    source = artifact.model_source
-    if not source or source.startswith(MODEL_ALIASES[DEFAULT_MODEL_ALIAS] + " (GGUF"):
-        return None, None
-    revision = artifact.metadata.get("model_revision") or None
-    return source, None if revision == "local" else revision
 
 
 def centring_summary(artifact: Any, report: Any) -> dict[str, Any]:
