@@ -319,10 +319,10 @@ def test_resume_redoes_outputs_of_another_normalisation_and_refuses_foreign_file
 # --------------------------------------------------------------------------- Arrow IPC
 
 
-def _ipc_stream(table: pa.Table) -> bytes:
+def _ipc_stream(table: pa.Table, batch_rows: int = 4) -> bytes:
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
-        for batch in table.to_batches(max_chunksize=4):
+        for batch in table.to_batches(max_chunksize=batch_rows):
             writer.write_batch(batch)
     return sink.getvalue().to_pybytes()
 
@@ -333,6 +333,46 @@ def test_arrow_ipc_through_stdin_and_stdout(runner, filt):
     assert result.exit_code == 0, result.stderr
     table = pa.ipc.open_stream(result.stdout_bytes).read_all()
     assert table.column("id").to_pylist() == list(range(10))
+    np.testing.assert_allclose(_vectors(table), _ref(x, filt), rtol=1e-5, atol=1e-5)
+
+
+def test_arrow_ipc_through_real_pipes_in_many_batches(filt):
+    """producer | embfilter apply F - --format arrow -o - | consumer, with OS pipes, not in-process buffers.
+
+    The producer writes in 4 KiB pieces that cut record batches anywhere, while the test reads
+    embfilter's stdout at the same time: reads of a pipe return short, unlike an in-memory buffer.
+    """
+    import subprocess
+    import sys
+    import threading
+
+    x = _x(5000, seed=4)
+    payload = _ipc_stream(_table(x), batch_rows=97)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "embfilter_cli", "apply", str(filt), "-", "--format", "arrow", "-o", "-"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+
+    def produce() -> None:
+        assert proc.stdin is not None
+        for start in range(0, len(payload), 4096):  # pipe-sized writes
+            proc.stdin.write(payload[start : start + 4096])
+            proc.stdin.flush()
+        proc.stdin.close()
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    assert proc.stdout is not None
+    table = pa.ipc.open_stream(proc.stdout).read_all()
+    producer.join(timeout=120)
+    err = proc.stderr.read() if proc.stderr is not None else b""
+    assert proc.wait(timeout=120) == 0, err
+    assert err == b""
+    assert table.column("id").to_pylist() == list(range(5000))
     np.testing.assert_allclose(_vectors(table), _ref(x, filt), rtol=1e-5, atol=1e-5)
 
 
