@@ -103,6 +103,28 @@ def test_gguf_quantized_tied_and_f16_head(tmp_path):
     np.testing.assert_array_equal(u2.matrix.numpy(), expected2)
 
 
+def test_f32_gguf_head_is_shared_with_the_file_and_torch_does_not_warn(tmp_path):
+    """An F32 GGUF head is mapped read-only, not copied; torch's "not writable" UserWarning must not
+    reach the user's stderr (issue 8), and a writable array still goes straight through. torch warns only
+    once per process, so tests/hostile/test_clean_stderr.py checks the same in fresh processes."""
+    import warnings
+
+    from embfilter_cli.model.unembedding import readonly_tensor
+
+    path, expected = make_gguf(tmp_path / "f32.gguf", head="f32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        u = read_unembedding(resolve_model(str(path)))
+    assert u.stored_dtype == "F32"
+    np.testing.assert_array_equal(u.matrix.numpy(), expected)
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert readonly_tensor(mapped).data_ptr() == mapped.ctypes.data  # shared with the mapping, no copy
+    writable = np.zeros(3, np.float32)
+    assert readonly_tensor(writable).data_ptr() == writable.ctypes.data
+
+
 def test_choose_unembedding_rules():
     assert choose_unembedding(["a", "lm_head.weight", "model.embed_tokens.weight"], {}, None, "x") == (
         "lm_head.weight",
@@ -156,7 +178,7 @@ def test_tokenizer_vocab_size_counts_added_tokens(tmp_path):
 def test_fast_gguf_header_walk_matches_gguf_reader(tmp_path):
     from embfilter_cli.model.unembedding import _read_gguf_with_reader
 
-    for head in ("quantized", "f16"):
+    for head in ("quantized", "f16", "f32"):
         path, _ = make_gguf(tmp_path / f"{head}.gguf", rows=64, hidden=32, tokens=60, head=head)
         fast = read_unembedding(resolve_model(str(path)), drop_padding_rows=False)
         slow = _read_gguf_with_reader(path, None)

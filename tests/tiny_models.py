@@ -125,7 +125,8 @@ def make_gguf(
     """A minimal GGUF file with a W_U and a token list, written by gguf's own writer.
 
     head: "quantized" -> only token_embd.weight in Q8_0 (tied, like SmolLM2's file);
-          "f16" -> an untied output.weight in F16 beside a Q8_0 token_embd.weight.
+          "f16" -> an untied output.weight in F16 beside a Q8_0 token_embd.weight;
+          "f32" -> the same in F32 (read as a view of the file, not a copy).
     Returns (path, the float32 matrix that the head tensor dequantizes to).
     """
     import numpy as np
@@ -141,8 +142,8 @@ def make_gguf(
     q = quantize(emb, GGMLQuantizationType.Q8_0)
     writer.add_tensor("token_embd.weight", q, raw_shape=q.shape, raw_dtype=GGMLQuantizationType.Q8_0)
     expected = dequantize(q, GGMLQuantizationType.Q8_0).reshape(rows, hidden)
-    if head == "f16":
-        out = rng.standard_normal((rows, hidden)).astype(np.float16)
+    if head in ("f16", "f32"):
+        out = rng.standard_normal((rows, hidden)).astype(np.float16 if head == "f16" else np.float32)
         writer.add_tensor("output.weight", out)
         expected = out.astype(np.float32)
     writer.write_header_to_file()

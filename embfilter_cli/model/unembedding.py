@@ -16,6 +16,7 @@ Not handled: tensors split across shards or ranks, quantization formats other th
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,12 +205,27 @@ def _mmap_safetensors(entry: _SafetensorsEntry, name: str) -> torch.Tensor:
     if entry.end - entry.begin != expected or entry.file.stat().st_size < entry.end:
         raise BadTensorError(f"{name} in {entry.file} is truncated or its header is wrong; re-download the file")
     mapped = np.memmap(entry.file, dtype=np_dtype, mode="r", offset=entry.begin, shape=entry.shape)
-    import warnings
-
-    with warnings.catch_warnings():  # read-only mmap: torch warns that the tensor is not writable
-        warnings.simplefilter("ignore", UserWarning)
-        tensor = torch.from_numpy(mapped)
+    tensor = readonly_tensor(mapped)
     return tensor.view(torch_dtype) if entry.dtype == "BF16" else tensor
+
+
+# torch's UserWarning for torch.from_numpy on an array whose buffer cannot be written.
+_NOT_WRITABLE = "The given NumPy array is not writable"
+
+
+def readonly_tensor(array: np.ndarray) -> torch.Tensor:
+    """`torch.from_numpy` that shares a read-only (memory-mapped) array instead of copying it.
+
+    A head mapped read-only from the model file makes torch warn that the tensor is not writable,
+    a warning meant for code that writes; W_U is only ever read (sliced, converted, multiplied), and
+    copying it to make it writable would double the memory a multi-GB head takes. So this one
+    warning, and only for this call, is silenced; a writable array goes straight through.
+    """
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NOT_WRITABLE, category=UserWarning)
+        return torch.from_numpy(array)
 
 
 # --------------------------------------------------------------------------- tokenizer size
@@ -403,7 +419,8 @@ def _dequantize(
             f"{name} in {path} uses GGUF type {qtype.name}, which the installed gguf package cannot "
             "dequantize; upgrade gguf or use a Q8_0/Q4/F16 file"
         ) from exc
-    return torch.from_numpy(np.asarray(values, dtype=np.float32).reshape(shape))
+    # F32 dequantizes to a view of the read-only file mapping (no copy); the other types to new arrays
+    return readonly_tensor(np.asarray(values, dtype=np.float32).reshape(shape))
 
 
 def _read_gguf_with_reader(path: Path, tensor_name: str | None) -> Unembedding:
