@@ -387,3 +387,33 @@ def test_embed_with_an_unwritable_cache_is_not_a_traceback(runner, tmp_path, tin
     )
     expect_error(result, match="transformers could not load")
     assert not (tmp_path / "e.npy").exists()
+
+
+# --------------------------------------------------------------------------- --force over an earlier output, disk full
+
+
+@pytest.mark.parametrize("case", ["onnx-external", "st-dense", "center", "embed"])
+def test_force_over_an_earlier_output_on_a_full_disk_keeps_it(runner, art, tiny_llama, tmp_path, full_dir, case):
+    args = {
+        "onnx-external": ["export", "-q", str(art), "--onnx", "--external-data", "-o", str(full_dir / "f.onnx")],
+        "st-dense": [
+            "export",
+            "-q",
+            str(art),
+            "--format",
+            "sentence-transformers",
+            "--dense-only",
+            "-o",
+            f"{full_dir}/d",
+        ],
+        "center": _center_args(art, tmp_path, full_dir / "c.safetensors"),
+        "embed": ["embed", "-q", _embed_input(tmp_path, "npy"), "-m", str(tiny_llama), "-o", str(full_dir / "e.jsonl")],
+    }[case]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.stderr
+    fill_disk(full_dir)
+    before = Snapshot(full_dir)
+    assert len(before.files) >= 3, before.files  # keep.txt, filler and the earlier output
+    out = Path(args[-1])
+    _full_disk_line(expect_error(runner.invoke(app, [*args, "--force"])), out)
+    before.assert_unchanged()
