@@ -417,3 +417,29 @@ def test_force_over_an_earlier_output_on_a_full_disk_keeps_it(runner, art, tiny_
     out = Path(args[-1])
     _full_disk_line(expect_error(runner.invoke(app, [*args, "--force"])), out)
     before.assert_unchanged()
+
+
+# --------------------------------------------------------------------------- apply into a folder of tables
+
+
+def _vector_tables(folder: Path) -> Path:
+    folder.mkdir()
+    x = np.random.default_rng(0).standard_normal((40, 16)).astype(np.float32)
+    for name, rows in (("a.parquet", x[:20]), ("b.parquet", x[20:])):
+        pq.write_table(pa.table({"embedding": pa.array(list(rows), pa.list_(pa.float32()))}), folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("disk", ["full", "read-only"])
+def test_apply_into_a_folder_of_tables(runner, art, tmp_path, request, disk):
+    folder = request.getfixturevalue("full_dir" if disk == "full" else "ro_dir")
+    if disk == "full":
+        fill_disk(folder)
+    before = Snapshot(folder)
+    out = folder / "filtered"
+    line = expect_error(
+        runner.invoke(app, ["apply", "-q", str(art), str(_vector_tables(tmp_path / "in")), "-o", str(out)])
+    )
+    assert str(out) in line and ("disk is full" in line if disk == "full" else "not writable" in line), line
+    _no_temp_name(line)
+    before.assert_unchanged()
