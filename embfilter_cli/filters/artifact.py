@@ -24,7 +24,6 @@ artifact. The writer always writes version 2 (an uncentred filter is a version-2
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ import numpy as np
 from embfilter_cli.errors import ArtifactError
 from embfilter_cli.files import atomic_path
 from embfilter_cli.filters.centering import Centering, apply_affine
+from embfilter_cli.jsonable import loads as json_loads
 
 if TYPE_CHECKING:
     from embfilter_cli.filters.band import Band
@@ -104,7 +104,7 @@ class FilterArtifact:
     @property
     def band(self) -> dict[str, Any]:
         """The band as stored: hidden_size, start, keep, top, bottom."""
-        return json.loads(self.metadata["band"])
+        return json_loads(self.metadata["band"])
 
     @property
     def model_source(self) -> str:
@@ -130,7 +130,7 @@ class FilterArtifact:
 
     def json_field(self, key: str) -> Any:
         """A metadata value that is stored as JSON text, decoded."""
-        return json.loads(self.metadata[key])
+        return json_loads(self.metadata[key])
 
     def with_mean(self, mean: np.ndarray | None, centering: Centering | None) -> FilterArtifact:
         """A copy of this filter (same P, not yet saved) centred on `mean`, or uncentred with None."""
@@ -329,7 +329,7 @@ def _validate_fields(p: Path, metadata: dict[str, str], tensors: dict[str, np.nd
     if kind not in ("reduced", "projector"):
         raise bad("metadata `projection_kind`", kind, '"reduced" or "projector"')
     try:
-        band = json.loads(metadata["band"])
+        band = json_loads(metadata["band"])
     except ValueError:
         raise bad(
             "metadata `band`", metadata["band"], 'JSON like {"hidden_size": d, "start": s, "keep": k, ...}'

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from embfilter_cli.errors import ArtifactError, InputDataError
+from embfilter_cli.jsonable import loads as json_loads
 
 # Rows summed per step: bounds the float64 copy of a memory-mapped background file.
 _CHUNK_ROWS = 8192
@@ -133,7 +134,7 @@ class Centering:
     def from_json(cls, text: str, where: str) -> Centering:
         """Parse and validate the stored record; every defect is an ArtifactError."""
         try:
-            raw = json.loads(text)
+            raw = json_loads(text)
         except json.JSONDecodeError as exc:
             raise ArtifactError(
                 f"{where}: the centering metadata is not valid JSON ({exc.msg}); recentre or refit it"

@@ -49,6 +49,7 @@ from typing import Any
 
 from embfilter_cli.errors import ConversionError, ModelNotFoundError
 from embfilter_cli.files import OutputWriteError, atomic_path, default_cache_dir, unwritable_reason
+from embfilter_cli.jsonable import loads as json_loads
 
 FORMAT_VERSION = "1"
 MANIFEST = "embfilter-conversion.json"
@@ -94,7 +95,7 @@ def file_sha256(path: Path) -> str:
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     with contextlib.suppress(OSError, ValueError):
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json_loads(path.read_text(encoding="utf-8"))
         return value if isinstance(value, dict) else None
     return None
 

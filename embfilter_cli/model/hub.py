@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from embfilter_cli.errors import HubAccessError, ModelNotFoundError
+from embfilter_cli.jsonable import loads as json_loads
 from embfilter_cli.model.location import ModelLocation, read_weight_map
 
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -168,7 +169,7 @@ def fetch_head_files(
 
 def _read_json(path: Path, repo_id: str) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json_loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelNotFoundError(
             f"{path.name} of {repo_id} is not valid JSON ({exc}); delete {path} from the cache and run again"

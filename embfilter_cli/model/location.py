@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from embfilter_cli.errors import ModelNotFoundError
+from embfilter_cli.jsonable import loads as json_loads
 
 SourceKind = Literal["hf_folder", "safetensors_file", "bin_file", "gguf_file"]
 
@@ -75,7 +76,7 @@ def read_json_object(path: Path, fix: str) -> dict[str, Any]:
     """A JSON object from a model's metadata file, or one ModelNotFoundError naming `path` and `fix`."""
     regular_file(path)
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json_loads(path.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         detail = f" ({exc})" if not isinstance(exc, RecursionError) else " (nested too deeply)"
         raise ModelNotFoundError(f"{path} is not valid JSON{detail}; {fix}") from None

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from embfilter_cli.errors import InputDataError
+from embfilter_cli.jsonable import loads
 
 FORMATS = ("auto", "lines", "jsonl")
 TEXT_FIELD = "text"
@@ -122,7 +123,7 @@ def _parse_jsonl(lines: list[str], where: str) -> TextInput:
             skipped.append(number)
             continue
         try:
-            record = json.loads(line)
+            record = loads(line)
         except json.JSONDecodeError as exc:
             raise InputDataError(
                 f"{where} line {number} is not valid JSON ({exc.msg} at column {exc.colno}); "
@@ -130,7 +131,7 @@ def _parse_jsonl(lines: list[str], where: str) -> TextInput:
             ) from exc
         if not isinstance(record, dict):
             raise InputDataError(
-                f"{where} line {number} is a JSON {type(record).__name__}, not an object with a {TEXT_FIELD!r} field"
+                f"{where} line {number} is a JSON {'array' if isinstance(record, list) else type(record).__name__}, not an object with a {TEXT_FIELD!r} field"
             )
         text = record.get(TEXT_FIELD)
         if not isinstance(text, str):

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from embfilter_cli.errors import MissingDependencyError, ModelNotFoundError
+from embfilter_cli.jsonable import loads as json_loads
 
 if TYPE_CHECKING:
     from embfilter_cli.model.location import ModelLocation
@@ -202,7 +203,7 @@ def _scheme_from_tokenizer_json(data: dict) -> Scheme:
 
 def _from_tokenizer_json(path: Path) -> Vocabulary:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json_loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelNotFoundError(f"{path} is not valid JSON ({exc}); re-download the tokenizer files") from exc
     model = data.get("model") or {}
@@ -220,12 +221,12 @@ def _from_tokenizer_json(path: Path) -> Vocabulary:
 
 
 def _from_vocab_json(folder: Path) -> Vocabulary:
-    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    vocab = json_loads((folder / "vocab.json").read_text(encoding="utf-8"))
     by_id = {int(i): piece for piece, i in vocab.items()}
     special: set[int] = set()
     added = folder / "added_tokens.json"
     if added.exists():
-        for piece, i in json.loads(added.read_text(encoding="utf-8")).items():
+        for piece, i in json_loads(added.read_text(encoding="utf-8")).items():
             by_id[int(i)] = piece
             special.add(int(i))
     # A bare vocab.json is the GPT-2 family's slow-tokenizer format, which is byte-level BPE.

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from embfilter_cli.errors import InputDataError
+from embfilter_cli.jsonable import loads as json_loads
 
 if TYPE_CHECKING:
     from embfilter_cli.filters.artifact import FilterArtifact
@@ -54,7 +55,7 @@ def _safetensors_fingerprint(path: Path) -> tuple[int, dict[str, str]]:
         n = int.from_bytes(head, "little") if len(head) == 8 else 0
         raw = fp.read(n) if 0 < n <= 100 << 20 else b""
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json_loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         header = None
     if not isinstance(header, dict):

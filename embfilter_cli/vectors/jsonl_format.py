@@ -17,6 +17,7 @@ from typing import IO, Any
 import numpy as np
 
 from embfilter_cli.errors import InputDataError
+from embfilter_cli.jsonable import loads
 from embfilter_cli.vectors.base import (
     Batch,
     Passthrough,
@@ -46,11 +47,11 @@ class JsonlSource(VectorSource):
         self.dim = None
         self.progress_total = size
 
-    def _vector(self, record: Any, number: int, good_before: bool) -> np.ndarray:
+    def _vector(self, record: Any, number: int, good_before: bool, maybe_bool: bool = True) -> np.ndarray:
         where = f"{self.name} line {number}"
         if not isinstance(record, dict):
             raise InputDataError(
-                f"{where} is a JSON {type(record).__name__}, not an object; "
+                f"{where} is a JSON {_json_kind(record)}, not an object; "
                 f"each line must be an object with the vector in field {self.field!r}"
             )
         if self.field not in record:
@@ -65,10 +66,15 @@ class JsonlSource(VectorSource):
             vec = np.asarray(value)
         except ValueError:  # nested lists of unequal length
             vec = np.asarray(value, dtype=object)
-        if vec.ndim != 1 or vec.dtype.kind not in "iuf":
-            bad = next((i for i, v in enumerate(value) if isinstance(v, bool) or not isinstance(v, (int, float))), 0)
+        if vec.dtype == object and vec.ndim == 1 and all(_is_float(v) for v in value):
+            vec = np.asarray(value, dtype=np.float64)  # whole numbers past int64 mixed with negatives
+        # numpy reads true/false as 1/0 next to numbers: only scan for them when the line holds one
+        if vec.ndim != 1 or vec.dtype.kind not in "iuf" or (maybe_bool and any(isinstance(v, bool) for v in value)):
+            bad = next((i for i, v in enumerate(value) if not _is_float(v)), 0)
+            big = isinstance(value[bad], int) and not isinstance(value[bad], bool)
+            what = "a number too large for a float" if big else "not a number"
             raise InputDataError(
-                f"{where}: field {self.field!r} holds {json.dumps(value[bad])[:40]} at position {bad}; "
+                f"{where}: field {self.field!r} holds {json.dumps(value[bad])[:40]} at position {bad} ({what}); "
                 "vectors must be flat lists of numbers"
             )
         if len(vec) != self.expected_dim:
@@ -94,7 +100,7 @@ class JsonlSource(VectorSource):
             if not raw.strip():
                 continue  # blank lines (e.g. a trailing one) carry no record
             try:
-                record = json.loads(raw.rstrip(b"\r\n"))  # so error columns refer to this line
+                record = loads(raw.rstrip(b"\r\n"))  # so error columns refer to this line
             except UnicodeDecodeError as exc:
                 raise InputDataError(
                     f"{self.name} line {number} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
@@ -103,7 +109,8 @@ class JsonlSource(VectorSource):
                 raise InputDataError(
                     f"{self.name} line {number} is not valid JSON ({exc.msg} at column {exc.colno}); fix or remove that line"
                 ) from None
-            buf[len(records)] = self._vector(record, number, good_before=row > 0)
+            maybe_bool = b"true" in raw or b"false" in raw
+            buf[len(records)] = self._vector(record, number, good_before=row > 0, maybe_bool=maybe_bool)
             record[self.field] = None  # keep the key's position; drop the Python floats now
             records.append(record)
             lines.append(number)
@@ -117,7 +124,20 @@ class JsonlSource(VectorSource):
 
 
 def _json_kind(value: Any) -> str:
-    return {dict: "object", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number"
+    )
+
+
+def _is_float(value: Any) -> bool:
+    """A JSON number that float64 can hold (a bool is not; a whole number past 1.8e308 is not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
 
 
 class JsonlSink(VectorSink):

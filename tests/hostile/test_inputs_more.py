@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from embfilter_cli.cli import app
 from embfilter_cli.text.cache import Cache
 from embfilter_cli.text.cache_entry import write_entry
+from tests.hostile._util import Snapshot, expect_error
 
 # --------------------------------------------------------------------------- the eval cache
 
@@ -168,3 +169,132 @@ def test_a_damaged_head_facts_entry_is_rebuilt(runner, tiny_llama, filled, tmp_p
     assert result.exit_code == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if line.startswith("Warning:") and "cache" in line]
     assert len(warnings) == 1 and "damaged" in warnings[0] and str(entry) in warnings[0], result.stderr
+
+
+# --------------------------------------------------------------------------- hostile JSONL
+
+DEEP = 200_000
+GOOD = json.dumps({"id": 1, "embedding": [float(i) for i in range(16)]})
+
+
+def _row(values: str) -> str:
+    return '{"id": 2, "embedding": ' + values + "}"
+
+
+@pytest.mark.parametrize(
+    ("line", "match"),
+    [
+        (_row("[" * DEEP + "]" * DEEP), "line 2 is not valid JSON (nested too deeply"),
+        ("[" * DEEP + "]" * DEEP, "line 2 is not valid JSON (nested too deeply"),
+        ('{"a": ' * DEEP + "1" + "}" * DEEP, "line 2 is not valid JSON (nested too deeply"),
+        ('{"embedding": [0], "extra": ' + "[" * DEEP + "]" * DEEP + "}", "nested too deeply"),
+        (_row("[1, " + "9" * 5000 + "]"), "line 2 is not valid JSON (a whole number with more than"),
+        ("9" * 5000, "line 2 is not valid JSON (a whole number with more than"),
+        (_row("[" + "9" * 400 + ", 1]"), "at position 0 (a number too large for a float)"),
+        ('"just a string"', "line 2 is a JSON string, not an object"),
+        ("12", "line 2 is a JSON number, not an object"),
+        ('{"id": 2, "vector": [1, 2]}', "line 2 has no field 'embedding' (its fields: id, vector)"),
+        (_row('"1,2,3"'), "line 2: field 'embedding' is a JSON string, expected a list of numbers"),
+        (_row(json.dumps(list(range(15)))), "line 2: field 'embedding' has 15 numbers but earlier lines have 16"),
+        (_row("[[1, 2], [3, 4]]"), "line 2: field 'embedding' holds [1, 2] at position 0"),
+        (_row("[1, null" + ", 1" * 14 + "]"), "holds null at position 1 (not a number)"),
+        (_row("[true" + ", 1" * 15 + "]"), "holds true at position 0 (not a number)"),
+        (_row("[NaN" + ", 1" * 15 + "]"), "line 2 has nan at position 0"),
+        (_row("[1, -Infinity" + ", 1" * 14 + "]"), "line 2 has -inf at position 1"),
+        (_row("[1e999" + ", 1" * 15 + "]"), "line 2 has inf at position 0"),
+    ],
+    ids=[
+        "deep-vector",
+        "deep-array-line",
+        "deep-object-line",
+        "deep-other-field",
+        "int-5000-digits",
+        "line-5000-digits",
+        "int-past-float",
+        "string-line",
+        "number-line",
+        "wrong-field",
+        "vector-is-string",
+        "ragged",
+        "nested-lists",
+        "null-in-vector",
+        "bool-in-vector",
+        "nan-literal",
+        "infinity-literal",
+        "overflowing-float",
+    ],
+)
+def test_hostile_jsonl_vectors_give_one_line_naming_file_and_line(runner, make_filter, tmp_path, line, match):
+    art = make_filter()
+    vectors = tmp_path / "in.jsonl"
+    vectors.write_text(GOOD + "\n" + line + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.jsonl").write_text("existing\n")
+    before = Snapshot(out)
+    result = runner.invoke(app, ["apply", "-q", str(art), str(vectors), "-o", str(out / "f.jsonl")])
+    error = expect_error(result, 1, match)
+    assert "in.jsonl" in error and result.stdout == ""
+    before.assert_unchanged()
+
+
+def test_the_same_deep_line_in_a_vector_file_on_stdin_names_stdin(runner, make_filter):
+    line = _row("[" * DEEP + "]" * DEEP)
+    result = runner.invoke(app, ["apply", "-q", str(make_filter()), "-", "--format", "jsonl"], input=line + "\n")
+    expect_error(result, 1, "line 1 is not valid JSON (nested too deeply")
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("line", "match"),
+    [
+        ('{"text": ' + "[" * DEEP + "]" * DEEP + "}", "line 2 is not valid JSON (nested too deeply"),
+        ("[" * DEEP + "]" * DEEP, "line 2 is not valid JSON (nested too deeply"),
+        ('{"text": "a", "n": ' + "9" * 5000 + "}", "line 2 is not valid JSON (a whole number with more than"),
+        ('["a"]', "line 2 is a JSON array, not an object"),
+        ('{"text": 3}', "line 2 has a int 'text' field"),
+    ],
+    ids=["deep-text", "deep-line", "int-5000-digits", "array-line", "text-not-string"],
+)
+def test_hostile_jsonl_texts_for_embed_and_eval_background(runner, tiny_llama, tmp_path, monkeypatch, line, match):
+    import embfilter_cli.text.embedding as embedding
+
+    monkeypatch.setattr(embedding, "load_encoder_at", lambda *a, **k: pytest.fail("model loaded for bad input"))
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text('{"text": "fine"}\n' + line + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    before = Snapshot(out)
+    embedded = runner.invoke(app, ["embed", "-q", "-m", str(tiny_llama), str(texts), "-o", str(out / "e.npy")])
+    assert "texts.jsonl" in expect_error(embedded, 1, match)
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text("".join(f"{a}\t{b}\t{s}\n" for a, b, s in PAIRS))
+    args = ["eval", "-q", "-m", str(tiny_llama), "--data", str(tsv), "--background", str(texts), "--device", "cpu"]
+    evaluated = runner.invoke(app, [*args, "--cache-dir", str(out / "cache")])
+    assert "texts.jsonl" in expect_error(evaluated, 1, match)
+    before.assert_unchanged()
+
+
+def test_a_deep_jsonl_line_as_eval_data_is_a_bad_row(runner, tiny_llama, tmp_path):
+    data = tmp_path / "pairs.tsv"
+    data.write_text("a\tb\t1\n" + "[" * DEEP + "]" * DEEP + "\n")
+    result = runner.invoke(app, ["eval", "-q", "-m", str(tiny_llama), "--data", str(data), "--no-cache"])
+    assert "line 2" in expect_error(result, 1)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"hidden_size": ' + "[" * DEEP + "]" * DEEP + "}", '{"hidden_size": ' + "9" * 5000 + "}"],
+    ids=["deep", "int-5000-digits"],
+)
+def test_hostile_json_in_a_model_folder_gives_one_line(runner, tmp_path, text):
+    from tests.hostile._util import head_file
+
+    model = tmp_path / "model"
+    model.mkdir()
+    head_file(model / "model.safetensors")
+    (model / "config.json").write_text(text)
+    before = Snapshot(tmp_path)
+    result = runner.invoke(app, ["fit", "-q", "-m", str(model), "--rank", "1", "-o", str(tmp_path / "f.safetensors")])
+    assert "config.json is not valid JSON" in expect_error(result, 1)
+    before.assert_unchanged()
