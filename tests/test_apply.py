@@ -404,7 +404,7 @@ def test_nonfinite_jsonl_names_the_line(runner, filt, tmp_path):
             "line 1 is not valid JSON (Expecting ',' delimiter at column 21); fix or remove that line",
         ),
         ('{"id": 1}\n', "line 1 has no field 'embedding' (its fields: id); pass --field NAME"),
-        ("[1, 2]\n", "line 1 is a JSON list, not an object"),
+        ("[1, 2]\n", "line 1 is a JSON array, not an object"),
         ('{"embedding": "1 2"}\n', "field 'embedding' is a JSON string, expected a list of numbers"),
         (
             '{"embedding": [1, "a"' + ", 0" * (D - 2) + "]}\n",

@@ -292,7 +292,7 @@ def test_read_jsonl_keeps_records_and_detects_format(tmp_path):
     ("content", "message"),
     [
         ('{"text": "a"}\n{"text": \n', r"line 2 is not valid JSON"),
-        ('{"text": "a"}\n["a"]\n', r"line 2 is a JSON list, not an object"),
+        ('{"text": "a"}\n["a"]\n', r"line 2 is a JSON array, not an object"),
         ('{"text": "a"}\n{"body": "b"}\n', r"line 2 has no 'text' field.*fields seen: body"),
         ('{"text": 3}\n', r"line 1 has a int 'text' field"),
         ("\n  \n", r"holds no non-empty text"),
