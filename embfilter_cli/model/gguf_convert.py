@@ -196,8 +196,10 @@ def convert_with_transformers(gguf_path: Path, out: Path) -> None:
     from safetensors.torch import load_file
     from transformers import AutoModel, AutoTokenizer
 
+    from embfilter_cli.model.gguf_header import check_file
     from embfilter_cli.model.quiet import quiet_transformers
 
+    check_file(gguf_path)  # one clean line for a corrupt or wrongly typed header, not transformers' traceback
     kwargs: dict[str, Any] = {"gguf_file": gguf_path.name}
     with contextlib.suppress(ImportError):  # transformers >= 5.x: ask for a plain dense model explicitly
         from transformers.utils.quantization_config import GgufConfig

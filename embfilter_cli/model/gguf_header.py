@@ -9,6 +9,13 @@ needs one tensor and a few keys. This walks the little-endian v2/v3 layout with 
     tensor_count × (string name, u32 n_dims, n_dims × u64 dims, u32 ggml_type, u64 offset),
     padding to `general.alignment` (default 32), then the tensor data.
 
+The standard keys that embfilter or transformers' GGUF loader reads (`KEY_TYPES`, `ARCH_KEY_TYPES`:
+the architecture, tokenizer lists, sizes) must have their GGUF value type — a string, an array of
+strings, of integers or of floats, a positive integer — whether or not the caller asked for them,
+and `tokenizer.ggml.token_type`/`scores` must have one entry per token: a file that breaks this is
+`CorruptGGUF` ("tokenizer.ggml.token_type is a string, expected an array of integers"), so no reader
+after this one (tokens, unembedding, the transformers conversion) sees a wrongly typed value.
+
 Not handled (callers fall back to GGUFReader, signalled by `UnsupportedGGUF`): big-endian and v1
 files, nested arrays, value types this walker does not know. A file that is corrupt rather than
 unusual (too short, counts or strings past its end, an alignment that is not a power of two, more
@@ -22,6 +29,7 @@ import mmap
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from embfilter_cli.errors import ModelNotFoundError
 
@@ -37,6 +45,80 @@ class UnsupportedGGUF(Exception):
 
 class CorruptGGUF(ModelNotFoundError):
     """The file claims to be GGUF but its header is inconsistent; one line for the user."""
+
+
+_INTEGER = frozenset({0, 1, 2, 3, 4, 5, 10, 11})
+_FLOAT = frozenset({6, 12})
+_TYPE_NAMES = {0: "u8", 1: "i8", 2: "u16", 3: "i16", 4: "u32", 5: "i32", 6: "f32", 7: "bool", 10: "u64", 11: "i64"}
+_TYPE_NAMES |= {12: "f64", _STRING: "string", _ARRAY: "array"}
+
+# Expected kinds: "string", "count" (an integer > 0), "id" (an integer >= 0), "float", and
+# "strings"/"integers"/"floats" (arrays); "count|integers" accepts either (per-layer counts).
+KEY_TYPES: dict[str, str] = {
+    "general.architecture": "string",
+    "general.alignment": "count",
+    "tokenizer.ggml.model": "string",
+    "tokenizer.ggml.pre": "string",
+    "tokenizer.ggml.tokens": "strings",
+    "tokenizer.ggml.merges": "strings",
+    "tokenizer.ggml.token_type": "integers",
+    "tokenizer.ggml.scores": "floats",
+    "tokenizer.ggml.bos_token_id": "id",
+    "tokenizer.ggml.eos_token_id": "id",
+    "tokenizer.ggml.unknown_token_id": "id",
+    "tokenizer.ggml.padding_token_id": "id",
+}
+# `<architecture>.<suffix>` keys (e.g. llama.embedding_length).
+ARCH_KEY_TYPES: dict[str, str] = {
+    "embedding_length": "count",
+    "block_count": "count",
+    "context_length": "count",
+    "vocab_size": "count",
+    "feed_forward_length": "count|integers",
+    "attention.head_count": "count|integers",
+    "attention.head_count_kv": "count|integers",
+    "attention.layer_norm_rms_epsilon": "float",
+    "rope.freq_base": "float",
+}
+_DESCRIBE = {
+    "string": "a string",
+    "count": "a positive integer",
+    "id": "a non-negative integer",
+    "float": "a number",
+    "strings": "an array of strings",
+    "integers": "an array of integers",
+    "floats": "an array of numbers",
+    "count|integers": "a positive integer or an array of integers",
+}
+_PER_TOKEN = ("tokenizer.ggml.token_type", "tokenizer.ggml.scores")
+
+
+def expected_kind(key: str) -> str | None:
+    """The kind of value a standard key must hold (see KEY_TYPES), or None for any other key."""
+    if key in KEY_TYPES:
+        return KEY_TYPES[key]
+    prefix, _, suffix = key.partition(".")
+    return ARCH_KEY_TYPES.get(suffix) if prefix not in ("general", "tokenizer") else None
+
+
+def _check_kind(key: str, kind: str, vtype: int, itype: int | None, value: object) -> None:
+    """Raise CorruptGGUF unless a value of GGUF type `vtype` (array items: `itype`) is of `kind`."""
+    wants = kind.split("|")
+    if itype is not None:  # an array
+        got = (
+            "strings" if itype == _STRING else "integers" if itype in _INTEGER else "floats" if itype in _FLOAT else ""
+        )
+        ok = got in wants or (got == "integers" and "floats" in wants)
+        found = f"a GGUF array of {_TYPE_NAMES.get(itype, f'type {itype}')}"
+    elif vtype in _INTEGER:
+        number = int(value)  # type: ignore[call-overload]
+        ok = ("count" in wants and number > 0) or ("id" in wants and number >= 0) or "float" in wants
+        found = str(number) if {"count", "id"} & set(wants) else f"a GGUF {_TYPE_NAMES[vtype]}"
+    else:
+        ok = ("string" in wants) if vtype == _STRING else (vtype in _FLOAT and "float" in wants)
+        found = f"a GGUF {_TYPE_NAMES.get(vtype, f'value of type {vtype}')}"
+    if not ok:
+        raise CorruptGGUF(f"{key} is {found}, expected {_DESCRIBE[kind]}")
 
 
 _MAX_DIMS = 4  # GGML_MAX_DIMS
@@ -76,6 +158,54 @@ def read_header(path: Path, wanted: frozenset[str] = frozenset(), tensors: bool 
             ) from None
 
 
+def check_file(path: Path) -> None:
+    """Walk the whole header of `path`, so a corrupt or wrongly typed one fails before transformers reads it.
+
+    Layouts this walker does not read (big-endian, v1) pass unchecked: their reader checks them.
+
+    Raises:
+        CorruptGGUF: see `read_header`.
+    """
+    try:
+        read_header(path)
+    except UnsupportedGGUF:
+        pass
+
+
+def check_reader_fields(reader: Any, path: Path) -> None:
+    """The same type and length checks for a `gguf.GGUFReader` (the fallback for big-endian and v1 files).
+
+    Raises:
+        CorruptGGUF: a standard key has the wrong type, or token_type/scores the wrong length.
+    """
+    header = GGUFHeader(0)
+    try:
+        for key, fld in reader.fields.items():
+            types = [int(t) for t in fld.types]
+            if types and types[0] == _ARRAY:
+                header.array_lengths[key] = len(fld.data)
+            kind = expected_kind(key)
+            if kind is None or not types:
+                continue
+            itype = (types[1] if len(types) > 1 else -1) if types[0] == _ARRAY else None
+            if len(types) > 2:
+                itype = _ARRAY  # an array of arrays
+            value = fld.parts[fld.data[0]][0] if types[0] in _INTEGER and fld.data else 0
+            _check_kind(key, kind, types[0], itype, value)
+        _check_per_token(header)
+    except CorruptGGUF as exc:
+        raise CorruptGGUF(f"{path} has a corrupt GGUF header ({exc}); re-download it") from None
+
+
+def _check_per_token(header: GGUFHeader) -> None:
+    """token_type and scores, where present, have exactly one entry per token."""
+    tokens = header.array_lengths.get("tokenizer.ggml.tokens")
+    for key in _PER_TOKEN:
+        count = header.array_lengths.get(key)
+        if tokens is not None and count is not None and count != tokens:
+            raise CorruptGGUF(f"{key} has {count} entries but tokenizer.ggml.tokens has {tokens}")
+
+
 def _walk(buf: mmap.mmap, wanted: frozenset[str], tensors: bool) -> GGUFHeader:
     if buf[:4] != b"GGUF":
         raise UnsupportedGGUF("no GGUF magic")
@@ -101,13 +231,18 @@ def _walk(buf: mmap.mmap, wanted: frozenset[str], tensors: bool) -> GGUFHeader:
         key = raw_key.decode("utf-8", errors="replace")
         (vtype,) = struct.unpack_from("<I", buf, pos)
         pos += 4
+        kind = expected_kind(key)
         if vtype == _STRING:
             value, pos = read_str(pos)
+            if kind is not None:
+                _check_kind(key, kind, vtype, None, None)
             if key in wanted:
                 header.fields[key] = value.decode("utf-8", errors="replace")
         elif vtype == _ARRAY:
             itype, count = struct.unpack_from("<IQ", buf, pos)
             pos += 12
+            if kind is not None:
+                _check_kind(key, kind, vtype, itype, None)
             if count > len(buf) - pos:
                 raise CorruptGGUF(f"array {key!r} claims {count} items, more than the file can hold")
             header.array_lengths[key] = count
@@ -131,8 +266,10 @@ def _walk(buf: mmap.mmap, wanted: frozenset[str], tensors: bool) -> GGUFHeader:
             else:
                 raise UnsupportedGGUF(f"nested array under {key}")
         elif vtype in _FIXED:
-            if key in wanted or key == "general.alignment":
+            if key in wanted or kind is not None:
                 (value,) = struct.unpack_from(_INT_FORMATS[vtype], buf, pos)
+                if kind is not None:
+                    _check_kind(key, kind, vtype, None, value)
                 if key == "general.alignment":
                     alignment = int(value)
                     if alignment <= 0 or alignment & (alignment - 1):
@@ -143,7 +280,9 @@ def _walk(buf: mmap.mmap, wanted: frozenset[str], tensors: bool) -> GGUFHeader:
         else:
             raise UnsupportedGGUF(f"value type {vtype} under {key}")
         if not tensors and wanted and all(k in header.fields for k in wanted):
+            _check_per_token(header)
             return header
+    _check_per_token(header)
     if not tensors:
         return header
     infos = []

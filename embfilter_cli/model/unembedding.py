@@ -434,6 +434,9 @@ def _read_gguf_with_reader(path: Path, tensor_name: str | None) -> Unembedding:
         raise ModelNotFoundError(
             f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}); re-download it"
         ) from exc
+    from embfilter_cli.model.gguf_header import check_reader_fields
+
+    check_reader_fields(reader, path)
     tensors = {t.name: t for t in reader.tensors}
     name, tied = choose_unembedding(list(tensors), {}, tensor_name, str(path))
     info = tensors[name]

@@ -417,6 +417,9 @@ def model_target(
 
             if (folder := cached_conversion(location.path, cache_dir, notify=notify)) is not None:
                 return str(folder), kwargs  # (None: the cache cannot be written, so load the GGUF itself)
+        from embfilter_cli.model.gguf_header import check_file
+
+        check_file(location.path)  # as the conversion does: transformers never meets a corrupt header
         kwargs["gguf_file"] = location.path.name
         return str(location.path.parent), kwargs
     if Path(location.source).exists():

@@ -291,6 +291,9 @@ def _gguf_fields_via_reader(path: Path) -> dict[str, object]:
         raise ModelNotFoundError(
             f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}); re-download it"
         ) from exc
+    from embfilter_cli.model.gguf_header import check_reader_fields
+
+    check_reader_fields(reader, path)
     out: dict[str, object] = {}
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     if tokens is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -297,4 +298,200 @@ def test_hostile_json_in_a_model_folder_gives_one_line(runner, tmp_path, text):
     before = Snapshot(tmp_path)
     result = runner.invoke(app, ["fit", "-q", "-m", str(model), "--rank", "1", "-o", str(tmp_path / "f.safetensors")])
     assert "config.json is not valid JSON" in expect_error(result, 1)
+    before.assert_unchanged()
+
+
+# --------------------------------------------------------------------------- GGUF metadata of the wrong type
+
+_U8, _I32, _U32, _F32, _STR, _ARR = 0, 5, 4, 6, 8, 9
+
+
+def _s(text: str) -> bytes:
+    raw = text.encode()
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _arr(itype: int, items: list) -> bytes:
+    if itype == _STR:
+        body = b"".join(_s(x) for x in items)
+    else:
+        body = b"".join(struct.pack({_U8: "<B", _I32: "<i", _U32: "<I", _F32: "<f"}[itype], x) for x in items)
+    return struct.pack("<IQ", itype, len(items)) + body
+
+
+TOKENS = ("tokenizer.ggml.tokens", _ARR, _arr(_STR, ["a", "b", "c", "d"]))
+BAD_METADATA = {
+    "token_type-string": (
+        [TOKENS, ("tokenizer.ggml.token_type", _STR, _s("1,1,1,1"))],
+        "tokenizer.ggml.token_type is a GGUF string, expected an array of integers",
+    ),
+    "token_type-strings": (
+        [TOKENS, ("tokenizer.ggml.token_type", _ARR, _arr(_STR, ["1"] * 4))],
+        "tokenizer.ggml.token_type is a GGUF array of string, expected an array of integers",
+    ),
+    "token_type-floats": (
+        [TOKENS, ("tokenizer.ggml.token_type", _ARR, _arr(_F32, [1.0] * 4))],
+        "expected an array of integers",
+    ),
+    "token_type-short": (
+        [TOKENS, ("tokenizer.ggml.token_type", _ARR, _arr(_I32, [1] * 3))],
+        "tokenizer.ggml.token_type has 3 entries but tokenizer.ggml.tokens has 4",
+    ),
+    "tokens-string": (
+        [("tokenizer.ggml.tokens", _STR, _s("abcd"))],
+        "tokenizer.ggml.tokens is a GGUF string, expected an array of strings",
+    ),
+    "tokens-ints": (
+        [("tokenizer.ggml.tokens", _ARR, _arr(_U32, [1, 2, 3, 4]))],
+        "tokenizer.ggml.tokens is a GGUF array of u32, expected an array of strings",
+    ),
+    "tokens-nested": (
+        [("tokenizer.ggml.tokens", _ARR, struct.pack("<IQ", _ARR, 0))],
+        "tokenizer.ggml.tokens is a GGUF array of array",
+    ),
+    "scores-strings": (
+        [TOKENS, ("tokenizer.ggml.scores", _ARR, _arr(_STR, ["0"] * 4))],
+        "tokenizer.ggml.scores is a GGUF array of string, expected an array of numbers",
+    ),
+    "scores-long": (
+        [TOKENS, ("tokenizer.ggml.scores", _ARR, _arr(_F32, [0.0] * 5))],
+        "tokenizer.ggml.scores has 5 entries but tokenizer.ggml.tokens has 4",
+    ),
+    "merges-ints": (
+        [("tokenizer.ggml.merges", _ARR, _arr(_I32, [1, 2]))],
+        "tokenizer.ggml.merges is a GGUF array of i32, expected an array of strings",
+    ),
+    "model-strings": (
+        [("tokenizer.ggml.model", _ARR, _arr(_STR, ["gpt2"]))],
+        "tokenizer.ggml.model is a GGUF array of string, expected a string",
+    ),
+    "bos-string": (
+        [("tokenizer.ggml.bos_token_id", _STR, _s("1"))],
+        "tokenizer.ggml.bos_token_id is a GGUF string, expected a non-negative integer",
+    ),
+    "architecture-u32": (
+        [("general.architecture", _U32, struct.pack("<I", 7))],
+        "general.architecture is a GGUF u32, expected a string",
+    ),
+    "embedding_length-string": (
+        [("llama.embedding_length", _STR, _s("8"))],
+        "llama.embedding_length is a GGUF string, expected a positive integer",
+    ),
+    "embedding_length-zero": (
+        [("llama.embedding_length", _U32, struct.pack("<I", 0))],
+        "llama.embedding_length is 0, expected a positive integer",
+    ),
+    "block_count-float": (
+        [("llama.block_count", _F32, struct.pack("<f", 2.0))],
+        "llama.block_count is a GGUF f32, expected a positive integer",
+    ),
+    "head_count-strings": (
+        [("llama.attention.head_count", _ARR, _arr(_STR, ["2"]))],
+        "expected a positive integer or an array of integers",
+    ),
+    "alignment-float": (
+        [("general.alignment", _F32, struct.pack("<f", 32.0))],
+        "general.alignment is a GGUF f32, expected a positive integer",
+    ),
+}
+
+
+def _gguf_with(kvs: list) -> bytes:
+    from tests.hostile._util import gguf_bytes
+
+    head = np.ones((4, 8), dtype=np.float32)
+    return gguf_bytes(
+        kvs=[("general.architecture", _STR, _s("llama")), *kvs],
+        tensors=[("output.weight", [8, 4], 0, 0)],
+        data=head.tobytes(),
+    )
+
+
+def test_the_gguf_fixture_with_good_metadata_is_read(runner, tmp_path):
+    types = ("tokenizer.ggml.token_type", _ARR, _arr(_I32, [1, 1, 3, 1]))
+    scores = ("tokenizer.ggml.scores", _ARR, _arr(_F32, [0.0, -1.0, -2.0, -3.0]))
+    sizes = [("llama.embedding_length", _U32, struct.pack("<I", 8)), ("general.alignment", _U32, struct.pack("<I", 32))]
+    model = tmp_path / "m.gguf"
+    model.write_bytes(_gguf_with([TOKENS, types, scores, *sizes]))
+    fitted = runner.invoke(app, ["fit", "-q", "-m", str(model), "--rank", "1", "-o", str(tmp_path / "f.safetensors")])
+    assert fitted.exit_code == 0, fitted.stderr
+    shown = runner.invoke(app, ["inspect", "directions", "-m", str(model), "--band", "0:1", "--top", "2", "--json"])
+    assert shown.exit_code == 0, shown.stderr
+
+
+@pytest.mark.parametrize("case", sorted(BAD_METADATA))
+def test_gguf_metadata_of_the_wrong_type_gives_one_line_everywhere(runner, tmp_path, monkeypatch, case):
+    import embfilter_cli.model.gguf_convert as gguf_convert
+
+    kvs, match = BAD_METADATA[case]
+    model = tmp_path / "models" / "m.gguf"
+    model.parent.mkdir()
+    model.write_bytes(_gguf_with(kvs))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("existing")
+    before, models = Snapshot(out), Snapshot(model.parent)
+    # The header is refused before transformers' GGUF loader ever reads it.
+    monkeypatch.setattr(
+        "transformers.AutoTokenizer.from_pretrained", lambda *a, **k: pytest.fail("transformers reached")
+    )
+    runs = {
+        "fit": ["fit", "-q", "-m", str(model), "--rank", "1", "-o", str(out / "f.safetensors")],
+        "inspect directions": ["inspect", "directions", "-q", "-m", str(model), "--band", "0:1"],
+        "embed --no-cache": [
+            "embed",
+            "-q",
+            "-m",
+            str(model),
+            "--no-cache",
+            "-o",
+            str(out / "e.npy"),
+            str(out / "keep.txt"),
+        ],
+    }
+    for what, args in runs.items():
+        line = expect_error(runner.invoke(app, args), 1, match)
+        assert str(model) in line, (what, line)
+    # The cached conversion refuses it too, before transformers, and leaves nothing in the cache.
+    with pytest.raises(Exception, match="corrupt GGUF header") as caught:
+        gguf_convert.converted_folder(model, tmp_path / "cache")
+    assert type(caught.value).__name__ == "CorruptGGUF" and match in str(caught.value)
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_dir() and p.name.endswith(".tmp")]
+    before.assert_unchanged()
+    models.assert_unchanged()
+
+
+def _big_endian_gguf(token_field: bytes) -> bytes:
+    """A big-endian v3 GGUF (read through gguf.GGUFReader, the fallback) with a 4×8 F32 head."""
+
+    def s(text: str) -> bytes:
+        return struct.pack(">Q", len(text)) + text.encode()
+
+    kvs = s("general.architecture") + struct.pack(">I", _STR) + s("llama")
+    kvs += s("tokenizer.ggml.tokens") + token_field
+    tensor = s("output.weight") + struct.pack(">I", 2) + struct.pack(">QQ", 8, 4) + struct.pack(">IQ", 0, 0)
+    out = b"GGUF" + struct.pack(">IQQ", 3, 1, 2) + kvs + tensor
+    out += b"\0" * (-len(out) % 32)
+    return out + np.ones((4, 8), dtype=">f4").tobytes()
+
+
+def test_the_fallback_gguf_reader_checks_the_same_types(runner, tmp_path):
+    good = tmp_path / "good.gguf"
+    good.write_bytes(
+        _big_endian_gguf(
+            struct.pack(">IIQ", _ARR, _STR, 4) + b"".join(struct.pack(">Q", 1) + c for c in [b"a", b"b", b"c", b"d"])
+        )
+    )
+    fitted = runner.invoke(app, ["fit", "-q", "-m", str(good), "--rank", "1", "-o", str(tmp_path / "f.safetensors")])
+    assert fitted.exit_code == 0, fitted.stderr  # the big-endian fixture is readable
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(_big_endian_gguf(struct.pack(">I", _STR) + struct.pack(">Q", 4) + b"abcd"))
+    match = "tokenizer.ggml.tokens is a GGUF string, expected an array of strings"
+    before = Snapshot(tmp_path)
+    expect_error(
+        runner.invoke(app, ["fit", "-q", "-m", str(bad), "--rank", "1", "-o", str(tmp_path / "g.safetensors")]),
+        1,
+        match,
+    )
+    expect_error(runner.invoke(app, ["inspect", "directions", "-q", "-m", str(bad), "--band", "0:1"]), 1, match)
     before.assert_unchanged()
