@@ -72,6 +72,23 @@ def regular_file(path: Path) -> Path:
     return path
 
 
+def plain_folder(folder: Path) -> Path:
+    """`folder` if each entry is a regular file or a folder (links followed); a FIFO, device or socket is refused.
+
+    transformers opens a model folder's files itself: a FIFO named config.json or tokenizer.json is
+    skipped as if missing (an error about something else) or, opened, blocks forever. So a folder
+    is checked before it is handed over. Dangling links pass: the reader reports the missing file.
+    """
+    for entry in sorted(folder.iterdir()):
+        try:
+            mode = entry.stat().st_mode
+        except OSError:
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise ModelNotFoundError(f"{entry} is not a regular file; a model file was expected there")
+    return folder
+
+
 def read_json_object(path: Path, fix: str) -> dict[str, Any]:
     """A JSON object from a model's metadata file, or one ModelNotFoundError naming `path` and `fix`."""
     regular_file(path)

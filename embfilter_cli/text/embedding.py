@@ -423,7 +423,9 @@ def model_target(
         kwargs["gguf_file"] = location.path.name
         return str(location.path.parent), kwargs
     if Path(location.source).exists():
-        return str(location.path), kwargs
+        from embfilter_cli.model.location import plain_folder
+
+        return str(plain_folder(location.path)), kwargs  # a FIFO config.json must not reach transformers
     # A Hub id: locate.py fetched only the head; transformers downloads the rest into its cache.
     rev = location.revision if location.revision not in ("", "local") else revision
     if rev:

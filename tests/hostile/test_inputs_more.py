@@ -495,3 +495,88 @@ def test_the_fallback_gguf_reader_checks_the_same_types(runner, tmp_path):
     )
     expect_error(runner.invoke(app, ["inspect", "directions", "-q", "-m", str(bad), "--band", "0:1"]), 1, match)
     before.assert_unchanged()
+
+
+# --------------------------------------------------------------------------- FIFOs named like model files
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _model_copy(tiny_llama: Path, where: Path, fifo: str) -> Path:
+    """A copy of the tiny Llama folder with `fifo` replaced by a named pipe nobody writes to."""
+    folder = where / f"model-{fifo.replace('.', '-')}"
+    shutil.copytree(tiny_llama, folder)
+    (folder / fifo).unlink(missing_ok=True)
+    os.mkfifo(folder / fifo)
+    return folder
+
+
+def test_fifos_named_like_model_files_are_refused_without_blocking(tiny_llama, tmp_path):
+    """Every command that reads a model refuses a FIFO quickly; run in subprocesses, so a hang fails."""
+    import subprocess
+    import sys
+
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    for name in ("model.safetensors", "model.gguf"):
+        os.mkfifo(lone / name)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("hello\n")
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text("".join(f"{a}\t{b}\t{s}\n" for a, b, s in PAIRS))
+    out = tmp_path / "out"
+    out.mkdir()
+    folders = {
+        name: _model_copy(tiny_llama, tmp_path, name) for name in ("model.safetensors", "config.json", "tokenizer.json")
+    }
+    fit = ["fit", "-q", "--rank", "1", "-o", str(out / "f.safetensors"), "-m"]
+    embed = ["embed", "-q", "--device", "cpu", "--no-cache", "-o", str(out / "e.npy"), str(texts), "-m"]
+    runs = {
+        "fit lone safetensors": [*fit, str(lone / "model.safetensors")],
+        "fit lone gguf": [*fit, str(lone / "model.gguf")],
+        "fit folder weights": [*fit, str(folders["model.safetensors"])],
+        "fit folder config": [*fit, str(folders["config.json"])],
+        "inspect tokenizer": ["inspect", "directions", "-q", "--band", "0:1", "-m", str(folders["tokenizer.json"])],
+        "embed lone gguf": [*embed, str(lone / "model.gguf")],
+        "embed config": [*embed, str(folders["config.json"])],
+        "embed tokenizer": [*embed, str(folders["tokenizer.json"])],
+        "eval tokenizer": [
+            "eval",
+            "-q",
+            "--device",
+            "cpu",
+            "--no-cache",
+            "--data",
+            str(tsv),
+            "-m",
+            str(folders["tokenizer.json"]),
+        ],
+    }
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("EMBFILTER_DEBUG", None)
+    before = Snapshot(out)
+    procs = {
+        what: subprocess.Popen(
+            [sys.executable, "-m", "embfilter_cli", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
+        for what, args in runs.items()
+    }
+    failures = []
+    for what, proc in procs.items():
+        try:
+            stdout, stderr = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            failures.append(f"{what}: still running after 90 s (blocked on the FIFO?)")
+            continue
+        lines = stderr.strip().splitlines()
+        ok = proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("Error:") and stdout == ""
+        if not ok or "not a regular file" not in lines[-1]:
+            failures.append(f"{what}: exit {proc.returncode}, stderr {stderr[-400:]!r}")
+    assert not failures, "\n".join(failures)
+    before.assert_unchanged()
