@@ -110,7 +110,8 @@ def read_entry(path: Path, key: str, want: dict[str, tuple[str, int]]) -> tuple[
         if entry.dtype != tag or len(entry.shape) != rank:
             raise DamagedEntry(f"tensor {name} is {entry.dtype} of rank {len(entry.shape)}, not {tag} of rank {rank}")
         array = np.frombuffer(data, dtype=_DTYPES[tag], count=int(np.prod(entry.shape)), offset=entry.begin)
-        array = array.reshape(entry.shape).astype(_DTYPES[tag].newbyteorder("="))
+        # A writable view of the buffer (no second copy of a large entry) on little-endian machines.
+        array = array.reshape(entry.shape).astype(_DTYPES[tag].newbyteorder("="), copy=False)
         if not np.isfinite(array).all():
             raise DamagedEntry(f"tensor {name} holds NaN or infinite values")
         arrays[name] = array
