@@ -72,9 +72,9 @@ class JsonlSource(VectorSource):
         if vec.ndim != 1 or vec.dtype.kind not in "iuf" or (maybe_bool and any(isinstance(v, bool) for v in value)):
             bad = next((i for i, v in enumerate(value) if not _is_float(v)), 0)
             big = isinstance(value[bad], int) and not isinstance(value[bad], bool)
-            what = "a number too large for a float" if big else "not a number"
+            what = " (a number too large for a float)" if big else ""
             raise InputDataError(
-                f"{where}: field {self.field!r} holds {json.dumps(value[bad])[:40]} at position {bad} ({what}); "
+                f"{where}: field {self.field!r} holds {json.dumps(value[bad])[:40]} at position {bad}{what}; "
                 "vectors must be flat lists of numbers"
             )
         if len(vec) != self.expected_dim:
