@@ -59,6 +59,12 @@ def _vectors(table: pa.Table, column: str = "embedding") -> np.ndarray:
 # --------------------------------------------------------------------------- Ray
 
 
+def _has_ray() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None
+
+
 def test_ray_engine_gives_the_local_files_exactly(runner, filt, tmp_path, ray_session):
     x = _dataset(tmp_path / "data")
     local = runner.invoke(app, ["apply", str(filt), str(tmp_path / "data"), "-o", str(tmp_path / "local"), "-q"])
@@ -102,6 +108,26 @@ def test_ray_actor_failure_exits_1_and_reports_no_output_as_complete(runner, fil
     assert len(lines) == 1 and lines[-1].startswith("Error: ") and "part-1.parquet row 0" in lines[-1], result.stderr
     assert not (tmp_path / "out" / "part-1.parquet").exists()
     assert not list((tmp_path / "out").rglob(".*.tmp")) if (tmp_path / "out").exists() else True
+
+
+@pytest.mark.skipif(not _has_ray(), reason="the ray extra is not installed")
+def test_ray_runs_keep_ray_s_own_log_lines_off_stderr(filt, tmp_path):
+    """A real process (Ray's handlers and its C++ core write to the real stderr, which CliRunner
+    does not capture): a success prints nothing, a failure exactly our one `Error:` line."""
+    import os
+    import subprocess
+
+    _dataset(tmp_path / "data")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("EMBFILTER_DEBUG", None)
+    cmd = [sys.executable, "-m", "embfilter_cli", "apply", str(filt), str(tmp_path / "data"), "--engine", "ray"]
+    ok = subprocess.run([*cmd, "-o", str(tmp_path / "ok")], capture_output=True, text=True, env=env, timeout=300)
+    assert ok.returncode == 0 and ok.stderr == "", ok.stderr
+    bad = pa.table({"id": [0], "embedding": pa.array([[1.0] * 12], pa.list_(pa.float32())), "tag": ["x"]})
+    pq.write_table(bad, tmp_path / "data" / "part-1.parquet")
+    failed = subprocess.run([*cmd, "-o", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300)
+    lines = failed.stderr.strip().splitlines()
+    assert failed.returncode == 1 and len(lines) == 1 and lines[0].startswith("Error: "), failed.stderr
 
 
 def test_filter_batch_in_a_users_own_ray_pipeline(filt, tmp_path, ray_session):

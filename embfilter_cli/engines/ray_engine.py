@@ -18,6 +18,7 @@ first error is re-raised with its own message, and only the outputs finished bef
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,7 +50,24 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
             kwargs["num_cpus"] = num_cpus
         ray.init(address=address, **kwargs)
         ray.data.DataContext.get_current().enable_progress_bars = False
+        _quiet_ray_data_console()
     return ray
+
+
+def _quiet_ray_data_console() -> None:
+    """Keep Ray Data's INFO/WARNING/ERROR lines off our stderr; its session log file keeps them.
+
+    Ray Data logs every dataset's start, plan and finish (and, on a failure, its own abbreviated
+    stack trace) to the console. Our stderr carries our own lines only: a failing actor's error is
+    re-raised and printed as one `Error:` line (`_unwrap`), and `ray-data.log` under the Ray
+    session folder still has the full record for debugging.
+    """
+    import logging
+
+    for handler in logging.getLogger("ray.data").handlers:
+        # By class name: the file handler's class is private to Ray Data (ray.data._internal.logging).
+        if type(handler).__name__ != "SessionFileHandler":
+            handler.setLevel(logging.CRITICAL + 1)
 
 
 class _UnitWorker:
@@ -100,14 +118,23 @@ def run_units_ray(
         pool = concurrency or max(1, min(len(todo), int(ray.available_resources().get("CPU", 1))))
         pool = min(pool, len(todo))
         ds = ray.data.from_items([{"index": i} for i in range(len(todo))], override_num_blocks=len(todo))
-        ds = ds.map_batches(
-            _UnitWorker,
-            fn_constructor_kwargs={"fn": fn, "units": todo, "batch_rows": batch_rows, "resume": resume},
-            batch_size=1,
-            batch_format="numpy",
-            concurrency=pool,
-            num_gpus=num_gpus or None,
-        )
+        with warnings.catch_warnings():
+            # `max_restarts` is the way Ray Data's own actor pool code documents to turn restarts off;
+            # Ray 2.60 marks every extra remote argument deprecated (removal planned for 2.64) without a
+            # named replacement for this one, so that warning (and only it) is silenced here.
+            warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
+            ds = ds.map_batches(
+                _UnitWorker,
+                fn_constructor_kwargs={"fn": fn, "units": todo, "batch_rows": batch_rows, "resume": resume},
+                batch_size=1,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=pool),
+                num_gpus=num_gpus or None,
+                # No restarts: a failed unit fails the job (module docstring). With restarts on, Ray's
+                # core worker prints an error line for every actor whose constructor arguments live in
+                # the object store, as ours do.
+                max_restarts=0,
+            )
         try:
             done = ds.take_all()
         except Exception as exc:  # Ray wraps the actor's exception (RayTaskError, UserCodeException)
