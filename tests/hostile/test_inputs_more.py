@@ -172,6 +172,31 @@ def test_a_damaged_head_facts_entry_is_rebuilt(runner, tiny_llama, filled, tmp_p
     assert len(warnings) == 1 and "damaged" in warnings[0] and str(entry) in warnings[0], result.stderr
 
 
+def test_a_model_giving_nan_embeddings_is_an_error_and_nothing_is_cached(tiny_llama, tmp_path):
+    from embfilter_cli.errors import InputDataError
+    from embfilter_cli.model.locate import resolve_model
+    from embfilter_cli.text.cache import cached_embeddings
+    from embfilter_cli.text.datasets import PairData
+
+    class NanEncoder:  # an fp16 overflow, say: the model itself gives NaN for one text
+        last_truncated = 0
+
+        def embed(self, texts, **_):
+            out = np.ones((len(texts), 32), dtype=np.float32)
+            out[1, 0] = np.nan
+            return out
+
+    data = PairData("toy", ["a", "b", "c"], np.array([[0, 1], [1, 2]]), np.array([1.0, 2.0]))
+    cache = Cache(tmp_path / "cache")
+    options = dict(template="{text}", pooling="mean", recipe="plain", batch_size=2, max_length=16, device="cpu")
+    with pytest.raises(InputDataError, match="NaN or infinite embeddings for 1 of 3 texts"):
+        cached_embeddings(
+            resolve_model(str(tiny_llama)), data, **options, dtype="float32", revision=None, cache=cache,
+            encoders={"encoder": NanEncoder()},
+        )  # fmt: skip
+    assert not (tmp_path / "cache" / "embeddings").exists()
+
+
 # --------------------------------------------------------------------------- hostile JSONL
 
 DEEP = 200_000
