@@ -114,6 +114,11 @@ class EmbfilterGroup(click.Group):
             # (`| head`), a closed descriptor (`>&-`) or a full device (`> /dev/full`).
             if exc.errno not in _STDOUT_ERRNOS or os.environ.get("EMBFILTER_DEBUG"):
                 raise
+            if exc.filename is not None:  # a named file, not stdout: a writer the core did not wrap
+                what = "the device is full: free space or" if exc.errno == errno.ENOSPC else f"{exc.strerror}:"
+                raise click.ClickException(
+                    _one_line(f"could not write {exc.filename}: {what} choose another output path")
+                ) from None
             _silence_stdout()
             reason = {errno.EPIPE: "the reader closed the pipe", errno.EBADF: "it is closed"}.get(
                 exc.errno or 0, "the device is full"

@@ -213,3 +213,17 @@ def test_eval_data_that_is_a_directory(runner, tmp_path):
     before = Snapshot(tmp_path)
     expect_error(runner.invoke(app, ["eval", "-q", "--data", str(tmp_path / "d")]), match="directory")
     before.assert_unchanged()
+
+
+def test_an_unwrapped_full_disk_names_the_file_not_stdout(runner, art, tmp_path, monkeypatch):
+    """A writer the core forgot to wrap still gives one line, naming its file rather than stdout."""
+    import errno
+
+    from embfilter_cli.export import formats
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "P.npy"))
+
+    monkeypatch.setattr(formats, "export_npy", full)
+    line = expect_error(runner.invoke(app, ["export", str(art), "--format", "npy", "-o", str(tmp_path / "P.npy")]))
+    assert "standard output" not in line and str(tmp_path / "P.npy") in line and "free space" in line
