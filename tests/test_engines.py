@@ -118,7 +118,8 @@ def test_ray_runs_keep_ray_s_own_log_lines_off_stderr(filt, tmp_path):
     import subprocess
 
     _dataset(tmp_path / "data")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # PYTHONWARNINGS=default: Ray's own DeprecationWarnings (DataContext's deprecated fields) must not show either
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PYTHONWARNINGS": "default"}
     env.pop("EMBFILTER_DEBUG", None)
     cmd = [sys.executable, "-m", "embfilter_cli", "apply", str(filt), str(tmp_path / "data"), "--engine", "ray"]
     ok = subprocess.run([*cmd, "-o", str(tmp_path / "ok")], capture_output=True, text=True, env=env, timeout=300)

@@ -49,7 +49,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
         if address is None:
             kwargs["num_cpus"] = num_cpus
         ray.init(address=address, **kwargs)
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        with warnings.catch_warnings():
+            # Ray's own DataContext() sets its deprecated fields (use_polars, use_push_based_shuffle,
+            # use_arrow_tensor_v2) and warns about them: Ray's business, nothing our user can act on.
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.data\.context")
+            context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
         _quiet_ray_data_console()
     return ray
 
