@@ -131,8 +131,9 @@ def ray_session():
     """Ray with 2 CPUs, started once for the whole session (skips without the `ray` extra)."""
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.data")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    from embfilter_cli.engines.ray_engine import init_ray
+
+    init_ray(num_cpus=2)  # as the CLI starts it: quiet, no dashboard, no progress bars
     yield ray
     ray.shutdown()
 
