@@ -39,7 +39,8 @@ CHILD_EMBED = r"""
 import json, sys, time
 spec, n, batch_sizes = json.loads(sys.argv[1])
 import torch
-from embfilter_cli.text.embedding import load_encoder, resolve_recipe
+from embfilter_cli.text.embedding import load_encoder
+from embfilter_cli.text.recipes import resolve_recipe
 from embfilter_cli.text.datasets import load_lee
 texts = load_lee().texts[:n]
 t0 = time.perf_counter()

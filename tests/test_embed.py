@@ -18,14 +18,8 @@ from embfilter_cli.cli import app
 from embfilter_cli.errors import ArtifactError, InputDataError, ModelNotFoundError
 from embfilter_cli.model.head import check_filter_matches, model_fingerprint
 from embfilter_cli.model.location import ModelLocation
-from embfilter_cli.text.embedding import (
-    Encoder,
-    Prepared,
-    load_encoder,
-    pad_batch,
-    pool_hidden,
-    resolve_recipe,
-)
+from embfilter_cli.text.embedding import Encoder, Prepared, load_encoder, pad_batch, pool_hidden
+from embfilter_cli.text.recipes import resolve_recipe
 from embfilter_cli.text.texts import describe_skipped, read_texts
 from tests.tiny_models import make_gpt2, make_llama
 

@@ -41,7 +41,7 @@ def run_table_embed(
 ) -> dict[str, Any]:
     """Embed into Parquet; returns the summary (rows, files, skipped, seconds, dims)."""
     from embfilter_cli.engines.embed_tables import EmbedBatch
-    from embfilter_cli.text.embedding import resolve_recipe
+    from embfilter_cli.text.recipes import resolve_recipe
 
     resolve_recipe(embed_kwargs["recipe"])  # a bad template fails before anything is loaded
     if output == "-":

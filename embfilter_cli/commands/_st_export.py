@@ -16,7 +16,7 @@ from embfilter_cli.errors import ModelNotFoundError
 def prompt_for(recipe: str) -> str:
     """The prefix prompt for `--recipe` ('' for none); refuses templates with text after {text}."""
     from embfilter_cli.export.st_model import prefix_prompt
-    from embfilter_cli.text.embedding import resolve_recipe
+    from embfilter_cli.text.recipes import resolve_recipe
 
     rec = resolve_recipe(recipe)
     return "" if rec.name == "none" else prefix_prompt(rec.template, rec.name)
@@ -75,7 +75,8 @@ def export_whole_model(
     from embfilter_cli.export.st_model import StModelSpec, export_st_model, require_tokenizer
     from embfilter_cli.filters.centering import check_centering_use
     from embfilter_cli.model.head import read_head_for_filter
-    from embfilter_cli.text.embedding import load_encoder_at, model_target, resolve_recipe
+    from embfilter_cli.text.embedding import load_encoder_at, model_target
+    from embfilter_cli.text.recipes import resolve_recipe
 
     prompt = prompt_for(recipe)  # before anything loads
     rec = resolve_recipe(recipe)

@@ -95,7 +95,7 @@ def read_background_for(texts: str, pooling: str, recipe: str, input_format: str
     """
     from embfilter_cli.console import warn
     from embfilter_cli.text.background import read_background
-    from embfilter_cli.text.embedding import check_pooling, resolve_recipe
+    from embfilter_cli.text.recipes import check_pooling, resolve_recipe
     from embfilter_cli.text.texts import describe_skipped
 
     check_pooling(pooling)

@@ -124,7 +124,7 @@ def embed(
         raise UsageError("--json prints a summary on stdout, which -o - already uses for the embeddings; drop one")
 
     from embfilter_cli.console import info, notice, progress_bar, warn
-    from embfilter_cli.text.embedding import resolve_recipe
+    from embfilter_cli.text.recipes import resolve_recipe
     from embfilter_cli.text.texts import describe_skipped, read_texts
 
     rec = resolve_recipe(recipe)  # a bad template fails before anything is loaded

@@ -157,7 +157,7 @@ def eval_cmd(
     abtt, whiten, tops, bottoms = request.abtt, request.whiten, request.tops, request.bottoms
     ratio_list, needs_spectrum = request.ratios, request.needs_spectrum
     from embfilter_cli.files import check_writable
-    from embfilter_cli.text.embedding import resolve_recipe
+    from embfilter_cli.text.recipes import resolve_recipe
 
     rec = resolve_recipe(recipe)
     for path in (plot_path, save_best):

@@ -81,8 +81,9 @@ def text(
     from embfilter_cli.console import emit_json, info, notice, out_text, warn
     from embfilter_cli.errors import InputDataError
     from embfilter_cli.text.directions import token_entries
-    from embfilter_cli.text.embedding import check_pooling, load_encoder, resolve_recipe
+    from embfilter_cli.text.embedding import load_encoder
     from embfilter_cli.text.lens import lens_embeddings
+    from embfilter_cli.text.recipes import check_pooling, resolve_recipe
 
     items = _collect_texts(texts, warn)
     if not items:

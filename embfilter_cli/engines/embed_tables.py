@@ -82,7 +82,7 @@ class EmbedBatch:
             from embfilter_cli.filters.artifact import load_artifact
             from embfilter_cli.filters.centering import check_centering_use
             from embfilter_cli.model.head import read_head_for_filter
-            from embfilter_cli.text.embedding import resolve_recipe
+            from embfilter_cli.text.recipes import resolve_recipe
 
             artifact = load_artifact(self.filter_path)
             rec = resolve_recipe(self.recipe)

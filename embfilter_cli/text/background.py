@@ -26,7 +26,7 @@ import numpy as np
 
 from embfilter_cli.errors import InputDataError
 from embfilter_cli.filters.centering import Centering, filtered_mean, texts_sha256
-from embfilter_cli.text.embedding import check_pooling, resolve_recipe
+from embfilter_cli.text.recipes import check_pooling, resolve_recipe
 from embfilter_cli.text.texts import read_texts
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ Llama), pooled per text:
 Explicit position ids (cumulative attention mask) make every vector independent of how much
 padding its batch needed, for rotary and absolute position embeddings alike.
 
-Recipes wrap each text in a template with a `{text}` slot (`RECIPES`, or any custom string that
+Recipes (`text.recipes`) wrap each text in a template with a `{text}` slot (`RECIPES`, or any custom string that
 contains `{text}`). Truncation to `max_length` tokens shortens the TEXT, never the template, so a
 prompt's tail (e.g. `means in one word:"`) always survives. Texts are batched by token length
 (longest first) to limit padding; results come back in input order.
@@ -45,72 +45,17 @@ from embfilter_cli.errors import InputDataError, ModelNotFoundError
 from embfilter_cli.model.locate import resolve_model
 from embfilter_cli.model.location import ModelLocation
 from embfilter_cli.model.quiet import quiet_transformers as _quiet_transformers
+from embfilter_cli.text.recipes import Recipe, check_pooling, resolve_recipe
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
 
 
-TEXT_SLOT = "{text}"
-RECIPES: dict[str, str] = {
-    "none": "{text}",
-    "prompteol": 'This sentence: "{text}" means in one word:"',
-    "summarize": 'Summarize the sentence: "{text}" in one word:"',
-    "echo": "Rewrite the following paragraph: {text}. The rewritten paragraph: {text}",
-}
-POOLINGS = ("mean", "last")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ProgressFn = Callable[[int, int], None]  # (texts done, texts total)
 
 _MAX_TRUNCATION_ROUNDS = 8
-
-
-# --------------------------------------------------------------------------- recipes
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """A prompt template with one or more `{text}` slots.
-
-    `pool_last_copy` (the echo recipe) restricts mean pooling to the tokens of the last copy of
-    the text, so every pooled token has already seen the whole text once.
-    """
-
-    name: str
-    template: str
-    pool_last_copy: bool = False
-
-    @property
-    def copies(self) -> int:
-        """How many times the template contains the text (2 for echo)."""
-        return self.template.count(TEXT_SLOT)
-
-    def render(self, text: str) -> tuple[str, tuple[int, int]]:
-        """The prompt for `text` and the character span of the last copy of `text` in it."""
-        # str.replace/split rather than str.format: braces elsewhere in a custom template are literal.
-        parts = self.template.split(TEXT_SLOT)
-        prompt = text.join(parts)
-        end_of_last = len(prompt) - len(parts[-1])
-        return prompt, (end_of_last - len(text), end_of_last)
-
-
-def resolve_recipe(recipe: str) -> Recipe:
-    """A recipe name from `RECIPES`, or a custom template containing `{text}`."""
-    if recipe in RECIPES:
-        return Recipe(recipe, RECIPES[recipe], pool_last_copy=recipe == "echo")
-    if TEXT_SLOT not in recipe:
-        raise InputDataError(
-            f"--recipe {recipe!r} is neither a known recipe ({', '.join(RECIPES)}) nor a template containing "
-            "{text}; e.g. --recipe 'Query: {text}'"
-        )
-    return Recipe("custom", recipe)
-
-
-def check_pooling(pooling: str) -> str:
-    """Return `pooling` if it is a known pooling; InputDataError otherwise."""
-    if pooling not in POOLINGS:
-        raise InputDataError(f"pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
-    return pooling
 
 
 # --------------------------------------------------------------------------- pooling (pure)
@@ -475,16 +420,11 @@ def load_encoder_at(
 
 
 __all__ = [
-    "POOLINGS",
-    "RECIPES",
     "Encoder",
     "Prepared",
-    "Recipe",
-    "check_pooling",
     "load_encoder",
     "load_encoder_at",
     "model_target",
     "pad_batch",
     "pool_hidden",
-    "resolve_recipe",
 ]

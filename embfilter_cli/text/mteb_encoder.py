@@ -80,7 +80,8 @@ class MtebEncoder:
         from embfilter_cli.filters.artifact import FilterArtifact, load_artifact
         from embfilter_cli.model.head import read_head_for_filter
         from embfilter_cli.model.locate import resolve_model
-        from embfilter_cli.text.embedding import check_pooling, load_encoder_at, resolve_recipe
+        from embfilter_cli.text.embedding import load_encoder_at
+        from embfilter_cli.text.recipes import check_pooling, resolve_recipe
 
         check_pooling(pooling)
         resolve_recipe(recipe)
