@@ -277,6 +277,7 @@ def test_cli_too_few_texts_for_asked_whitening_says_how_many(runner, tiny_llama,
         (["--no-background", "--whiten", "4"], "--no-background cannot be combined"),
         (["--background", "x.txt", "--whiten", "0,4"], "whitening needs at least 1 dimension"),
         (["--background", "x.txt", "--abtt", "a"], "'a' is not a whole number"),
+        (["--background", "emb.npy"], "eval needs background TEXTS"),
     ],
 )
 def test_cli_background_usage_errors(runner, tiny_llama, tsv, args, message):

@@ -17,6 +17,13 @@ def load_background_noted(no_background: bool, spec: str | None, data_name: str,
     from embfilter_cli.text.baselines import load_background
     from embfilter_cli.text.texts import describe_skipped
 
+    if spec is not None and not no_background and spec.lower().endswith(".npy"):
+        # eval embeds the background with each recipe it scores, so it needs the texts themselves.
+        raise UsageError(
+            f"--background {spec}: eval needs background TEXTS (it embeds them with the model and recipe it "
+            "scores), not pre-computed embeddings; pass the texts, or centre a filter on the .npy with "
+            "`embfilter center FILTER embeddings.npy`"
+        )
     background = None if no_background else load_background(spec, data_name)
     if background is None and baselines_given:
         raise UsageError("--abtt and --whiten are fitted on background texts; add --background TEXTS")
