@@ -16,9 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-from bench._common import describe_machine, load_average
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `python bench/x.py` puts only bench/ on the path
+
+from bench._common import describe_machine, load_average  # noqa: E402
 
 
 def _run(args: list[str]) -> tuple[float, float]:

@@ -27,9 +27,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bench._common import describe_machine, load_average
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `python bench/x.py` puts only bench/ on the path
+
+from bench._common import describe_machine, load_average  # noqa: E402
 
 
 def corpus(texts: int, words: int) -> list[str]:
