@@ -3,7 +3,7 @@
 A reader hands out `RecordBatch`es of at most `batch_rows` rows, optionally from chosen row groups
 only (what `--shard` uses to split a single large file); the writer appends batches to an open
 file. Memory is bounded by the batch and by one row group's column chunks, which pyarrow decodes
-whole: files written with very large row groups (pyarrow's default is 1 Mi rows) cost one row group
+whole (the file is read through a small buffer, not mapped; see `open_parquet`): files written with very large row groups (pyarrow's default is 1 Mi rows) cost one row group
 of memory, whatever `batch_rows` is.
 
 pyarrow's own errors for damaged files (ArrowInvalid, OSError from the thrift decoder) become
