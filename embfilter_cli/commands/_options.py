@@ -42,20 +42,19 @@ MAX_VECTOR_BATCH = 1 << 22
 MAX_TEXT_BATCH = 1 << 16
 
 
-def _set_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
-    if value:
-        from embfilter_cli.console import set_quiet
+def _console_switch(short: str, long: str, setter: str, help_text: str) -> Callable[[F], F]:
+    """An eager flag that turns a console setting on (`console.set_quiet` / `set_verbose`) while parsing."""
 
-        set_quiet(True)
-    return value
+    def switch_on(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+        if value:
+            from embfilter_cli import console
 
+            getattr(console, setter)(True)
+        return value
 
-def _set_verbose(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
-    if value:
-        from embfilter_cli.console import set_verbose
-
-        set_verbose(True)
-    return value
+    return click.option(
+        short, long, is_flag=True, expose_value=False, callback=switch_on, is_eager=True, help=help_text
+    )
 
 
 def output_options(func: F) -> F:
@@ -64,23 +63,9 @@ def output_options(func: F) -> F:
     func = click.option("--json", "json_", is_flag=True, help="Print one JSON document on stdout instead of a table.")(
         func
     )
-    func = click.option(
-        "-q",
-        "--quiet",
-        is_flag=True,
-        expose_value=False,
-        callback=_set_quiet,
-        is_eager=True,
-        help="No progress bars or info lines on stderr.",
-    )(func)
-    func = click.option(
-        "-v",
-        "--verbose",
-        is_flag=True,
-        expose_value=False,
-        callback=_set_verbose,
-        is_eager=True,
-        help="Info lines on stderr even when it is not a terminal (a log file, a pipe).",
+    func = _console_switch("-q", "--quiet", "set_quiet", "No progress bars or info lines on stderr.")(func)
+    func = _console_switch(
+        "-v", "--verbose", "set_verbose", "Info lines on stderr even when it is not a terminal (a log file, a pipe)."
     )(func)
     return func
 

@@ -171,8 +171,7 @@ def eval_cmd(
     from embfilter_cli.console import info, notice, progress_bar, warn
     from embfilter_cli.filters.artifact import load_artifact
     from embfilter_cli.model.locate import resolve_model
-    from embfilter_cli.text.cache import cached_embeddings
-    from embfilter_cli.text.cache_writes import BestEffortCache
+    from embfilter_cli.text.cache import Cache, cached_embeddings
     from embfilter_cli.text.datasets import load_dataset
     from embfilter_cli.text.evaluation import eval_document, evaluate_all, head_for_eval
 
@@ -187,7 +186,7 @@ def eval_cmd(
     for art in filters:  # a centred filter's mean belongs to one pooling/recipe
         check_centering_use(art.centering, pooling, rec.name, rec.template, str(art.path))
     location = resolve_model(model, revision=revision)
-    cache = BestEffortCache(Path(cache_dir) if cache_dir else None, enabled=not no_cache, warn=warn)
+    cache = Cache(Path(cache_dir) if cache_dir else None, enabled=not no_cache, warn=warn)
     facts, spectrum = head_for_eval(location, cache, device, needs_spectrum, filters, log=info)
     embed_options: dict[str, Any] = dict(template=rec.template, pooling=pooling, recipe=recipe, batch_size=batch_size)
     embed_options.update(max_length=max_length, device=device, dtype=dtype, revision=revision, cache=cache)

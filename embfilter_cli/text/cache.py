@@ -67,12 +67,37 @@ class Cache:
     Files are written atomically. Array entries are read through `cache_entry.read_entry`
     (key, layout, checksum and finiteness checked); a damaged entry is reported on `warn`
     and counts as a miss, so the caller recomputes it and overwrites it.
+
+    Writes are best effort: the first store that cannot be written (read-only folder, full
+    disk, quota) is reported once on `warn` and later stores are skipped, so a cache costs speed,
+    never the run. Reading is unaffected: a read-only shared cache still gives its hits.
     """
 
     def __init__(self, root: Path | None = None, enabled: bool = True, warn: Log = _silent) -> None:
         self.root = Path(root) if root is not None else default_cache_dir()
         self.enabled = enabled
         self.warn = warn
+        self.write_failed = False
+
+    def _writable(self) -> bool:
+        return self.enabled and not self.write_failed
+
+    @contextlib.contextmanager
+    def _storing(self) -> Any:
+        """Run one store; a failure to write turns storing off with one warning (other errors pass)."""
+        from embfilter_cli.files import OutputWriteError, unwritable_reason
+
+        try:
+            yield
+        except (OSError, OutputWriteError) as exc:
+            reason = unwritable_reason(exc)
+            if reason is None:  # not a write failure (a bug, or an input error): not ours to hide
+                raise
+            self.write_failed = True
+            self.warn(
+                f"the cache {self.root} cannot be written ({reason}); going on without storing results there "
+                "(free space, or pass --cache-dir DIR or --no-cache)"
+            )
 
     def _path(self, kind: str, key: str, suffix: str) -> Path:
         return self.root / kind / f"{key}{suffix}"
@@ -114,9 +139,10 @@ class Cache:
         """Store embeddings under `key` (atomically; no-op when disabled)."""
         from embfilter_cli.text.cache_entry import write_entry
 
-        if self.enabled:
+        if self._writable():
             arrays = {"embeddings": np.ascontiguousarray(array, dtype=np.float32)}
-            write_entry(self._path("embeddings", key, ".safetensors"), key, arrays, {})
+            with self._storing():
+                write_entry(self._path("embeddings", key, ".safetensors"), key, arrays, {})
 
     def load_spectrum(self, key: str) -> tuple[Spectrum, dict[str, Any]] | None:
         """A cached (spectrum, head facts) under `key`, or None (disabled, missing or damaged)."""
@@ -152,7 +178,7 @@ class Cache:
         """Store a spectrum and its head facts under `key` (atomically; no-op when disabled)."""
         from embfilter_cli.text.cache_entry import write_entry
 
-        if not self.enabled:
+        if not self._writable():
             return
         meta = {
             "solver": spectrum.solver,
@@ -168,9 +194,13 @@ class Cache:
             "singular_values": np.asarray(spectrum.singular_values, dtype=np.float64),
             "vectors": np.asarray(spectrum.vectors, dtype=np.float64),
         }
-        write_entry(
-            self._path("spectra", key, ".safetensors"), key, arrays, {"meta": json.dumps(meta, default=json_default)}
-        )
+        with self._storing():
+            write_entry(
+                self._path("spectra", key, ".safetensors"),
+                key,
+                arrays,
+                {"meta": json.dumps(meta, default=json_default)},
+            )
 
     def load_json(self, kind: str, key: str) -> dict[str, Any] | None:
         """A cached JSON object of `kind` under `key`, or None (a "heads" object must be valid head facts)."""
@@ -192,12 +222,12 @@ class Cache:
 
     def save_json(self, kind: str, key: str, value: dict[str, Any]) -> None:
         """Store a JSON object of `kind` under `key` (atomically; no-op when disabled)."""
-        if not self.enabled:
+        if not self._writable():
             return
         from embfilter_cli.files import atomic_path
 
-        with atomic_path(self._path(kind, key, ".json"), force=True) as tmp:
-            text = json.dumps({"key": key, "value": value, "sha256": _json_digest(value)}, default=json_default)
+        text = json.dumps({"key": key, "value": value, "sha256": _json_digest(value)}, default=json_default)
+        with self._storing(), atomic_path(self._path(kind, key, ".json"), force=True) as tmp:
             tmp.write_text(text, encoding="utf-8")
 
 
