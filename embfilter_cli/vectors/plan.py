@@ -156,9 +156,10 @@ def _refuse_overlap(found: _Found, units: list[WorkUnit], out: Path) -> None:
             )
         reader = _read_back(found, real)
         if reader is not None:
+            where = "is the input folder" if _real(out) == _real(reader) else f"is inside the input {reader}"
             raise InputDataError(
-                f"-o {out} is inside the input {reader}: its outputs (such as {unit.output}) would be read back as "
-                "inputs by the next run or --resume; choose an -o outside it"
+                f"-o {out} {where}: its outputs (such as {unit.output}) would be read back as inputs by the next "
+                "run or --resume; choose an -o outside it"
             )
 
 
