@@ -1,4 +1,4 @@
-"""The one planner of table jobs: inputs → work units → outputs, for `apply`, `embed`, Ray and Spark.
+"""The one planner of table jobs: inputs → work units → outputs, for `apply` and `embed`, local or on Ray.
 
 `plan_job` expands the input (a file, a folder or a quoted glob), maps every input file to its
 output, and refuses, before anything is read or written, a plan that would lose data:
@@ -111,12 +111,6 @@ def plan_job(
     unit.total_parts = count_parts(unit.input, unit.in_format)
     unit.parts = tuple(shard.select(unit.total_parts))
     return Plan(units, found.skipped)
-
-
-def expand_inputs(spec: str) -> tuple[list[Path], Path | None]:
-    """The input files of `spec` (a file, a folder or a glob), sorted, and the folder their names are relative to."""
-    found = _expand(spec)
-    return found.files, found.root
 
 
 def _units(found: _Found, out: Path, in_format: str | None, out_format: str | None) -> list[WorkUnit]:
