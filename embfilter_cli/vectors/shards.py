@@ -11,10 +11,12 @@ Every output records what made it: the filter's fingerprints, the settings, and 
 dtype, column…). An existing output is "complete" when it is readable, has the expected row count,
 and records exactly what this run would write; "stale" when it is ours (same filter or model) but
 made with other options or from another version of the input; "foreign" when it is readable but
-made by another filter, "not ours" when it records no filter at all; else "incomplete". `--resume` skips complete outputs and redoes
-stale and incomplete ones (a resumed output is byte for byte what a fresh run writes); a foreign
-output is only replaced with `--force`, and in a folder output not even then when it records no
-filter at all (`check_outputs`).
+made by another filter; "not ours" when it records no filter at all; else "incomplete".
+`--resume` skips complete outputs and redoes stale and incomplete ones, so a resumed output is
+byte for byte what a fresh run writes. Stale outputs are redone without asking because they are
+ours: the user asked for the new options, and replacing our own earlier output loses nothing they
+made. A foreign output is only replaced with `--force`, and in a folder output a "not ours" file
+not even then (`check_outputs`).
 """
 
 from __future__ import annotations
@@ -97,7 +99,8 @@ class WorkUnit:
         column, pooling…). Engines do not appear: local and Ray write the same bytes.
         """
         stat = os.stat(self.input)
-        parts = None if self.parts is None else [len(self.parts) and self.parts[0], len(self.parts), self.total_parts]
+        # [first, count, of]: parts are a contiguous block (`Shard.select`)
+        parts = None if self.parts is None else [self.parts[0] if self.parts else 0, len(self.parts), self.total_parts]
         record = {
             "input": {"name": self.name or self.input.name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns},
             "input_format": self.in_format,
