@@ -167,3 +167,18 @@ def test_embed_resume_without_the_filter_redoes_outputs_made_with_it(runner, tin
         assert (out / name).read_bytes() == (fresh / name).read_bytes()
     again = runner.invoke(app, _embed(tiny_llama, data, out, "--resume", "--json"))
     assert json.loads(again.stdout)["files"] == 0  # complete now
+
+
+# --------------------------------------------------------------------------- 2. embed shares apply's planner
+
+
+@pytest.mark.parametrize("where", ["same", "inside"])
+def test_embed_into_its_own_input_folder_is_refused(runner, tiny_llama, tmp_path, where):
+    data = tmp_path / "corpus"
+    data.mkdir()
+    pq.write_table(pa.table({"id": [0], "text": ["a cat"]}), data / "p.parquet")
+    kept = Snapshot(data)
+    out = data if where == "same" else data / "out"
+    line = expect_error(runner.invoke(app, _embed(tiny_llama, data, out, "--force")))
+    assert ("would overwrite the input" if where == "same" else "read back as inputs") in line
+    kept.assert_unchanged()
