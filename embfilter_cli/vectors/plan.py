@@ -53,6 +53,7 @@ class _Found:
     folders: dict[Path, Path] = field(default_factory=dict)  # real folder -> its path as found
     reals: dict[Path, Path] = field(default_factory=dict)  # real file -> its path as found
     pattern: tuple[str, ...] | None = None  # glob parts below root
+    spec: str = ""  # the glob as given, for messages
 
     def sort(self) -> None:
         """Files in the order of their names relative to the root (what `--shard` splits)."""
@@ -140,7 +141,8 @@ def _units(found: _Found, out: Path, in_format: str | None, out_format: str | No
 
 def _refuse_overlap(found: _Found, units: list[WorkUnit], out: Path) -> None:
     """Refuse outputs that are inputs, or that a later run would read back as inputs."""
-    inputs = {_real(f): f for f in found.files}
+    chosen = set(found.files)  # real paths were found by the walk; a single file has none yet
+    inputs = {real: path for real, path in found.reals.items() if path in chosen} or {_real(f): f for f in chosen}
     for unit in units:
         real = _real(unit.output)
         if real in inputs:
@@ -149,12 +151,17 @@ def _refuse_overlap(found: _Found, units: list[WorkUnit], out: Path) -> None:
                 "(not even with --force): choose another -o"
             )
         reader = _read_back(found, real)
-        if reader is not None:
-            where = "is the input folder" if _real(out) == _real(reader) else f"is inside the input {reader}"
-            raise InputDataError(
-                f"-o {out} {where}: its outputs (such as {unit.output}) would be read back as inputs by the next "
-                "run or --resume; choose an -o outside it"
-            )
+        if reader is None:
+            continue
+        if found.pattern is not None:
+            where = f": its outputs (such as {unit.output}) match the input pattern {found.spec!r}"
+        elif _real(out) == _real(reader):
+            where = f" is the input folder: its outputs (such as {unit.output})"
+        else:
+            where = f" is inside the input folder {reader}: its outputs (such as {unit.output})"
+        raise InputDataError(
+            f"-o {out}{where} and would be read back as inputs by the next run or --resume; choose an -o outside it"
+        )
 
 
 def _read_back(found: _Found, real: Path) -> Path | None:
@@ -199,7 +206,7 @@ def _expand(spec: str) -> _Found:
     if GLOB_CHARS & set(spec):
         root = _glob_root(spec)
         pattern = path.parts[len(root.parts) :]
-        found = _Found([], root, [], pattern=pattern)
+        found = _Found([], root, [], pattern=pattern, spec=spec)
         if root.is_dir():
             _walk(found, root, 0, None if "**" in pattern else len(pattern) - 1)
         found.files = [f for f in found.files if _matches(f.relative_to(root).parts, pattern)]
