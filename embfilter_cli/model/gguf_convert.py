@@ -23,19 +23,25 @@ cannot set back, so a matching stat means the bytes hashed last time are still t
 differs the file is hashed again: a GGUF with new content gets a new key, and a converted file that
 no longer matches its manifest marks the folder damaged; it is then moved aside and rebuilt.
 
-Atomicity: a folder is built in a temporary sibling and renamed into place only after its
-manifest is written and its contents were checked against the in-memory model; a reader never sees
-a half-written folder. Two processes converting at once both build; the second rename fails and
-that process uses the winner's folder.
+Atomicity: a folder is built in a temporary sibling `.<key>.<pid>.<random>.tmp` and renamed into
+place only after its manifest is written and its contents were checked against the in-memory
+model; a reader never sees a half-written folder. The build holds the entry's exclusive lock
+(`cache_lock`): a second process converting the same file waits, then uses the first one's folder.
+A conversion killed with `kill -9` leaves its temporary folder; the next conversion removes it once
+its lock is free and its pid is gone. A process that loaded a folder holds it shared until it
+exits, so `embfilter cache prune` and the size limit (`cache_store`) never delete it under a run.
 
-Not handled: disk space (the float32 folder is ~4 bytes per parameter: 0.5 GB for the built-in
-model, ~28 GB for a 7B GGUF; use `--no-cache` to skip it), pruning folders of old GGUF files or
-transformers versions (delete `gguf/` to reclaim them), bit rot that leaves a file's stat unchanged.
+Disk: the float32 folder is ~4 bytes per parameter (0.54 GB for the built-in model, ~28 GB for a
+7B GGUF); `embfilter cache` lists the folders, the cache's size limit removes the least recently
+used (old transformers versions first), `--no-cache` skips converting.
+
+Not handled: bit rot that leaves a file's stat unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -47,6 +53,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from embfilter_cli import cache_lock
+from embfilter_cli.cache_store import check_root, enforce_limit, human_size, max_size
 from embfilter_cli.errors import ConversionError, ModelNotFoundError
 from embfilter_cli.files import OutputWriteError, atomic_path, default_cache_dir, unwritable_reason
 from embfilter_cli.jsonable import loads as json_loads
@@ -255,22 +263,65 @@ def converted_folder(
 ) -> Converted:
     """The cached Hugging Face folder for `gguf_path`, converting (or rebuilding) it when needed.
 
+    The folder is returned with a shared lock this process keeps until it exits, so no prune
+    removes it while the model loads (`cache_lock`). A conversion runs under the exclusive lock:
+    a second process that wants the same folder waits for it instead of converting again. After a
+    new folder, the cache's size limit is enforced (`cache_store.enforce_limit`).
+
     Args:
         gguf_path: the GGUF file.
         cache_dir: the embfilter cache (default `$EMBFILTER_CACHE` or `~/.cache/embfilter`).
         convert: fills an empty folder from the GGUF file (default `convert_with_transformers`).
         notify: called with one-line messages worth showing a user (conversion started, a damaged
-            folder being rebuilt); the core never prints.
+            folder being rebuilt, leftovers or old entries removed); the core never prints.
     """
     source = Path(gguf_path)
-    root = cache_root(cache_dir)
+    cache = check_root(Path(cache_dir) if cache_dir is not None else default_cache_dir())
+    max_size()  # a bad $EMBFILTER_CACHE_MAX_SIZE is reported before minutes of converting
+    root = cache_root(cache)
     root.mkdir(parents=True, exist_ok=True)
+    freed = cache_lock.remove_stale_temporaries(cache, root.name)
+    if freed and notify:
+        notify(f"Removed {human_size(freed)} left in {root} by a conversion that was killed")
     sha = gguf_sha256(source, root)
     folder = root / conversion_key(sha)
+    cache_lock.hold_shared(cache, folder)  # waits while another process converts this file
+    if folder.is_dir() and verify_folder(folder, sha) is None:
+        cache_lock.mark_used(cache, folder)
+        return Converted(folder, built=False, seconds=0.0)
+    cache_lock.release(cache, folder)
+    fd = _build_lock(cache, folder)
+    try:
+        built = _build(source, sha, folder, convert, notify)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        raise
+    if fd is not None:
+        cache_lock.hold_downgraded(cache, folder, fd)
+    cache_lock.mark_used(cache, folder)
+    if built.built:
+        enforce_limit(cache, folder, notify)
+    return built
+
+
+def _build_lock(cache: Path, folder: Path) -> int | None:
+    """The exclusive lock on `folder` for building it, waited for; None where flock is unavailable."""
+    try:
+        return cache_lock.acquire(cache_lock.lock_path(cache, folder), shared=False, wait=True)
+    except OSError as exc:
+        if exc.errno in (errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP):
+            return None  # a file system without locks: concurrent builders still end in one folder (rename)
+        raise
+
+
+def _build(source: Path, sha: str, folder: Path, convert: ConvertFn | None, notify: NotifyFn | None) -> Converted:
+    """Convert `source` into `folder` (caller holds its lock), unless another process just did."""
+    root = folder.parent
     reason = None
     if folder.is_dir():
         reason = verify_folder(folder, sha)
-        if reason is None:
+        if reason is None:  # converted by the process we waited for
             return Converted(folder, built=False, seconds=0.0)
         if notify:
             notify(f"The cached conversion {folder} is damaged ({reason}); rebuilding it")
@@ -284,7 +335,8 @@ def converted_folder(
             "--no-cache skips this)"
         )
     start = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=root))
+    # The pid in the name lets a later run tell a killed conversion's leftover from a live one.
+    tmp = Path(tempfile.mkdtemp(prefix=cache_lock.temp_prefix(folder.name), suffix=".tmp", dir=root))
     try:
         (convert or convert_with_transformers)(source, tmp)
         manifest = _manifest(tmp, source, sha)
