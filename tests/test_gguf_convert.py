@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -130,8 +133,9 @@ def test_a_failed_conversion_leaves_nothing_and_is_retried(gguf, tiny_llama, tmp
     assert converted_folder(gguf, tmp_path / "c", convert=ok).built and ok.calls == 1
 
 
-def test_a_concurrent_conversion_that_lands_first_is_used(gguf, tiny_llama, tmp_path):
-    """Two processes convert at once: the loser's rename fails and it uses the winner's folder."""
+def test_a_concurrent_conversion_that_lands_first_is_used(gguf, tiny_llama, tmp_path, monkeypatch):
+    """Where flock is unavailable two processes convert at once: the loser's rename fails and it uses the winner's."""
+    monkeypatch.setattr(gguf_convert, "_build_lock", lambda cache, folder: None)
     winner = FakeConverter(tiny_llama)
 
     def racing(src: Path, out: Path) -> None:
@@ -141,6 +145,72 @@ def test_a_concurrent_conversion_that_lands_first_is_used(gguf, tiny_llama, tmp_
     result = converted_folder(gguf, tmp_path / "c", convert=racing)
     assert winner.calls == 1 and verify_folder(result.folder, gguf_convert.file_sha256(gguf)) is None
     assert _leftovers(result.folder.parent) == []
+
+
+BUILDER = """
+import shutil, sys, time
+from pathlib import Path
+from embfilter_cli.model.gguf_convert import converted_folder
+
+def slow(gguf, out):
+    shutil.copytree(sys.argv[3], out, dirs_exist_ok=True)
+    print("building", flush=True)
+    time.sleep(float(sys.argv[4]))
+
+converted_folder(sys.argv[1], sys.argv[2], convert=slow)
+print("done", flush=True)
+"""
+
+
+def _builder(gguf: Path, cache: Path, tiny_llama: Path, seconds: float) -> subprocess.Popen[str]:
+    """Another process converting `gguf` into `cache`, stopped in its converter for `seconds`."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BUILDER, str(gguf), str(cache), str(tiny_llama), str(seconds)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "building"
+    return proc
+
+
+def test_a_second_process_waits_for_the_first_conversion_and_uses_it(gguf, fake, tiny_llama, tmp_path):
+    first = _builder(gguf, tmp_path / "c", tiny_llama, 2.0)
+    try:
+        second = converted_folder(gguf, tmp_path / "c")  # blocks on the entry's lock until the first is done
+    finally:
+        assert first.wait(timeout=120) == 0
+    assert first.stdout is not None and first.stdout.read().strip() == "done"
+    assert not second.built and fake.calls == 0
+    assert verify_folder(second.folder, gguf_convert.file_sha256(gguf)) is None
+
+
+def test_a_conversion_killed_with_sigkill_leaves_nothing_after_the_next_run(gguf, fake, tiny_llama, tmp_path):
+    killed = _builder(gguf, tmp_path / "c", tiny_llama, 120.0)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=30)
+    root = tmp_path / "c" / "gguf"
+    (leftover,) = [p for p in root.iterdir() if p.name.endswith(".tmp")]
+    assert f".{killed.pid}." in leftover.name and (leftover / "config.json").is_file()
+    notes: list[str] = []
+    result = converted_folder(gguf, tmp_path / "c", notify=notes.append)
+    assert result.built and fake.calls == 1 and _leftovers(root) == []
+    assert notes[0].startswith("Removed ") and notes[0].endswith(f"left in {root} by a conversion that was killed")
+
+
+def test_a_new_conversion_keeps_the_cache_within_its_limit(gguf, fake, tmp_path, monkeypatch):
+    from embfilter_cli import cache_lock
+
+    monkeypatch.setenv("EMBFILTER_CACHE_MAX_SIZE", "1kB")
+    old = tmp_path / "c" / "embeddings" / "old.safetensors"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"\0" * 2000)
+    notes: list[str] = []
+    result = converted_folder(gguf, tmp_path / "c", notify=notes.append)
+    assert result.built and result.folder.is_dir() and not old.exists()
+    assert notes[-1].startswith(f"The cache {tmp_path / 'c'} passed its 1.0 kB limit; removed 1 least recently used")
+    assert cache_lock.last_used(tmp_path / "c", result.folder) is not None
 
 
 # --------------------------------------------------------------------------- through the CLI
