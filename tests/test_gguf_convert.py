@@ -281,3 +281,51 @@ def test_builtin_conversion_embeds_exactly_like_the_gguf(session_cache):
     direct = load_encoder_at(location, device="cpu", use_cache=False)
     for pooling in ("mean", "last"):
         np.testing.assert_array_equal(cached.embed(texts, pooling=pooling), direct.embed(texts, pooling=pooling))
+
+
+# --------------------------------------------------------------------------- size policy
+
+
+def test_a_gguf_whose_folder_would_take_over_half_the_limit_is_loaded_directly(fake, tmp_path, monkeypatch):
+    from tests.tiny_models import make_gguf
+
+    model, _ = make_gguf(tmp_path / "head.gguf", rows=64, hidden=32)  # 64 × 32 parameters: 8192 bytes as float32
+    assert gguf_convert.conversion_bytes(model) == 4 * 64 * 32
+    monkeypatch.setenv("EMBFILTER_CACHE_MAX_SIZE", "16kB")  # half: 8 kB < 8192 bytes
+    notes: list[str] = []
+    assert gguf_convert.cached_conversion(model, tmp_path / "c", notify=notes.append) is None
+    assert fake.calls == 0 and not [p for p in (tmp_path / "c" / "gguf").iterdir() if p.name != "sources"]
+    assert notes == [
+        "Loading head.gguf from the GGUF file itself, not converting it: its float32 folder would take 8.2 kB, over "
+        "half the cache's 16.0 kB limit; set EMBFILTER_CACHE_MAX_SIZE to 16.4 kB or more to convert it once for "
+        "faster loads"
+    ]
+    # A caller that needs the folder itself (the sentence-transformers export) converts any size...
+    folder = gguf_convert.cached_conversion(model, tmp_path / "c", any_size=True)
+    assert folder is not None and fake.calls == 1
+    # ...and once it exists, every load uses it.
+    assert gguf_convert.cached_conversion(model, tmp_path / "c") == folder and fake.calls == 1
+    monkeypatch.setenv("EMBFILTER_CACHE_MAX_SIZE", "17kB")
+    other, _ = make_gguf(tmp_path / "other.gguf", rows=64, hidden=32, seed=1)
+    assert gguf_convert.cached_conversion(other, tmp_path / "c") is not None and fake.calls == 2
+
+
+def test_a_bad_limit_variable_stops_a_conversion_before_it_starts(gguf, fake, tmp_path, monkeypatch):
+    from embfilter_cli.errors import CacheError
+
+    monkeypatch.setenv("EMBFILTER_CACHE_MAX_SIZE", "plenty")
+    with pytest.raises(CacheError, match="EMBFILTER_CACHE_MAX_SIZE 'plenty' is not a size"):
+        gguf_convert.cached_conversion(gguf, tmp_path / "c")
+    assert fake.calls == 0
+
+
+def test_a_cache_path_that_is_a_file_is_one_error_line_for_embed(runner, gguf, fake, tmp_path, monkeypatch):
+    blocker = tmp_path / "cachefile"
+    blocker.write_text("x")
+    monkeypatch.setenv("EMBFILTER_CACHE", str(blocker))
+    result = _embed(runner, str(gguf), tmp_path / "a.npy")
+    assert result.exit_code == 1 and fake.calls == 0
+    assert result.stderr.splitlines() == [
+        f"Error: the cache path {blocker} is not a folder; remove it or set EMBFILTER_CACHE to a folder"
+    ]
+    assert not (tmp_path / "a.npy").exists() and blocker.read_text() == "x"

@@ -69,6 +69,15 @@ ConvertFn = Callable[[Path, Path], None]  # (gguf file, empty folder to fill)
 NotifyFn = Callable[[str], None]
 
 
+class TooLargeToConvert(Exception):
+    """The float32 folder of a GGUF would take more than the caller's budget; it was not built."""
+
+    def __init__(self, estimate: int, budget: int) -> None:
+        super().__init__(f"the conversion would take {estimate} bytes, over the budget of {budget}")
+        self.estimate = estimate
+        self.budget = budget
+
+
 @dataclass
 class Converted:
     """Where the converted folder is, and whether this call built it."""
@@ -260,6 +269,7 @@ def converted_folder(
     *,
     convert: ConvertFn | None = None,
     notify: NotifyFn | None = None,
+    budget: int | None = None,
 ) -> Converted:
     """The cached Hugging Face folder for `gguf_path`, converting (or rebuilding) it when needed.
 
@@ -274,6 +284,8 @@ def converted_folder(
         convert: fills an empty folder from the GGUF file (default `convert_with_transformers`).
         notify: called with one-line messages worth showing a user (conversion started, a damaged
             folder being rebuilt, leftovers or old entries removed); the core never prints.
+        budget: when set, a folder that must be built and whose `conversion_bytes` exceed it is not:
+            `TooLargeToConvert` is raised instead (an existing folder is used whatever its size).
     """
     source = Path(gguf_path)
     cache = check_root(Path(cache_dir) if cache_dir is not None else default_cache_dir())
@@ -290,6 +302,9 @@ def converted_folder(
         cache_lock.mark_used(cache, folder)
         return Converted(folder, built=False, seconds=0.0)
     cache_lock.release(cache, folder)
+    estimate = conversion_bytes(source) if budget is not None else None
+    if estimate is not None and budget is not None and estimate > budget:
+        raise TooLargeToConvert(estimate, budget)
     fd = _build_lock(cache, folder)
     try:
         built = _build(source, sha, folder, convert, notify)
@@ -357,16 +372,54 @@ def _build(source: Path, sha: str, folder: Path, convert: ConvertFn | None, noti
     return Converted(folder, built=True, seconds=time.perf_counter() - start, rebuilt_because=reason)
 
 
+def conversion_bytes(gguf_path: Path) -> int | None:
+    """The float32 folder's size estimated from the GGUF header: 4 bytes per parameter; None if unreadable.
+
+    (The tokenizer files add a few MB; tied embeddings are stored once, as in the GGUF.)
+    """
+    import math
+
+    from embfilter_cli.model.gguf_header import UnsupportedGGUF, read_header
+
+    try:
+        header = read_header(Path(gguf_path))
+    except (OSError, UnsupportedGGUF, ModelNotFoundError):
+        return None  # the converter reports an unreadable file in its own words
+    return 4 * sum(math.prod(t.shape) for t in header.tensors.values())
+
+
 def cached_conversion(
-    gguf_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None, notify: NotifyFn | None = None
+    gguf_path: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str] | None = None,
+    notify: NotifyFn | None = None,
+    *,
+    any_size: bool = False,
 ) -> Path | None:
-    """`converted_folder(...).folder`, or None when the cache cannot be written (read-only, full, no permission).
+    """`converted_folder(...).folder`, or None: the cache cannot be written (read-only, full, no
+    permission), or the conversion would not fit the cache (below).
 
     The caller then loads the GGUF file itself, as with --no-cache: slower, same vectors. `notify`
     says why.
+
+    Size policy (bench/RESULTS.md, "GGUF conversion: load time vs disk"): converting saves ~97% of
+    every later load at any size, but costs ~4 bytes per parameter (3.8x a Q8_0 file, 7x a Q4 one).
+    A new folder is built only when it takes at most half the cache's size limit (20 GB by default:
+    models up to ~2.5B parameters), so one model never evicts the whole cache; larger GGUFs load
+    directly unless the limit is raised. `any_size` (a caller that needs the folder itself, such as
+    the sentence-transformers export) converts whatever the size.
     """
+    limit = max_size()
+    budget = None if any_size or limit is None else limit // 2
     try:
-        return converted_folder(gguf_path, cache_dir, notify=notify).folder
+        return converted_folder(gguf_path, cache_dir, notify=notify, budget=budget).folder
+    except TooLargeToConvert as exc:
+        if notify:
+            notify(
+                f"Loading {Path(gguf_path).name} from the GGUF file itself, not converting it: its float32 folder would "
+                f"take {human_size(exc.estimate)}, over half the cache's {human_size(limit or 0)} limit; set "
+                f"EMBFILTER_CACHE_MAX_SIZE to {human_size(2 * exc.estimate)} or more to convert it once for faster loads"
+            )
+        return None
     except Exception as exc:
         reason = unwritable_reason(exc)
         if reason is None:
@@ -392,11 +445,13 @@ def _discard(path: Path) -> None:
 
 __all__ = [
     "MANIFEST",
+    "TooLargeToConvert",
     "Converted",
     "cache_root",
     "cached_conversion",
     "conversion_key",
     "convert_with_transformers",
+    "conversion_bytes",
     "converted_folder",
     "file_sha256",
     "gguf_sha256",
