@@ -68,7 +68,10 @@ def acquire(path: Path, shared: bool, wait: bool) -> int | None:
     mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
     while True:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+        except FileNotFoundError:
+            continue  # another process removed the empty lock folder just now (`forget(tidy=True)`)
         try:
             fcntl.flock(fd, mode)
         except OSError as exc:
@@ -172,11 +175,18 @@ def last_used(root: Path, entry: Path) -> float | None:
         return None
 
 
-def forget(root: Path, entry: Path) -> None:
-    """Remove `entry`'s marker and lock file (call while holding its lock exclusively, after deleting it)."""
+def forget(root: Path, entry: Path, tidy: bool = False) -> None:
+    """Remove `entry`'s marker and lock file (call while holding its lock exclusively, after deleting it).
+
+    `tidy`: also remove the hidden folders that held them when they are left empty.
+    """
     for path in (marker_path(root, entry), lock_path(root, entry)):
         with contextlib.suppress(OSError):
             path.unlink()
+        if tidy:
+            for folder in (path.parent, path.parent.parent):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
 
 # --------------------------------------------------------------------------- leftovers

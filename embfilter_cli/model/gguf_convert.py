@@ -309,7 +309,8 @@ def converted_folder(
     try:
         built = _build(source, sha, folder, convert, notify)
     except BaseException:
-        if fd is not None:
+        if fd is not None:  # nothing was built: leave no lock file either (a full disk stays as it was)
+            cache_lock.forget(cache, folder, tidy=True)
             os.close(fd)
         raise
     if fd is not None:
