@@ -209,9 +209,9 @@ def _entry_paths(root: Path, kind: Kind) -> list[Path]:
     for child in children:
         if child.name.startswith(".") or child.name in kind.skip or child.is_symlink():
             continue
-        if kind.folders and child.is_dir():
-            found.append(child)
-        elif not kind.folders and child.is_file() and child.name.endswith(kind.suffix):
+        if (kind.folders and child.is_dir()) or (
+            not kind.folders and child.is_file() and child.name.endswith(kind.suffix)
+        ):
             found.append(child)
     return found
 
@@ -353,7 +353,9 @@ def enforce_limit(root: Path, new_entry: Path, notify: Callable[[str], None] | N
             notify(f"The cache {root} passed its {human_size(limit)} limit but could not be pruned: {exc}")
         return None
     if done.removed and notify is not None:
-        over = f" (still {human_size(done.remaining)}: the rest is in use or just built)" if done.remaining > limit else ""
+        over = (
+            f" (still {human_size(done.remaining)}: the rest is in use or just built)" if done.remaining > limit else ""
+        )
         notify(
             f"The cache {root} passed its {human_size(limit)} limit; removed {len(done.removed)} least recently used "
             f"entr{'y' if len(done.removed) == 1 else 'ies'} ({human_size(done.freed)}){over}. "

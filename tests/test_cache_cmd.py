@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -225,7 +224,9 @@ def test_the_limit_evicts_least_recently_used_keeps_locked_and_new_and_says_so_o
     new = cache / "embeddings" / "new.safetensors"
     assert locked.exists() and new.exists() and middle.exists() and not oldest.exists()
     assert len(notes) == 1
-    assert notes[0].startswith(f"The cache {cache} passed its 5.5 MB limit; removed 1 least recently used entry (2.0 MB)")
+    assert notes[0].startswith(
+        f"The cache {cache} passed its 5.5 MB limit; removed 1 least recently used entry (2.0 MB)"
+    )
     assert sum(e.bytes for e in list_entries(cache)) <= 5.5 * MB
 
     notes.clear()

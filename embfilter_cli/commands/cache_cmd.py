@@ -16,7 +16,7 @@ import click
 from embfilter_cli.commands._options import output_options
 
 if TYPE_CHECKING:
-    from embfilter_cli.cache_store import Entry, Pruned
+    from embfilter_cli.cache_store import Pruned
 
 _CACHE_DIR_HELP = "The cache folder (default: $EMBFILTER_CACHE, else ~/.cache/embfilter)."
 

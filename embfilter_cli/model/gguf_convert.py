@@ -55,16 +55,14 @@ from typing import Any
 
 from embfilter_cli import cache_lock
 from embfilter_cli.cache_store import check_root, enforce_limit, human_size, max_size
-from embfilter_cli.errors import ConversionError, ModelNotFoundError
+from embfilter_cli.errors import ModelNotFoundError
 from embfilter_cli.files import OutputWriteError, atomic_path, default_cache_dir, unwritable_reason
 from embfilter_cli.jsonable import loads as json_loads
+from embfilter_cli.model.gguf_to_hf import convert_with_transformers
 
 FORMAT_VERSION = "1"
 MANIFEST = "embfilter-conversion.json"
 _CHUNK = 1 << 22
-# Tokenizer probes for the conversion check: plain words, punctuation, non-ASCII, digits, whitespace.
-_PROBES = ("The cat sat on the mat.", "Stocks fell 3.5% on Monday, said Über-naïve café owners.\n\tEnd")
-
 ConvertFn = Callable[[Path, Path], None]  # (gguf file, empty folder to fill)
 NotifyFn = Callable[[str], None]
 
@@ -201,66 +199,6 @@ def verify_folder(folder: Path, gguf_sha: str) -> str | None:
 
 
 # --------------------------------------------------------------------------- conversion
-
-
-def convert_with_transformers(gguf_path: Path, out: Path) -> None:
-    """Dequantize `gguf_path` with transformers' own GGUF loader and save it as a float32 HF folder.
-
-    Checks what it wrote: the saved tensors must equal the loaded model's bit for bit, and the saved
-    tokenizer must give the GGUF tokenizer's ids on a few probe strings.
-    """
-    import torch
-    from safetensors.torch import load_file
-    from transformers import AutoModel, AutoTokenizer
-
-    from embfilter_cli.model.gguf_header import check_file
-    from embfilter_cli.model.quiet import quiet_transformers
-
-    check_file(gguf_path)  # one clean line for a corrupt or wrongly typed header, not transformers' traceback
-    kwargs: dict[str, Any] = {"gguf_file": gguf_path.name}
-    with contextlib.suppress(ImportError):  # transformers >= 5.x: ask for a plain dense model explicitly
-        from transformers.utils.quantization_config import GgufConfig
-
-        kwargs["quantization_config"] = GgufConfig(gguf_file=str(gguf_path), dequantize=True)
-    try:
-        with quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-            model = AutoModel.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelNotFoundError(
-            f"transformers could not load {gguf_path} ({type(exc).__name__}: {first}); embedding needs a decoder LLM "
-            "GGUF file that transformers supports"
-        ) from exc
-    # A dequantized model is a plain one; drop any leftover quantizer so save_pretrained accepts it.
-    for attr in ("hf_quantizer", "quantization_method"):
-        if hasattr(model, attr):
-            delattr(model, attr)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    with quiet_transformers():
-        model.save_pretrained(str(out), safe_serialization=True)
-        tokenizer.save_pretrained(str(out))
-        saved_tokenizer = AutoTokenizer.from_pretrained(str(out))
-    saved: dict[str, torch.Tensor] = {}
-    for shard in sorted(out.glob("*.safetensors")):
-        saved.update(load_file(str(shard)))
-    state = model.state_dict()
-    for name, tensor in state.items():
-        if name in saved and not torch.equal(saved[name], tensor.detach().cpu()):
-            raise ConversionError(f"the converted {name} differs from the GGUF model's; nothing was cached")
-    missing = [n for n in state if n not in saved]
-    if missing:
-        # Tied parameters are saved once; anything else absent is a broken save.
-        names = {id(t): n for n, t in state.items() if n in saved}
-        missing = [n for n in missing if id(state[n]) not in names]
-    if missing:
-        raise ConversionError(f"the converted folder lacks {', '.join(missing[:3])}; nothing was cached")
-    for probe in _PROBES:
-        if tokenizer(probe)["input_ids"] != saved_tokenizer(probe)["input_ids"]:
-            raise ConversionError(
-                f"the saved tokenizer splits {probe!r} differently from the GGUF tokenizer; nothing was cached"
-            )
 
 
 def converted_folder(
@@ -446,13 +384,13 @@ def _discard(path: Path) -> None:
 
 __all__ = [
     "MANIFEST",
-    "TooLargeToConvert",
     "Converted",
+    "TooLargeToConvert",
     "cache_root",
     "cached_conversion",
+    "conversion_bytes",
     "conversion_key",
     "convert_with_transformers",
-    "conversion_bytes",
     "converted_folder",
     "file_sha256",
     "gguf_sha256",

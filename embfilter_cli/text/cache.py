@@ -77,7 +77,9 @@ class Cache:
     never the run. Reading is unaffected: a read-only shared cache still gives its hits.
     """
 
-    def __init__(self, root: Path | None = None, enabled: bool = True, warn: Log = _silent, notify: Log = _silent) -> None:
+    def __init__(
+        self, root: Path | None = None, enabled: bool = True, warn: Log = _silent, notify: Log = _silent
+    ) -> None:
         from embfilter_cli.cache_store import check_root, max_size
 
         self.root = Path(root) if root is not None else default_cache_dir()
