@@ -261,6 +261,7 @@ class Pruned:
 
     @property
     def freed(self) -> int:
+        """Bytes of the removed entries."""
         return sum(e.bytes for e in self.removed)
 
 
