@@ -342,3 +342,14 @@ def test_stale_temporaries_need_a_dead_pid_and_a_free_lock(cache, held_by_other_
     assert sorted(cache_lock.stale_temporaries(cache, "gguf")) == sorted([dead, old_style])
     assert cache_lock.remove_stale_temporaries(cache, "gguf") >= 100
     assert sorted(p.name for p in gguf.iterdir()) == sorted(p.name for p in (alive, locked, young_old_style))
+
+
+def test_eval_with_a_cache_that_is_a_file_is_one_error_line(runner, tiny_llama, tmp_path, monkeypatch):
+    blocker = tmp_path / "cachefile"
+    blocker.write_text("x")
+    monkeypatch.setenv("EMBFILTER_CACHE", str(blocker))  # (--cache-dir FILE is refused by click as a usage error)
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text("a cat\ta dog\t1\nthe park\tthe rain\t2\nmarkets fell\tstocks fell\t3\n")
+    argv = ["eval", "--model", str(tiny_llama), "--data", str(tsv), "--ratio", "2"]
+    _one_error(runner.invoke(app, argv), f"the cache path {blocker} is not a folder")
+    assert blocker.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["cachefile", "pairs.tsv"]

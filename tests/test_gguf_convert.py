@@ -369,7 +369,7 @@ def test_an_f16_gguf_converts_to_a_16_bit_folder_that_embeds_exactly_like_the_gg
     assert params == 49152 * 64 + 64 * 64 * 4 + 3 * 64 * 128 + 3 * 64  # as small as it claims
     folder = converted_folder(path, tmp_path / "c").folder
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
-        dtypes = {name: str(f.get_slice(name).get_dtype()) for name in f.keys()}  # noqa: SIM118
+        dtypes = {name: str(f.get_slice(name).get_dtype()) for name in f.keys()}
     assert dtypes["embed_tokens.weight"] == "F16" and dtypes["layers.0.mlp.up_proj.weight"] == "F16"
     assert dtypes["norm.weight"] in ("F16", "BF16")  # all ones: exact in 16 bits
     assert json.loads((folder / "config.json").read_text())["dtype"] == "float32"
