@@ -136,7 +136,8 @@ def main() -> None:
             f"torch {torch.__version__}", f"transformers {transformers.__version__}", f"gguf {version('gguf')}"
         )
     )
-    print(f"Load average: {before[0] if before else 'n/a'} at the start, {after[0] if after else 'n/a'} at the end\n")
+    start, end = (f"{avg[0]:.1f}" if avg else "n/a" for avg in (before, after))
+    print(f"Load average: {start} at the start, {end} at the end\n")
     print(
         "| model | params | GGUF MB | folder MB | folder ÷ GGUF | gguf load s | first cached load s | later load s | later ÷ gguf | s saved per load per GB kept |"
     )
