@@ -21,7 +21,15 @@ Leftovers: a builder names its temporary folder `.<name>.<pid>.<random>.tmp` and
 holding the entry's lock. `stale_temporaries` reports those whose entry lock is free and whose pid
 is no longer alive, so the next run removes what a killed conversion left (up to the model's size).
 
-Not handled: network file systems without flock (locks then fail open: nothing is pruned by
+Which entries are held while in use: GGUF conversions (a model loads from the folder's files).
+Single-file entries (eval embeddings and spectra, self-generated texts) are read whole in one go
+and replaced atomically, so removing one under a reader cannot break it (POSIX keeps an open file's
+data); they are not held.
+
+Not handled: the instant between a builder's exclusive lock and its shared hold (`hold_downgraded`:
+flock converts a lock by releasing it first), when a `cache prune --all` could take the entry;
+lock files and markers of entries deleted by hand (a few bytes each, never read again); network
+file systems without flock (locks then fail open: nothing is pruned by
 mistake, since an entry whose lock cannot be created is reported in use), Windows.
 """
 

@@ -201,10 +201,15 @@ def _describe(kind: Kind, path: Path, transformers: str | None) -> tuple[str, st
 
 
 def _entry_paths(root: Path, kind: Kind) -> list[Path]:
+    folder = root / kind.name
     try:
-        children = sorted((root / kind.name).iterdir())
+        children = sorted(folder.iterdir())
     except (FileNotFoundError, NotADirectoryError):
         return []
+    except OSError as exc:
+        raise CacheError(
+            f"cannot read the cache folder {folder} ({exc.strerror or exc}); check its permissions"
+        ) from exc
     found = []
     for child in children:
         if child.name.startswith(".") or child.name in kind.skip or child.is_symlink():

@@ -353,3 +353,16 @@ def test_eval_with_a_cache_that_is_a_file_is_one_error_line(runner, tiny_llama, 
     argv = ["eval", "--model", str(tiny_llama), "--data", str(tsv), "--ratio", "2"]
     _one_error(runner.invoke(app, argv), f"the cache path {blocker} is not a folder")
     assert blocker.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["cachefile", "pairs.tsv"]
+
+
+def test_an_unreadable_cache_folder_is_one_error_line(runner, cache, monkeypatch):
+    make_conversion(cache, "a" * 32, 10)
+    real = Path.iterdir
+
+    def iterdir(self):
+        if self == cache / "gguf":
+            raise PermissionError(13, "Permission denied")
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    _one_error(runner.invoke(app, ["cache"]), f"cannot read the cache folder {cache / 'gguf'} (Permission denied)")
