@@ -29,8 +29,7 @@ data); they are not held.
 Not handled: the instant between a builder's exclusive lock and its shared hold (`hold_downgraded`:
 flock converts a lock by releasing it first), when a `cache prune --all` could take the entry;
 lock files and markers of entries deleted by hand (a few bytes each, never read again); network
-file systems without flock (locks then fail open: nothing is pruned by
-mistake, since an entry whose lock cannot be created is reported in use), Windows.
+file systems without flock (a prune there stops with an error instead of deleting unlocked), Windows.
 """
 
 from __future__ import annotations
