@@ -318,19 +318,23 @@ def prune(
         )
         if not wanted or entry.path in kept:
             continue
-        try:
-            with cache_lock.locked(root, entry.path, wait=False) as free:
-                if not free:
-                    result.busy.append(entry)
-                    continue
-                if not dry_run:
+        if dry_run:  # nothing is taken or created, not even a lock file
+            if cache_lock.in_use(root, entry.path):
+                result.busy.append(entry)
+                continue
+        else:
+            try:
+                with cache_lock.locked(root, entry.path, wait=False) as free:
+                    if not free:
+                        result.busy.append(entry)
+                        continue
                     _remove(root, entry)
-        except FileNotFoundError:
-            continue  # another prune removed it first
-        except OSError as exc:
-            raise CacheError(
-                f"could not remove {entry.path} from the cache ({exc.strerror or exc}); check its permissions"
-            ) from exc
+            except FileNotFoundError:
+                continue  # another prune removed it first
+            except OSError as exc:
+                raise CacheError(
+                    f"could not remove {entry.path} from the cache ({exc.strerror or exc}); check its permissions"
+                ) from exc
         result.removed.append(entry)
         total -= entry.bytes
     if not dry_run:

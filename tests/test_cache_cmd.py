@@ -171,6 +171,7 @@ def test_prune_older_than_removes_only_old_entries_and_dry_run_removes_nothing(r
     used_at(cache, new, 3600)
     dry = runner.invoke(app, ["cache", "prune", "--older-than", "30d", "--dry-run"])
     assert dry.exit_code == 0 and "would remove" in dry.stdout and old.exists()
+    assert not (cache / cache_lock.LOCKS).exists()  # a dry run creates nothing, not even a lock file
     result = runner.invoke(app, ["cache", "prune", "--older-than", "30d", "--json"])
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
@@ -198,6 +199,9 @@ def test_prune_all_keeps_an_entry_another_process_holds(runner, cache, held_by_o
     held_by_other_process(cache, busy)
     listed = json.loads(runner.invoke(app, ["cache", "--json"]).stdout)
     assert [e["in_use"] for e in listed["entries"]] == [True, False]
+    dry = json.loads(runner.invoke(app, ["cache", "prune", "--all", "--dry-run", "--json"]).stdout)
+    assert [e["path"] for e in dry["in_use"]] == [str(busy)] and [e["path"] for e in dry["removed"]] == [str(free)]
+    assert free.exists()
     result = runner.invoke(app, ["cache", "prune", "--all"])
     assert result.exit_code == 0, result.stderr
     assert busy.exists() and not free.exists()
