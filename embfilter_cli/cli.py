@@ -21,6 +21,7 @@ from embfilter_cli import __version__
 # name -> "module:attribute". Kept as strings so that listing commands imports only light modules.
 COMMANDS: dict[str, str] = {
     "apply": "embfilter_cli.commands.apply:apply",
+    "cache": "embfilter_cli.commands.cache_cmd:cache_group",
     "center": "embfilter_cli.commands.center:center",
     "verify": "embfilter_cli.commands.verify:verify",
     "fit": "embfilter_cli.commands.fit:fit",

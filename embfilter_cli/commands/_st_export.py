@@ -88,7 +88,7 @@ def export_whole_model(
         require_tokenizer(location.path)
     with _conversion_dir(no_cache) as cache_dir:
         options: dict[str, Any] = {"cache_dir": cache_dir, "notify": info}
-        folder, _ = model_target(location, revision, **options)
+        folder, _ = model_target(location, revision, require_folder=True, **options)  # ships the folder: any size
         info(f"Model: {location.source}; pooling {pooling}" + (f", prompt {prompt!r}" if prompt else ""))
         encoder = load_encoder_at(location, device="cpu", dtype="float32", revision=revision, **options)
         limit = encoder.effective_max_length(max_length)

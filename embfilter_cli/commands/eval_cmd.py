@@ -186,7 +186,7 @@ def eval_cmd(
     for art in filters:  # a centred filter's mean belongs to one pooling/recipe
         check_centering_use(art.centering, pooling, rec.name, rec.template, str(art.path))
     location = resolve_model(model, revision=revision)
-    cache = Cache(Path(cache_dir) if cache_dir else None, enabled=not no_cache, warn=warn)
+    cache = Cache(Path(cache_dir) if cache_dir else None, enabled=not no_cache, warn=warn, notify=notice)
     facts, spectrum = head_for_eval(location, cache, device, needs_spectrum, filters, log=info)
     embed_options: dict[str, Any] = dict(template=rec.template, pooling=pooling, recipe=recipe, batch_size=batch_size)
     embed_options.update(max_length=max_length, device=device, dtype=dtype, revision=revision, cache=cache)

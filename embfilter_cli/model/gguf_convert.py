@@ -23,19 +23,25 @@ cannot set back, so a matching stat means the bytes hashed last time are still t
 differs the file is hashed again: a GGUF with new content gets a new key, and a converted file that
 no longer matches its manifest marks the folder damaged; it is then moved aside and rebuilt.
 
-Atomicity: a folder is built in a temporary sibling and renamed into place only after its
-manifest is written and its contents were checked against the in-memory model; a reader never sees
-a half-written folder. Two processes converting at once both build; the second rename fails and
-that process uses the winner's folder.
+Atomicity: a folder is built in a temporary sibling `.<key>.<pid>.<random>.tmp` and renamed into
+place only after its manifest is written and its contents were checked against the in-memory
+model; a reader never sees a half-written folder. The build holds the entry's exclusive lock
+(`cache_lock`): a second process converting the same file waits, then uses the first one's folder.
+A conversion killed with `kill -9` leaves its temporary folder; the next conversion removes it once
+its lock is free and its pid is gone. A process that loaded a folder holds it shared until it
+exits, so `embfilter cache prune` and the size limit (`cache_store`) never delete it under a run.
 
-Not handled: disk space (the float32 folder is ~4 bytes per parameter: 0.5 GB for the built-in
-model, ~28 GB for a 7B GGUF; use `--no-cache` to skip it), pruning folders of old GGUF files or
-transformers versions (delete `gguf/` to reclaim them), bit rot that leaves a file's stat unchanged.
+Disk: the float32 folder is ~4 bytes per parameter (0.54 GB for the built-in model, ~28 GB for a
+7B GGUF); `embfilter cache` lists the folders, the cache's size limit removes the least recently
+used (old transformers versions first), `--no-cache` skips converting.
+
+Not handled: bit rot that leaves a file's stat unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -47,18 +53,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from embfilter_cli.errors import ConversionError, ModelNotFoundError
+from embfilter_cli import cache_lock
+from embfilter_cli.cache_store import check_root, enforce_limit, human_size, max_size
+from embfilter_cli.errors import ModelNotFoundError
 from embfilter_cli.files import OutputWriteError, atomic_path, default_cache_dir, unwritable_reason
 from embfilter_cli.jsonable import loads as json_loads
+from embfilter_cli.model.gguf_to_hf import convert_with_transformers
 
 FORMAT_VERSION = "1"
 MANIFEST = "embfilter-conversion.json"
 _CHUNK = 1 << 22
-# Tokenizer probes for the conversion check: plain words, punctuation, non-ASCII, digits, whitespace.
-_PROBES = ("The cat sat on the mat.", "Stocks fell 3.5% on Monday, said Über-naïve café owners.\n\tEnd")
-
 ConvertFn = Callable[[Path, Path], None]  # (gguf file, empty folder to fill)
 NotifyFn = Callable[[str], None]
+
+
+class TooLargeToConvert(Exception):
+    """The float32 folder of a GGUF would take more than the caller's budget; it was not built."""
+
+    def __init__(self, estimate: int, budget: int) -> None:
+        super().__init__(f"the conversion would take {estimate} bytes, over the budget of {budget}")
+        self.estimate = estimate
+        self.budget = budget
 
 
 @dataclass
@@ -186,91 +201,81 @@ def verify_folder(folder: Path, gguf_sha: str) -> str | None:
 # --------------------------------------------------------------------------- conversion
 
 
-def convert_with_transformers(gguf_path: Path, out: Path) -> None:
-    """Dequantize `gguf_path` with transformers' own GGUF loader and save it as a float32 HF folder.
-
-    Checks what it wrote: the saved tensors must equal the loaded model's bit for bit, and the saved
-    tokenizer must give the GGUF tokenizer's ids on a few probe strings.
-    """
-    import torch
-    from safetensors.torch import load_file
-    from transformers import AutoModel, AutoTokenizer
-
-    from embfilter_cli.model.gguf_header import check_file
-    from embfilter_cli.model.quiet import quiet_transformers
-
-    check_file(gguf_path)  # one clean line for a corrupt or wrongly typed header, not transformers' traceback
-    kwargs: dict[str, Any] = {"gguf_file": gguf_path.name}
-    with contextlib.suppress(ImportError):  # transformers >= 5.x: ask for a plain dense model explicitly
-        from transformers.utils.quantization_config import GgufConfig
-
-        kwargs["quantization_config"] = GgufConfig(gguf_file=str(gguf_path), dequantize=True)
-    try:
-        with quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-            model = AutoModel.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelNotFoundError(
-            f"transformers could not load {gguf_path} ({type(exc).__name__}: {first}); embedding needs a decoder LLM "
-            "GGUF file that transformers supports"
-        ) from exc
-    # A dequantized model is a plain one; drop any leftover quantizer so save_pretrained accepts it.
-    for attr in ("hf_quantizer", "quantization_method"):
-        if hasattr(model, attr):
-            delattr(model, attr)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    with quiet_transformers():
-        model.save_pretrained(str(out), safe_serialization=True)
-        tokenizer.save_pretrained(str(out))
-        saved_tokenizer = AutoTokenizer.from_pretrained(str(out))
-    saved: dict[str, torch.Tensor] = {}
-    for shard in sorted(out.glob("*.safetensors")):
-        saved.update(load_file(str(shard)))
-    state = model.state_dict()
-    for name, tensor in state.items():
-        if name in saved and not torch.equal(saved[name], tensor.detach().cpu()):
-            raise ConversionError(f"the converted {name} differs from the GGUF model's; nothing was cached")
-    missing = [n for n in state if n not in saved]
-    if missing:
-        # Tied parameters are saved once; anything else absent is a broken save.
-        names = {id(t): n for n, t in state.items() if n in saved}
-        missing = [n for n in missing if id(state[n]) not in names]
-    if missing:
-        raise ConversionError(f"the converted folder lacks {', '.join(missing[:3])}; nothing was cached")
-    for probe in _PROBES:
-        if tokenizer(probe)["input_ids"] != saved_tokenizer(probe)["input_ids"]:
-            raise ConversionError(
-                f"the saved tokenizer splits {probe!r} differently from the GGUF tokenizer; nothing was cached"
-            )
-
-
 def converted_folder(
     gguf_path: str | os.PathLike[str],
     cache_dir: str | os.PathLike[str] | None = None,
     *,
     convert: ConvertFn | None = None,
     notify: NotifyFn | None = None,
+    budget: int | None = None,
 ) -> Converted:
     """The cached Hugging Face folder for `gguf_path`, converting (or rebuilding) it when needed.
+
+    The folder is returned with a shared lock this process keeps until it exits, so no prune
+    removes it while the model loads (`cache_lock`). A conversion runs under the exclusive lock:
+    a second process that wants the same folder waits for it instead of converting again. After a
+    new folder, the cache's size limit is enforced (`cache_store.enforce_limit`).
 
     Args:
         gguf_path: the GGUF file.
         cache_dir: the embfilter cache (default `$EMBFILTER_CACHE` or `~/.cache/embfilter`).
         convert: fills an empty folder from the GGUF file (default `convert_with_transformers`).
         notify: called with one-line messages worth showing a user (conversion started, a damaged
-            folder being rebuilt); the core never prints.
+            folder being rebuilt, leftovers or old entries removed); the core never prints.
+        budget: when set, a folder that must be built and whose `conversion_bytes` exceed it is not:
+            `TooLargeToConvert` is raised instead (an existing folder is used whatever its size).
     """
     source = Path(gguf_path)
-    root = cache_root(cache_dir)
+    cache = check_root(Path(cache_dir) if cache_dir is not None else default_cache_dir())
+    max_size()  # a bad $EMBFILTER_CACHE_MAX_SIZE is reported before minutes of converting
+    root = cache_root(cache)
     root.mkdir(parents=True, exist_ok=True)
+    freed = cache_lock.remove_stale_temporaries(cache, root.name)
+    if freed and notify:
+        notify(f"Removed {human_size(freed)} left in {root} by a conversion that was killed")
     sha = gguf_sha256(source, root)
     folder = root / conversion_key(sha)
+    cache_lock.hold_shared(cache, folder)  # waits while another process converts this file
+    if folder.is_dir() and verify_folder(folder, sha) is None:
+        cache_lock.mark_used(cache, folder)
+        return Converted(folder, built=False, seconds=0.0)
+    cache_lock.release(cache, folder)
+    estimate = conversion_bytes(source) if budget is not None else None
+    if estimate is not None and budget is not None and estimate > budget:
+        raise TooLargeToConvert(estimate, budget)
+    fd = _build_lock(cache, folder)
+    try:
+        built = _build(source, sha, folder, convert, notify)
+    except BaseException:
+        if fd is not None:  # nothing was built: leave no lock file either (a full disk stays as it was)
+            cache_lock.forget(cache, folder, tidy=True)
+            os.close(fd)
+        raise
+    if fd is not None:
+        cache_lock.hold_downgraded(cache, folder, fd)
+    cache_lock.mark_used(cache, folder)
+    if built.built:
+        enforce_limit(cache, folder, notify)
+    return built
+
+
+def _build_lock(cache: Path, folder: Path) -> int | None:
+    """The exclusive lock on `folder` for building it, waited for; None where flock is unavailable."""
+    try:
+        return cache_lock.acquire(cache_lock.lock_path(cache, folder), shared=False, wait=True)
+    except OSError as exc:
+        if exc.errno in (errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP):
+            return None  # a file system without locks: concurrent builders still end in one folder (rename)
+        raise
+
+
+def _build(source: Path, sha: str, folder: Path, convert: ConvertFn | None, notify: NotifyFn | None) -> Converted:
+    """Convert `source` into `folder` (caller holds its lock), unless another process just did."""
+    root = folder.parent
     reason = None
     if folder.is_dir():
         reason = verify_folder(folder, sha)
-        if reason is None:
+        if reason is None:  # converted by the process we waited for
             return Converted(folder, built=False, seconds=0.0)
         if notify:
             notify(f"The cached conversion {folder} is damaged ({reason}); rebuilding it")
@@ -284,7 +289,8 @@ def converted_folder(
             "--no-cache skips this)"
         )
     start = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=root))
+    # The pid in the name lets a later run tell a killed conversion's leftover from a live one.
+    tmp = Path(tempfile.mkdtemp(prefix=cache_lock.temp_prefix(folder.name), suffix=".tmp", dir=root))
     try:
         (convert or convert_with_transformers)(source, tmp)
         manifest = _manifest(tmp, source, sha)
@@ -305,16 +311,54 @@ def converted_folder(
     return Converted(folder, built=True, seconds=time.perf_counter() - start, rebuilt_because=reason)
 
 
+def conversion_bytes(gguf_path: Path) -> int | None:
+    """The float32 folder's size estimated from the GGUF header: 4 bytes per parameter; None if unreadable.
+
+    (The tokenizer files add a few MB; tied embeddings are stored once, as in the GGUF.)
+    """
+    import math
+
+    from embfilter_cli.model.gguf_header import UnsupportedGGUF, read_header
+
+    try:
+        header = read_header(Path(gguf_path))
+    except (OSError, UnsupportedGGUF, ModelNotFoundError):
+        return None  # the converter reports an unreadable file in its own words
+    return 4 * sum(math.prod(t.shape) for t in header.tensors.values())
+
+
 def cached_conversion(
-    gguf_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None, notify: NotifyFn | None = None
+    gguf_path: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str] | None = None,
+    notify: NotifyFn | None = None,
+    *,
+    any_size: bool = False,
 ) -> Path | None:
-    """`converted_folder(...).folder`, or None when the cache cannot be written (read-only, full, no permission).
+    """`converted_folder(...).folder`, or None: the cache cannot be written (read-only, full, no
+    permission), or the conversion would not fit the cache (below).
 
     The caller then loads the GGUF file itself, as with --no-cache: slower, same vectors. `notify`
     says why.
+
+    Size policy (bench/RESULTS.md, "GGUF conversion: load time vs disk"): converting saves ~97% of
+    every later load at any size, but costs ~4 bytes per parameter (3.8x a Q8_0 file, 7x a Q4 one).
+    A new folder is built only when it takes at most half the cache's size limit (20 GB by default:
+    models up to ~2.5B parameters), so one model never evicts the whole cache; larger GGUFs load
+    directly unless the limit is raised. `any_size` (a caller that needs the folder itself, such as
+    the sentence-transformers export) converts whatever the size.
     """
+    limit = max_size()
+    budget = None if any_size or limit is None else limit // 2
     try:
-        return converted_folder(gguf_path, cache_dir, notify=notify).folder
+        return converted_folder(gguf_path, cache_dir, notify=notify, budget=budget).folder
+    except TooLargeToConvert as exc:
+        if notify:
+            notify(
+                f"Loading {Path(gguf_path).name} from the GGUF file itself, not converting it: its float32 folder would "
+                f"take {human_size(exc.estimate)}, over half the cache's {human_size(limit or 0)} limit; set "
+                f"EMBFILTER_CACHE_MAX_SIZE to {human_size(2 * exc.estimate)} or more to convert it once for faster loads"
+            )
+        return None
     except Exception as exc:
         reason = unwritable_reason(exc)
         if reason is None:
@@ -341,8 +385,10 @@ def _discard(path: Path) -> None:
 __all__ = [
     "MANIFEST",
     "Converted",
+    "TooLargeToConvert",
     "cache_root",
     "cached_conversion",
+    "conversion_bytes",
     "conversion_key",
     "convert_with_transformers",
     "converted_folder",

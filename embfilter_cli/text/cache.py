@@ -11,7 +11,11 @@ callback, counts as a miss and is overwritten, so it never reaches a score.
 `cached_embeddings` embeds texts once and keeps the raw vectors. Log lines, warnings and the
 progress bar go through callbacks (the command wires them to the console).
 
-Not handled: eviction (delete the folder to clear it), sharing between machines.
+Every hit touches the entry's last-use marker and every new entry is followed by the cache's size
+limit (`cache_store`: least recently used entries go first); entries record the model they came
+from (`source`) for `embfilter cache`.
+
+Not handled: sharing between machines.
 """
 
 from __future__ import annotations
@@ -73,11 +77,42 @@ class Cache:
     never the run. Reading is unaffected: a read-only shared cache still gives its hits.
     """
 
-    def __init__(self, root: Path | None = None, enabled: bool = True, warn: Log = _silent) -> None:
+    def __init__(
+        self, root: Path | None = None, enabled: bool = True, warn: Log = _silent, notify: Log = _silent
+    ) -> None:
+        from embfilter_cli.cache_store import check_root, max_size
+
         self.root = Path(root) if root is not None else default_cache_dir()
         self.enabled = enabled
         self.warn = warn
+        self.notify = notify  # the one line saying the size limit removed old entries
         self.write_failed = False
+        self.source = ""  # the model the next stored entries come from (`describing`)
+        if enabled:
+            check_root(self.root)  # a file where the cache should be, or a bad size limit: say so before any work
+            max_size()
+
+    @contextlib.contextmanager
+    def describing(self, source: str) -> Any:
+        """Entries stored in the block record `source` (the model), for `embfilter cache`."""
+        before, self.source = self.source, source
+        try:
+            yield
+        finally:
+            self.source = before
+
+    def _hit(self, path: Path) -> None:
+        from embfilter_cli.cache_lock import mark_used
+
+        mark_used(self.root, path)
+
+    def _stored(self, path: Path) -> None:
+        """After a new entry: keep the cache within its size limit (best effort, like every store)."""
+        from embfilter_cli.cache_store import enforce_limit
+
+        if self._writable():
+            with self._storing():
+                enforce_limit(self.root, path, self.notify)
 
     def _writable(self) -> bool:
         return self.enabled and not self.write_failed
@@ -114,10 +149,12 @@ class Cache:
         if not path.exists():
             return None
         try:
-            return read_entry(path, key, want)
+            hit = read_entry(path, key, want)
         except DamagedEntry as exc:
             self._damaged(what, path, str(exc))
             return None
+        self._hit(path)
+        return hit
 
     def _damaged(self, what: str, path: Path, why: str) -> None:
         self.warn(f"the cached {what} {path} is damaged ({why}); recomputing it")
@@ -141,8 +178,10 @@ class Cache:
 
         if self._writable():
             arrays = {"embeddings": np.ascontiguousarray(array, dtype=np.float32)}
+            path = self._path("embeddings", key, ".safetensors")
             with self._storing():
-                write_entry(self._path("embeddings", key, ".safetensors"), key, arrays, {})
+                write_entry(path, key, arrays, {"source": self.source})
+            self._stored(path)
 
     def load_spectrum(self, key: str) -> tuple[Spectrum, dict[str, Any]] | None:
         """A cached (spectrum, head facts) under `key`, or None (disabled, missing or damaged)."""
@@ -194,13 +233,10 @@ class Cache:
             "singular_values": np.asarray(spectrum.singular_values, dtype=np.float64),
             "vectors": np.asarray(spectrum.vectors, dtype=np.float64),
         }
+        path = self._path("spectra", key, ".safetensors")
         with self._storing():
-            write_entry(
-                self._path("spectra", key, ".safetensors"),
-                key,
-                arrays,
-                {"meta": json.dumps(meta, default=json_default)},
-            )
+            write_entry(path, key, arrays, {"meta": json.dumps(meta, default=json_default), "source": self.source})
+        self._stored(path)
 
     def load_json(self, kind: str, key: str) -> dict[str, Any] | None:
         """A cached JSON object of `kind` under `key`, or None (a "heads" object must be valid head facts)."""
@@ -218,6 +254,7 @@ class Cache:
         if not intact or (kind == "heads" and _head_problem(value)):
             self._damaged(kind.rstrip("s"), path, "it is not the JSON written for this key, or was edited")
             return None
+        self._hit(path)
         return value
 
     def save_json(self, kind: str, key: str, value: dict[str, Any]) -> None:
@@ -226,9 +263,12 @@ class Cache:
             return
         from embfilter_cli.files import atomic_path
 
-        text = json.dumps({"key": key, "value": value, "sha256": _json_digest(value)}, default=json_default)
-        with self._storing(), atomic_path(self._path(kind, key, ".json"), force=True) as tmp:
+        record = {"key": key, "value": value, "sha256": _json_digest(value), "source": self.source}
+        text = json.dumps(record, default=json_default)
+        path = self._path(kind, key, ".json")
+        with self._storing(), atomic_path(path, force=True) as tmp:
             tmp.write_text(text, encoding="utf-8")
+        self._stored(path)
 
 
 def _json_digest(value: dict[str, Any]) -> str:
@@ -276,7 +316,8 @@ def cached_head_spectrum(
     from embfilter_cli.model.head import model_fingerprint
 
     key = cache_key(model=model_fingerprint(location), what="head")
-    return head_spectrum(location, cache, key, device=device, need_spectrum=need_spectrum)
+    with cache.describing(location.source):
+        return head_spectrum(location, cache, key, device=device, need_spectrum=need_spectrum)
 
 
 def cached_embeddings(
@@ -381,7 +422,8 @@ def cached_embeddings(
         from embfilter_cli.errors import InputDataError
 
         raise InputDataError(f"the model's hidden states have {raw.shape[1]} dims but its W_U has {hidden_size}")
-    cache.save_embeddings(key, raw)
+    with cache.describing(location.source):
+        cache.save_embeddings(key, raw)
     log(f"Embedded in {seconds:.1f}s ({len(data.texts) / max(seconds, 1e-9):.2f} texts/s)")
     return raw, {
         "cached": False,

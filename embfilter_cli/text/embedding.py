@@ -344,11 +344,13 @@ def model_target(
     cache_dir: str | os.PathLike[str] | None = None,
     use_cache: bool = True,
     notify: Callable[[str], None] | None = None,
+    require_folder: bool = False,
 ) -> tuple[str, dict[str, Any]]:
     """What to hand `from_pretrained` for `location`: (folder or Hub id, extra kwargs).
 
     A GGUF file becomes its cached Hugging Face conversion (`model.gguf_convert`, built on first
-    use; `use_cache=False` loads the GGUF itself every time).
+    use unless it would take over half the cache's size limit; `use_cache=False` loads the GGUF
+    itself every time). `require_folder`: convert whatever the size (a caller that ships the folder).
     """
     if location.kind in ("safetensors_file", "bin_file"):
         raise ModelNotFoundError(
@@ -360,8 +362,9 @@ def model_target(
         if use_cache:
             from embfilter_cli.model.gguf_convert import cached_conversion
 
-            if (folder := cached_conversion(location.path, cache_dir, notify=notify)) is not None:
-                return str(folder), kwargs  # (None: the cache cannot be written, so load the GGUF itself)
+            folder = cached_conversion(location.path, cache_dir, notify=notify, any_size=require_folder)
+            if folder is not None:
+                return str(folder), kwargs  # (None: the cache cannot be written, or the folder would not fit it)
         from embfilter_cli.model.gguf_header import check_file
 
         check_file(location.path)  # as the conversion does: transformers never meets a corrupt header
