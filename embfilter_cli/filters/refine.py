@@ -105,6 +105,25 @@ def _ritz(basis: np.ndarray, product: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return theta, vectors, product @ s - vectors * theta
 
 
+def _new_directions(corr: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """An orthonormal basis of what the corrections add to span(basis), dropping what they do not.
+
+    Each correction is normalised first (a small one matters as much as a big one), then projected
+    off the basis (twice: Kahan–Parlett); directions left with less than 1e-6 of their length are
+    already in the span (or duplicate another) and are dropped, so the grown basis stays orthonormal
+    to float64 accuracy even when there are more corrections than directions outside the basis.
+    """
+    norms = np.linalg.norm(corr, axis=0)
+    corr = corr[:, norms > 0] / norms[norms > 0]
+    for _ in range(2):
+        corr -= basis @ (basis.T @ corr)
+    u, s, _ = np.linalg.svd(corr, full_matrices=False)
+    u = u[:, s > 1e-6]
+    u -= basis @ (basis.T @ u)
+    q, _ = np.linalg.qr(u)
+    return q
+
+
 def _orthonormal_complement_of(kept: np.ndarray, removed: np.ndarray) -> np.ndarray:
     """`kept` (orthonormal columns) made orthogonal to `removed`, staying as close to `kept` as possible.
 
@@ -171,10 +190,9 @@ def refined_spectrum(
         # Correction t = −Σ_{k∉J} ṽ_k (ṽ_kᵀ r) / (λ̃_k − θ) for each removed Ritz pair.
         v_rest = vecs[:, rest]
         coef = (v_rest.T @ resid[:, removed_cols]) / (lam[rest][:, None] - theta[removed_cols][None, :])
-        corr = -(v_rest @ coef)
-        for _ in range(2):  # twice is enough (Kahan–Parlett)
-            corr -= basis @ (basis.T @ corr)
-        corr, _ = np.linalg.qr(corr)
+        corr = _new_directions(-(v_rest @ coef), basis)
+        if corr.shape[1] == 0:
+            break
         basis = np.hstack([basis, corr])
         product = np.hstack([product, gram_times(matrix, corr, device, chunk_rows, scale)])
         passes += 1

@@ -250,12 +250,14 @@ def solve_picking(
         log(f"MPS has no float64: running the {options.solver} solver on the CPU")
         dev = torch.device("cpu")
     if options.solver == "refined":
-        from embfilter_cli.filters.refine import refined_spectrum
+        from embfilter_cli.filters import refine
 
         log(
             f"Solver: refined (float32 Gram + float64 eigh; removed directions refined and certified in float64) on {dev}"
         )
-        refined, band = refined_spectrum(matrix, pick_band, device=dev, seed=options.seed, progress=progress)
+        refined, band = refine.refined_spectrum(
+            matrix, pick_band, device=dev, tol=refine.DEFAULT_TOL, seed=options.seed, progress=progress
+        )
         if refined.certificate["passed"]:
             return refined, band
         log(
