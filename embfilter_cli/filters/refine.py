@@ -207,14 +207,17 @@ def refined_spectrum(
             break
         # Correction t = −Σ_{k∉J} ṽ_k (ṽ_kᵀ r) / (λ̃_k − θ) for each removed Ritz pair; its product
         # is first taken from G̃ (no pass over W_U): often certified as it is, the correction being small.
-        v_rest = vecs[:, rest]
-        coef = (v_rest.T @ resid[:, removed_cols]) / (lam[rest][:, None] - theta[removed_cols][None, :])
-        corr = _new_directions(-(v_rest @ coef), basis)
+        # (All of Ṽ with the rows of J zeroed, rather than a d × |rest| copy of Ṽ: peak memory.)
+        coef = vecs.T @ resid[:, removed_cols]
+        coef[idx] = 0.0
+        coef[rest] /= lam[rest][:, None] - theta[removed_cols][None, :]
+        corr = _new_directions(-(vecs @ coef), basis)
         if corr.shape[1] == 0:
             break
         basis = np.hstack([basis, corr])
         product = np.hstack([product, gram @ corr])
 
+    del gram, product  # peak memory: the d×d float32-Gram matrix is not needed any more
     removed = ritz[:, removed_cols]
     values = lam.copy()
     vectors = np.empty_like(vecs)
