@@ -10,7 +10,14 @@ from embfilter_cli.cli import app
 from embfilter_cli.filters.artifact import load_artifact
 from embfilter_cli.filters.band import Band
 from embfilter_cli.filters.refine import refined_spectrum
-from embfilter_cli.filters.solve import BandRequest, SolverOptions, choose_solver, fit_spectrum, solve
+from embfilter_cli.filters.solve import (
+    BandRequest,
+    SolverOptions,
+    choose_solver,
+    fit_spectrum,
+    refined_pays,
+    solve,
+)
 from tests.conftest import planted_matrix
 
 
@@ -122,6 +129,14 @@ def test_auto_policy_picks_refined_only_where_it_pays():
     )  # SmolLM2: too small to matter
     assert choose_solver(qwen, "auto", rows=152064, device="cuda") == "exact"
     assert choose_solver(Band(576, 38, 534), "refined") == "refined"
+    assert not refined_pays(152064, 3584, None)  # --band auto: the band is unknown before the Gram
+
+
+def test_band_auto_under_solver_auto_stays_exact():
+    d = 96
+    w, _ = planted_matrix(5000, d, _shoulder_spectrum(d), seed=3)
+    _, spec, _ = fit_spectrum(torch.from_numpy(w), BandRequest(rule="auto"), SolverOptions(solver="auto"))
+    assert spec.solver == "exact"
 
 
 def test_fit_cli_refined_records_solver_and_certificate(runner, tiny_llama_sharded, tmp_path):

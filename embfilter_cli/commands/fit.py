@@ -71,7 +71,7 @@ from embfilter_cli.filters.solve import AUTO_EXACT_MAX_HIDDEN
     default="auto",
     show_default=True,
     help="refined: float32 Gram, removed directions refined and certified in float64 (falls back to exact if "
-    f"the certificate fails). auto = refined on big heads on the CPU, else exact; randomized beyond d = {AUTO_EXACT_MAX_HIDDEN}.",
+    f"the certificate fails). auto = refined for a narrow named band on a big head on the CPU, else exact; randomized beyond d = {AUTO_EXACT_MAX_HIDDEN}.",
 )
 @device_option
 @click.option(

@@ -5,8 +5,8 @@ needs the solvers of `filters/spectral.py`) turns W_U into its spectrum:
 
 - `solve`: the solver policy of `embfilter fit`. `auto` is randomized beyond `AUTO_EXACT_MAX_HIDDEN`
   when only top directions go; below it, `refined` (float32 Gram, removed directions refined and
-  certified in float64, `filters/refine.py`) on the CPU when the head is big enough for the cheaper
-  Gram to pay for the refinement passes (`refined_pays`), exact otherwise. A refined certificate that
+  certified in float64, `filters/refine.py`) on the CPU for a named band on a head big enough for
+  the cheaper Gram to pay for the refinement pass (`refined_pays`), exact otherwise. A refined certificate that
   fails falls back to the exact solver, and the spectrum says so (`params["fallback_from"]`).
   Randomized computes top directions only; MPS has no float64, so exact and refined run on the CPU.
 - `exact_spectrum_of`: the exact spectrum with fit's settings (float64 Gram + eigh), for the
@@ -131,9 +131,8 @@ def fit_spectrum(
     if request.rule == "auto":
         from embfilter_cli.filters.band_auto import auto_band
 
-        solver = options.solver
-        if solver not in ("exact", "refined"):
-            solver = "refined" if refined_pays(rows, d, None, options.device) else "exact"
+        # `auto` is exact here: the band is unknown before the Gram (see `refined_pays`).
+        solver = options.solver if options.solver == "refined" else "exact"
         with bar("W_Uᵀ W_U", rows) as progress:
             spectrum, _ = solve_picking(
                 matrix, lambda sigma: auto_band(sigma).band, replace(options, solver=solver), log, progress
@@ -161,8 +160,11 @@ def refined_pays(rows: int, hidden_size: int, removed: int | None, device: str =
     ssyrk runs at about twice dsyrk's rate, so the float32 Gram saves about rows·d²/4 multiply-adds'
     worth of time; the refinement costs two float64 passes of 2·rows·d·m multiply-adds with m ≈ 2r +
     guards + probes columns. So refined wins while 2r + 2·guard + probes < d/8, and only when the
-    Gram is big enough to matter (`AUTO_REFINED_MIN_WORK`). With `--band auto`, r is unknown before
-    the Gram and is assumed small (SmolLM2: 7% of d). CUDA keeps exact: a float64 Gram is cheap there.
+    Gram is big enough to matter (`AUTO_REFINED_MIN_WORK`). With `--band auto` (`removed` None), r
+    is unknown before the Gram and the rule's bands are too wide to pay on the spectra we measured
+    (SmolLM2: 42 of 576 = 7% > the ~6% that pays; the 7B bench's synthetic spectrum: 15%), so auto
+    stays exact there; `--solver refined` is the explicit choice. CUDA keeps exact too: a float64
+    Gram is cheap there.
     """
     from embfilter_cli.filters.refine import DEFAULT_GUARD, DEFAULT_PROBES
 
@@ -170,7 +172,7 @@ def refined_pays(rows: int, hidden_size: int, removed: int | None, device: str =
         return False
     if rows * hidden_size * hidden_size < AUTO_REFINED_MIN_WORK:
         return False
-    return removed is None or 2 * removed + 2 * DEFAULT_GUARD + DEFAULT_PROBES < hidden_size / 8
+    return removed is not None and 2 * removed + 2 * DEFAULT_GUARD + DEFAULT_PROBES < hidden_size / 8
 
 
 def _cuda_visible() -> bool:
