@@ -7,11 +7,13 @@
    set J) are refined against W_U itself: pass 1 computes G·[Ṽ_J, probes] in float64, W_U upcast
    chunk by chunk (never whole); Rayleigh–Ritz on span Ṽ_J; each removed Ritz pair (θ, u) with
    residual r = G u − θ u gets a correction t = −Σ_{k∉J} ṽ_k (ṽ_kᵀ r) / (λ̃_k − θ) (G̃'s own
-   eigendecomposition as the preconditioner; its error is second order in ‖G̃ − G‖ / gap); the next
-   pass computes G·T and Rayleigh–Ritz runs on the grown basis. At most `max_passes` passes; it
-   stops as soon as the certificate holds.
+   eigendecomposition as the preconditioner; its error is second order in ‖G̃ − G‖ / gap).
+   Rayleigh–Ritz runs on the grown basis [Ṽ_J, T] with G·T first taken as G̃·T (no pass): the
+   residuals are then off by at most ‖G̃ − G‖₂ ‖s_T‖₂ ≤ η ‖s_T‖₂ (s_T: the Ritz vectors'
+   coefficients on T, as small as the correction), which the certificate adds. Only when that does
+   not certify does a second pass compute G·T exactly (at most `max_passes` passes in all).
 4. Certificate, float64: the residuals of the removed Ritz vectors (from the passes' own products,
-   so exact up to float64 rounding); η, an estimate of ‖G̃ − G‖_F from Gaussian probes x
+   exact up to float64 rounding, plus the bound above); η, an estimate of ‖G̃ − G‖_F from Gaussian probes x
    (E‖(G̃ − G)x‖² = ‖G̃ − G‖_F², Hutchinson), doubled for safety; the gap δ between the removed
    Ritz values and the kept eigenvalues of G, which lie within ‖G̃ − G‖₂ ≤ η of λ̃ (Weyl); and the
    Davis–Kahan sin θ bound ‖sin Θ‖₂ ≤ ‖R‖₂ / δ on the removed subspace. It passes when the bound is
@@ -22,7 +24,8 @@
    orthogonalisation, so each stays closest to its float32 singular vector. The filter only needs
    their span (the complement of the removed subspace); their σ are float32-Gram accurate.
 
-Not handled: the guarantee is probabilistic in one place (η comes from random probes; a bad draw
+Not handled: the guarantee is probabilistic in one place (η, used for the gap and for the estimated
+residual part, comes from random probes; a bad draw
 makes the bound optimistic by the ratio of the estimate to the true ‖G̃ − G‖₂, which ‖·‖_F already
 over-covers by about √d/2 for unstructured rounding errors). CUDA runs the same code on the device.
 """
@@ -69,21 +72,21 @@ def gram_times(
     rows, d = matrix.shape
     # One reused float64 buffer: a fresh chunk-sized allocation per step costs page faults.
     buffer = torch.empty((min(chunk_rows, rows), d), dtype=torch.float64, device=device)
-    cpu = device.type == "cpu"
+    out = np.zeros(block.shape)
     y = torch.from_numpy(np.ascontiguousarray(block)).to(device)
-    out = np.zeros(block.shape) if cpu else torch.zeros_like(y)
+    acc = torch.zeros_like(y) if device.type != "cpu" else None
     for row0 in range(0, rows, chunk_rows):
         source = matrix[row0 : row0 + chunk_rows]
         chunk = buffer[: source.shape[0]]
         chunk.copy_(source)
         if scale != 1.0:
             chunk /= scale
-        if cpu:
+        if acc is None:
             c = chunk.numpy()
             out += c.T @ (c @ block)
         else:
-            out.addmm_(chunk.T, chunk @ y)  # type: ignore[union-attr]
-    return out if cpu else out.cpu().numpy()  # type: ignore[union-attr,return-value]
+            acc.addmm_(chunk.T, chunk @ y)
+    return out if acc is None else acc.cpu().numpy()
 
 
 def _edge_indices(band: Band, guard: int) -> tuple[np.ndarray, int, int]:
