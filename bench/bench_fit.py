@@ -2,17 +2,22 @@
 
 Builds a synthetic Qwen2-7B-shaped checkpoint (lm_head 152064 × 3584 bf16 with a slowly decaying,
 SmolLM2-like spectrum) stored as ONE shard of a two-shard checkpoint with an index; the other
-shard holds an embedding table of the same size that fit must never read. Then, each in its own
-process (wall time and peak RSS from os.wait4):
+shard holds an embedding table of the same size that fit must never read. Then, one process
+each (wall time and peak RSS from the child's own VmHWM):
 
   baseline    the official code's way: load the head as float32, torch.linalg.svd (full, thin)
-  exact       embfilter fit --solver exact --rank R
-  randomized  embfilter fit --solver randomized --rank R (certified to --tol)
+  exact       embfilter fit --solver exact (float64 Gram + eigh) with the band asked for
+  refined     embfilter fit --solver refined (float32 Gram + eigh, removed directions refined and
+              certified in float64; falls back to exact if the certificate fails)
+  randomized  (with --randomized) embfilter fit --solver randomized --rank R (certified to --tol)
 
-and, in this process, the floor for the exact solver: the Gram FLOPs (V·d², syrk) at this
-machine's measured dsyrk rate plus the time to read the tensor's bytes (warm page cache).
+then the largest principal angle (sine) between the refined and the exact artifacts' removed
+subspaces (both stored as float32, so ~1e-7 is the floor of this comparison; the refined
+certificate's own bound is printed too), the load average before and after, and, in this
+process, the floor for the exact solver: the Gram FLOPs (V·d², syrk) at this machine's measured
+dsyrk rate plus the time to read the tensor's bytes (warm page cache).
 
-Usage: python bench/bench_fit.py [--rows 152064 --hidden 3584 --rank 256] [--skip-baseline]
+Usage: python bench/bench_fit.py [--rows 152064 --hidden 3584] [--rank 64 | --band-auto] [--skip-baseline]
 Prints a markdown table (with the machine) to stdout; paste it into bench/RESULTS.md.
 """
 
@@ -33,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python bench/x.py` puts only bench/ on the path
 
-from bench._common import describe_machine  # noqa: E402
+from bench._common import describe_machine, load_average  # noqa: E402
 
 
 def spectrum(d: int) -> np.ndarray:
@@ -187,15 +192,34 @@ def machine() -> str:
     return describe_machine(f"torch {torch.__version__}")
 
 
+def removed_angle(a_path: Path, b_path: Path) -> float:
+    """Sine of the largest principal angle between two artifacts' removed subspaces (‖P_a − P_b‖₂)."""
+    from embfilter_cli.filters.artifact import load_artifact
+
+    a = load_artifact(a_path).removed_directions.astype(np.float64)
+    b = load_artifact(b_path).removed_directions.astype(np.float64)
+    # Rows are float32-rounded: re-orthonormalise so the comparison measures the subspaces, not the rounding.
+    qa, _ = np.linalg.qr(a.T)
+    qb, _ = np.linalg.qr(b.T)
+    return float(np.linalg.norm(qa @ qa.T - qb @ qb.T, 2))
+
+
+def load_text() -> str:
+    avg = load_average()
+    return "n/a" if avg is None else " / ".join(f"{x:.2f}" for x in avg)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=152064)
     parser.add_argument("--hidden", type=int, default=3584)
-    parser.add_argument("--rank", type=int, default=256)
+    parser.add_argument("--rank", type=int, default=64, help="top directions removed (ignored with --band-auto)")
+    parser.add_argument("--bottom", type=int, default=0, help="bottom directions removed (ignored with --band-auto)")
+    parser.add_argument("--band-auto", action="store_true", help="fit's default band (--band auto) instead")
     parser.add_argument("--oversample", type=int, default=256)
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "fit")
     parser.add_argument("--skip-baseline", action="store_true")
-    parser.add_argument("--skip-randomized", action="store_true")
+    parser.add_argument("--randomized", action="store_true", help="also time the randomized solver (slow on CPUs)")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint")
     args = parser.parse_args()
     folder = args.work / "ckpt"
@@ -205,18 +229,19 @@ def main() -> None:
         make_checkpoint(folder, rows, d)
         print(f"built checkpoint in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     head_f32_gib = rows * d * 4 / 2**30
+    load_before = load_text()
     results: dict[str, tuple[float, float, str]] = {}
     if not args.skip_baseline:
         results["baseline: torch.linalg.svd(float32 head)"] = run_measured(
             [sys.executable, "-c", BASELINE + PEAK_FOOTER, str(folder), "model-00002-of-00002.safetensors"]
         )
+    band = ["--band", "auto"] if args.band_auto else ["--rank", str(args.rank), "--bottom", str(args.bottom)]
     common = [
         "embfilter_cli",
         "fit",
         "--model",
         str(folder),
-        "--rank",
-        str(args.rank),
+        *band,
         "--json",
         "-q",
         "--force",
@@ -226,7 +251,12 @@ def main() -> None:
     results["embfilter fit --solver exact"] = run_measured(
         _wrap([*common, "--solver", "exact", "-o", str(args.work / "exact.safetensors")])
     )
-    if not args.skip_randomized:
+    results["embfilter fit --solver refined"] = run_measured(
+        _wrap([*common, "--solver", "refined", "-o", str(args.work / "refined.safetensors")])
+    )
+    load_after = load_text()
+    angle = removed_angle(args.work / "refined.safetensors", args.work / "exact.safetensors")
+    if args.randomized and not args.band_auto:
         results[f"embfilter fit --solver randomized (oversample {args.oversample})"] = run_measured(
             _wrap(
                 [
@@ -244,13 +274,18 @@ def main() -> None:
 
     base = results.get("baseline: torch.linalg.svd(float32 head)")
     print(f"Machine: {machine()}\n")
-    print(f"Head: {rows} × {d} bf16 (float32 copy {head_f32_gib:.2f} GiB), one shard of two; rank {args.rank}.\n")
-    print("| run | wall s | speed-up vs baseline | peak RSS GiB | RSS / float32 head |")
-    print("|---|---|---|---|---|")
+    band_text = "--band auto" if args.band_auto else f"top {args.rank}, bottom {args.bottom}"
+    print(f"Head: {rows} × {d} bf16 (float32 copy {head_f32_gib:.2f} GiB), one shard of two; band {band_text}.")
+    print(f"Load average (1/5/15 min) before: {load_before}; after the exact and refined runs: {load_after}.\n")
+    exact_wall = results["embfilter fit --solver exact"][0]
+    print("| run | wall s | speed-up vs baseline | vs exact | peak RSS GiB | RSS / float32 head |")
+    print("|---|---|---|---|---|---|")
     for name, (wall, peak, _) in results.items():
         ratio = f"{base[0] / wall:.2f}×" if base else "—"
-        print(f"| {name} | {wall:.1f} | {ratio} | {peak:.2f} | {peak / head_f32_gib:.2f} |")
-    exact_wall = results["embfilter fit --solver exact"][0]
+        print(f"| {name} | {wall:.1f} | {ratio} | {exact_wall / wall:.2f}× | {peak:.2f} | {peak / head_f32_gib:.2f} |")
+    print(
+        f"\nRemoved subspace, refined vs exact (float32-stored artifacts): largest principal angle sin θ = {angle:.2e}."
+    )
     print(
         f"\nFloor for the exact solver: Gram V·d² at the measured dsyrk rate "
         f"({floor['syrk_gflops']:.0f} GFLOP/s effective) = {floor['gram_s']:.1f} s, plus reading the tensor "
@@ -260,8 +295,10 @@ def main() -> None:
     for name, (_, _, out) in results.items():
         if name.startswith("embfilter") and out.strip():
             summary = json.loads(out)
+            cert = {k: v for k, v in summary["certificate"].items() if k != "residual_history"}
             print(
-                f"\n{name}: solve {summary['solve_seconds']} s, certificate {json.dumps({k: v for k, v in summary['certificate'].items() if k != 'residual_history'})}"
+                f"\n{name}: band {summary['band']}, solve {summary['solve_seconds']} s, "
+                f"solver {summary['solver']} {json.dumps(summary['solver_params'])}, certificate {json.dumps(cert)}"
             )
     if base:
         print(f"\nbaseline detail: {base[2].strip()}")

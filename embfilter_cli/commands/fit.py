@@ -57,7 +57,7 @@ from embfilter_cli.filters.solve import AUTO_EXACT_MAX_HIDDEN
     default=None,
     help="auto (the default when no band option is given): the top R and bottom B from the spectrum alone "
     "(σ above the log-linear bulk's ceiling; σ under half the bulk trend; see embfilter_cli/filters/band_auto.py). "
-    "Exact solver only.",
+    "Exact or refined solver.",
 )
 @click.option(
     "--reduce/--no-reduce",
@@ -67,10 +67,11 @@ from embfilter_cli.filters.solve import AUTO_EXACT_MAX_HIDDEN
 )
 @click.option(
     "--solver",
-    type=click.Choice(["auto", "exact", "randomized"]),
+    type=click.Choice(["auto", "exact", "refined", "randomized"]),
     default="auto",
     show_default=True,
-    help=f"auto = exact unless the hidden size exceeds {AUTO_EXACT_MAX_HIDDEN}.",
+    help="refined: float32 Gram, removed directions refined and certified in float64 (falls back to exact if "
+    f"the certificate fails). auto = refined for a narrow named band on a big head on the CPU, else exact; randomized beyond d = {AUTO_EXACT_MAX_HIDDEN}.",
 )
 @device_option
 @click.option(

@@ -3,9 +3,12 @@
 `model/head.py` turns a location into W_U and its facts; this module (one layer up, because it
 needs the solvers of `filters/spectral.py`) turns W_U into its spectrum:
 
-- `solve`: the solver policy of `embfilter fit`. `auto` is exact up to `AUTO_EXACT_MAX_HIDDEN`
-  (or whenever bottom directions are removed), randomized beyond; randomized computes top
-  directions only; MPS has no float64, so the exact solver runs on the CPU there.
+- `solve`: the solver policy of `embfilter fit`. `auto` is randomized beyond `AUTO_EXACT_MAX_HIDDEN`
+  when only top directions go; below it, `refined` (float32 Gram, removed directions refined and
+  certified in float64, `filters/refine.py`) on the CPU for a named band on a head big enough for
+  the cheaper Gram to pay for the refinement pass (`refined_pays`), exact otherwise. A refined certificate that
+  fails falls back to the exact solver, and the spectrum says so (`params["fallback_from"]`).
+  Randomized computes top directions only; MPS has no float64, so exact and refined run on the CPU.
 - `exact_spectrum_of`: the exact spectrum with fit's settings (float64 Gram + eigh), for the
   commands that need every direction (`inspect`, `eval`).
 - `head_spectrum`: W_U's facts and (optionally) its exact spectrum through a `SpectrumStore`
@@ -35,6 +38,9 @@ if TYPE_CHECKING:
     from embfilter_cli.model.location import ModelLocation
 
 AUTO_EXACT_MAX_HIDDEN = 16384  # exact's d×d float64 Gram is 2 GiB at this size; beyond it, randomized
+# `auto` picks refined from this much Gram work (rows·d² multiply-adds; Qwen2-7B: 2e12, SmolLM2-135M: 1.6e10):
+# below it the whole exact solve takes about a second on 2 cores and the saving is not worth a second path.
+AUTO_REFINED_MIN_WORK = 1e11
 EXACT_MESSAGE = "Computing the exact spectrum of W_U (float64 Gram + eigh)"
 
 DEFAULT_RANK = 64  # fit's band when none is named and the solver is randomized (else: the auto rule)
@@ -51,7 +57,7 @@ def _silent(message: str) -> None:
 class SolverOptions:
     """How `embfilter fit` asked for the spectrum (its --solver/--device/... options)."""
 
-    solver: str = "auto"  # auto | exact | randomized
+    solver: str = "auto"  # auto | exact | refined | randomized
     device: str = "auto"
     oversample: int | None = None
     power_iters: int | None = None  # None: iterate until `tol` is certified
@@ -120,13 +126,17 @@ def fit_spectrum(
     the named band is solved by the solver policy. `bar` draws progress while an exact Gram
     accumulates.
     """
-    from embfilter_cli.filters.band import Band
 
-    d = int(matrix.shape[1])
+    rows, d = int(matrix.shape[0]), int(matrix.shape[1])
     if request.rule == "auto":
         from embfilter_cli.filters.band_auto import auto_band
 
-        spectrum = _solve_with_bar(matrix, Band(d, 0, d), replace(options, solver="exact"), log, bar)
+        # `auto` is exact here: the band is unknown before the Gram (see `refined_pays`).
+        solver = options.solver if options.solver == "refined" else "exact"
+        with bar("W_Uᵀ W_U", rows) as progress:
+            spectrum, _ = solve_picking(
+                matrix, lambda sigma: auto_band(sigma).band, replace(options, solver=solver), log, progress
+            )
         chosen = auto_band(spectrum.singular_values)
         band = chosen.band
         log(
@@ -139,15 +149,44 @@ def fit_spectrum(
 
 
 def _solve_with_bar(matrix: torch.Tensor, band: Band, options: SolverOptions, log: Log, bar: BarFactory) -> Spectrum:
-    exact = choose_solver(band, options.solver) == "exact"
-    with bar("W_Uᵀ W_U", int(matrix.shape[0])) if exact else contextlib.nullcontext() as progress:
+    gram = choose_solver(band, options.solver, int(matrix.shape[0]), options.device) != "randomized"
+    with bar("W_Uᵀ W_U", int(matrix.shape[0])) if gram else contextlib.nullcontext() as progress:
         return solve(matrix, band, options, log=log, progress=progress)
 
 
-def choose_solver(band: Band, solver: str) -> str:
-    """`auto` → exact unless d exceeds `AUTO_EXACT_MAX_HIDDEN` and only top directions go."""
+def refined_pays(rows: int, hidden_size: int, removed: int | None, device: str = "cpu") -> bool:
+    """Whether `auto` runs the refined solver: `removed` directions (None: not known yet) of a rows × d head.
+
+    ssyrk runs at about twice dsyrk's rate, so the float32 Gram saves about rows·d²/4 multiply-adds'
+    worth of time; the refinement costs two float64 passes of 2·rows·d·m multiply-adds with m ≈ 2r +
+    guards + probes columns. So refined wins while 2r + 2·guard + probes < d/8, and only when the
+    Gram is big enough to matter (`AUTO_REFINED_MIN_WORK`). With `--band auto` (`removed` None), r
+    is unknown before the Gram and the rule's bands are too wide to pay on the spectra we measured
+    (SmolLM2: 42 of 576 = 7% > the ~6% that pays; the 7B bench's synthetic spectrum: 15%), so auto
+    stays exact there; `--solver refined` is the explicit choice. CUDA keeps exact too: a float64
+    Gram is cheap there.
+    """
+    from embfilter_cli.filters.refine import DEFAULT_GUARD, DEFAULT_PROBES
+
+    if device not in ("cpu", "auto", "mps") or (device == "auto" and _cuda_visible()):
+        return False
+    if rows * hidden_size * hidden_size < AUTO_REFINED_MIN_WORK:
+        return False
+    return removed is not None and 2 * removed + 2 * DEFAULT_GUARD + DEFAULT_PROBES < hidden_size / 8
+
+
+def _cuda_visible() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def choose_solver(band: Band, solver: str, rows: int = 0, device: str = "cpu") -> str:
+    """`auto` → randomized beyond `AUTO_EXACT_MAX_HIDDEN` with top directions only; else refined or exact."""
     if solver == "auto":
-        return "exact" if band.hidden_size <= AUTO_EXACT_MAX_HIDDEN or band.bottom else "randomized"
+        if band.hidden_size > AUTO_EXACT_MAX_HIDDEN and not band.bottom:
+            return "randomized"
+        return "refined" if refined_pays(rows, band.hidden_size, band.top + band.bottom, device) else "exact"
     return solver
 
 
@@ -167,10 +206,10 @@ def solve(
     Raises:
         BandError: randomized asked for a band with bottom directions or no top ones.
     """
-    from embfilter_cli.filters.spectral import exact_spectrum, randomized_spectrum, resolve_device
+    from embfilter_cli.filters.spectral import randomized_spectrum, resolve_device
 
     dev = resolve_device(options.device)
-    solver = choose_solver(band, options.solver)
+    solver = choose_solver(band, options.solver, int(matrix.shape[0]), options.device)
     if solver == "randomized":
         if band.bottom or band.top == 0:
             raise BandError(
@@ -187,14 +226,54 @@ def solve(
             seed=options.seed,
             device=dev,
         )
-    if dev.type == "mps":
-        import torch
+    return solve_picking(matrix, lambda sigma: band, replace(options, solver=solver), log, progress)[0]
 
-        # MPS has no float64; the exact solver's Gram must not drop to float32 silently.
-        log("MPS has no float64: running the exact solver on the CPU")
+
+def solve_picking(
+    matrix: torch.Tensor,
+    pick_band: Callable[[Any], Band],
+    options: SolverOptions,
+    log: Log = _silent,
+    progress: Progress | None = None,
+) -> tuple[Spectrum, Band]:
+    """A complete spectrum (exact or refined, `options.solver`) and the band `pick_band` chose from its σ.
+
+    The refined solver needs the band before it refines (it refines only the removed directions),
+    so the band is chosen from its float32-Gram values; when its certificate fails, the exact
+    solver runs and the band is chosen again from the exact values.
+    """
+    import torch
+
+    from embfilter_cli.filters.spectral import exact_spectrum, resolve_device
+
+    dev = resolve_device(options.device)
+    if dev.type == "mps":
+        # MPS has no float64; the Gram and the refinement must not drop to float32 silently.
+        log(f"MPS has no float64: running the {options.solver} solver on the CPU")
         dev = torch.device("cpu")
+    if options.solver == "refined":
+        from embfilter_cli.filters import refine
+
+        log(
+            f"Solver: refined (float32 Gram + float64 eigh; removed directions refined and certified in float64) on {dev}"
+        )
+        refined, band = refine.refined_spectrum(
+            matrix, pick_band, device=dev, tol=refine.DEFAULT_TOL, seed=options.seed, progress=progress
+        )
+        if refined.certificate["passed"]:
+            return refined, band
+        log(
+            f"The refined solver's certificate failed ({refined.certificate.get('reason')}); "
+            "falling back to the exact float64 solver"
+        )
+        spectrum = exact_spectrum(matrix, device=dev, progress=progress)
+        spectrum.params["fallback_from"] = "refined"
+        spectrum.certificate["refined"] = refined.certificate
+        spectrum.seconds += refined.seconds
+        return spectrum, pick_band(spectrum.singular_values)
     log(f"Solver: exact ({options.precision} Gram + float64 eigh) on {dev}")
-    return exact_spectrum(matrix, device=dev, precision=options.precision, progress=progress)
+    spectrum = exact_spectrum(matrix, device=dev, precision=options.precision, progress=progress)
+    return spectrum, pick_band(spectrum.singular_values)
 
 
 def exact_spectrum_of(matrix: torch.Tensor, device: str | None = None, log: Log = _silent) -> Spectrum:
