@@ -214,7 +214,9 @@ def test_the_root_imports_the_library_only_lazily():
         node
         for node in tree.body
         if isinstance(node, (ast.Import, ast.ImportFrom))
-        and ((node.module or "") if isinstance(node, ast.ImportFrom) else node.names[0].name).startswith("embfilter_cli")
+        and ((node.module or "") if isinstance(node, ast.ImportFrom) else node.names[0].name).startswith(
+            "embfilter_cli"
+        )
     ]
     assert top_level == []
     raw = imports_of("embfilter_cli", PACKAGE / "__init__.py", modules())
@@ -223,7 +225,9 @@ def test_the_root_imports_the_library_only_lazily():
 
 def test_the_library_never_imports_the_console():
     g = graph()
-    assert not {t for name, targets in g.items() if part(name) == "api" for t in targets if part(t) in ("console", "commands")}
+    assert not {
+        t for name, targets in g.items() if part(name) == "api" for t in targets if part(t) in ("console", "commands")
+    }
 
 
 def test_no_import_cycle():

@@ -170,4 +170,11 @@ def centring_summary(artifact: FilterArtifact, report: CentreReport) -> dict[str
     }
 
 
-__all__ = ["background_of", "centre", "centre_on", "centring_summary", "filter_model_for_centring", "read_background_for"]
+__all__ = [
+    "background_of",
+    "centre",
+    "centre_on",
+    "centring_summary",
+    "filter_model_for_centring",
+    "read_background_for",
+]

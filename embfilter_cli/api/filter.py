@@ -34,7 +34,7 @@ class Filter:
         >>> import numpy as np, embfilter_cli
         >>> f = embfilter_cli.fit(rank=64, bottom=16)
         >>> f
-        Filter(576 → 496 dims, top 64 + bottom 16 removed, fitted on smollm2-135m…, not centred, unsaved)
+        Filter(576 → 496 dims, top 64 + bottom 16 removed, fitted on HuggingFaceTB/SmolLM2-135M-Instruct..., not centred, unsaved)
         >>> x = np.ones((3, 576), dtype=np.float32)
         >>> f(x).shape, f(x[0]).shape, f(x.astype(np.float16)).dtype.name
         ((3, 496), (496,), 'float16')
@@ -332,7 +332,7 @@ def load(path: str | os.PathLike[str]) -> Filter:
         >>> embfilter_cli.load("no/such/filter.safetensors")
         Traceback (most recent call last):
         ...
-        embfilter_cli.errors.ArtifactError: no/such/filter.safetensors does not exist...
+        embfilter_cli.errors.ArtifactError: filter file no/such/filter.safetensors does not exist; run `embfilter fit` to create one
     """
     from embfilter_cli.filters.artifact import load_artifact
     from embfilter_cli.filters.checks import integrity_checks
