@@ -9,11 +9,15 @@ their own virtual environment and this script has two halves:
     # 2. with the engines' environment (python -m venv serve-venv; serve-venv/bin/pip install torch==2.13.0
     #    'infinity-emb[server,torch]' fastembed langchain-huggingface)
     serve-venv/bin/python bench/serve_engines.py check /tmp/serve
+    # LangChain with sentence-transformers 6 (langchain-huggingface wants huggingface_hub<2, so install it
+    # and its own dependencies --no-deps into a side folder instead of embfilter's environment):
+    PYTHONPATH=.:lc-site .venv/bin/python bench/serve_engines.py check /tmp/serve langchain
 
 `prepare` writes, under the folder: the tiny Llama (`llama/`), its ONNX export with the filter
-appended (`onnx/model.onnx` + tokenizer files, for fastembed's custom-model registration), a whole
-sentence-transformers model (`st/`, for infinity-emb and LangChain) and `reference.npy`:
-`embfilter embed --filter F` on TEXTS. `check` runs each engine on localhost and prints, per
+appended (`onnx/model.onnx` + tokenizer files, for fastembed's custom-model registration and
+infinity-emb's optimum engine), a whole sentence-transformers model with the prompt 'Query: '
+(`st/`, for infinity-emb's torch engine and LangChain), and the references `reference.npy`
+(`embfilter embed --filter F` on TEXTS) and `reference-recipe.npy` (the same with `--recipe RECIPE`). `check` runs each engine on localhost and prints, per
 engine, the largest |Δ| against the reference, or the exact error that stopped it. Results are in
 bench/RESULTS.md and the README's ecosystem table.
 """
@@ -33,6 +37,7 @@ import numpy as np
 
 TEXTS = ["The cat sat on the mat.", "A dog ran in the park.", "Stocks fell.", "the recipe needs two eggs and flour"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json")
+RECIPE = "Query: {text}"  # the sentence-transformers model carries it as its prompts
 TOL = 1e-5  # of max |reference|: float32 arithmetic in another runtime
 
 
@@ -64,9 +69,10 @@ def prepare(folder: Path) -> None:
     if tok_config.get("tokenizer_class") == "TokenizersBackend":
         tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
     tok_config_path.write_text(json.dumps(tok_config, indent=2))
-    f.to_sentence_transformers(folder / "st", force=True)
+    f.to_sentence_transformers(folder / "st", recipe=RECIPE, force=True)
     reference = ef.Encoder(str(llama), filter=f).encode(TEXTS)
     np.save(folder / "reference.npy", reference)
+    np.save(folder / "reference-recipe.npy", ef.Encoder(str(llama), filter=f, recipe=RECIPE).encode(TEXTS))
     print(f"prepared {folder}: reference {reference.shape}")
 
 
@@ -98,7 +104,8 @@ def _fastembed(folder: Path, reference: np.ndarray) -> dict[str, object]:
 
 
 def _infinity_torch(folder: Path, reference: np.ndarray) -> dict[str, object]:
-    """infinity-emb's torch engine on the whole sentence-transformers model."""
+    """infinity-emb's torch engine on the whole sentence-transformers model (its default prompt applies)."""
+    reference = np.load(folder / "reference-recipe.npy").astype(np.float64)
     return _infinity(folder, reference, folder / "st", ["--engine", "torch"], "torch engine, st/")
 
 
@@ -157,16 +164,21 @@ def _infinity(
 
 
 def _langchain(folder: Path, reference: np.ndarray) -> dict[str, object]:
+    """embed_documents and embed_query of HuggingFaceEmbeddings on st/ against `embed --recipe`."""
     from langchain_huggingface import HuggingFaceEmbeddings
 
+    reference = np.load(folder / "reference-recipe.npy").astype(np.float64)
     embeddings = HuggingFaceEmbeddings(model_name=str(folder / "st"), model_kwargs={"device": "cpu"})
-    return _compare("LangChain HuggingFaceEmbeddings", np.array(embeddings.embed_documents(TEXTS)), reference)
+    got = np.array([*embeddings.embed_documents(TEXTS[:-1]), embeddings.embed_query(TEXTS[-1])])
+    return _compare("LangChain HuggingFaceEmbeddings (embed_documents, embed_query)", got, reference)
 
 
-def check(folder: Path) -> None:
-    """Run every engine against the reference; one JSON line per engine."""
+def check(folder: Path, engines: list[str]) -> None:
+    """Run the named engines (default: all) against the reference; one JSON line per engine."""
     reference = np.load(folder / "reference.npy").astype(np.float64)
     for run in RUNS:
+        if engines and run.__name__.strip("_") not in engines:
+            continue
         try:
             result = run(folder, reference)
         except Exception as exc:
@@ -178,6 +190,11 @@ def check(folder: Path) -> None:
 RUNS = (_fastembed, _infinity_onnx, _infinity_torch, _langchain)
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] not in ("prepare", "check"):
-        sys.exit("usage: serve_engines.py prepare|check FOLDER")
-    (prepare if sys.argv[1] == "prepare" else check)(Path(sys.argv[2]))
+    if len(sys.argv) < 3 or sys.argv[1] not in ("prepare", "check"):
+        sys.exit(
+            "usage: serve_engines.py prepare FOLDER | check FOLDER [fastembed infinity_onnx infinity_torch langchain]"
+        )
+    if sys.argv[1] == "prepare":
+        prepare(Path(sys.argv[2]))
+    else:
+        check(Path(sys.argv[2]), sys.argv[3:])
