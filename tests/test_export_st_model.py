@@ -120,6 +120,38 @@ def test_the_exported_model_encodes_like_embed(runner, tiny_llama, fitted, tmp_p
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_a_prefix_recipe_survives_every_sentence_transformers_entry_point(runner, tiny_llama, fitted, tmp_path):
+    """encode, encode_query, encode_document and prompt_name="recipe" all give `embed --recipe`'s vectors.
+
+    sentence-transformers saves empty "query"/"document" prompts that encode_query/encode_document pick
+    before the default prompt; the export sets them to the recipe. Tolerance: cosine ≥ 0.99999 and
+    |Δ| ≤ 1e-5 · max|ref| per entry point, as the export's own check.
+    """
+    from sentence_transformers import SentenceTransformer
+
+    out = tmp_path / "st"
+    recipe = ["--recipe", "Query: {text}"]
+    result = runner.invoke(app, ["export", str(fitted), "--format", "sentence-transformers", *recipe, "-o", str(out)])
+    assert result.exit_code == 0, result.stderr
+    st_cfg = json.loads((out / "config_sentence_transformers.json").read_text())
+    assert st_cfg["prompts"] == {"query": "Query: ", "document": "Query: ", "recipe": "Query: "}
+    reference = _embed(runner, tmp_path, tiny_llama, fitted, *recipe)
+    plain = _embed(runner, tmp_path, tiny_llama, fitted)
+    model = SentenceTransformer(str(out), device="cpu")
+    calls = {
+        "encode": model.encode(TEXTS),
+        "encode_query": model.encode_query(TEXTS),
+        "encode_document": model.encode_document(TEXTS),
+        "encode(prompt_name='recipe')": model.encode(TEXTS, prompt_name="recipe"),
+        "encode_query(prompt_name='recipe')": model.encode_query(TEXTS, prompt_name="recipe"),
+    }
+    for name, got in calls.items():
+        assert _cosines(got, reference).min() >= 0.99999, name
+        np.testing.assert_allclose(got, reference, rtol=0, atol=1e-5 * np.abs(reference).max(), err_msg=name)
+    # The comparison can fail: without the prompt the vectors are measurably different.
+    assert _cosines(plain, reference).min() < 0.9999
+
+
 def test_a_centred_filter_becomes_a_dense_bias(runner, tiny_llama, fitted, tmp_path):
     """y = P·x − m: the Dense module gets bias −m, and encode() still equals embed with the filter."""
     from embfilter_cli.filters.artifact import load_artifact, save_artifact

@@ -1,20 +1,10 @@
-"""`embfilter fit`'s helpers: --power-iters parsing, the W_U line and the summary table."""
+"""`embfilter fit`'s helpers: --power-iters parsing and the summary table."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import click
-
-
-def head_line(unemb: Any) -> str:
-    """The stderr line describing the W_U that was read (tied, padding rows dropped)."""
-    dropped = unemb.stored_rows - unemb.vocab_size
-    return (
-        f"W_U: {unemb.tensor_name} {unemb.stored_rows}×{unemb.hidden_size} {unemb.stored_dtype}"
-        + (" (tied input embeddings)" if unemb.tied else "")
-        + (f"; dropped {dropped} padding rows past the tokenizer's {unemb.vocab_size}" if dropped else "")
-    )
 
 
 def parse_power_iters(value: str) -> int | None:

@@ -61,21 +61,26 @@ def center(
       embfilter center F docs.jsonl --pooling last --recipe summarize -o F-summarize.safetensors
       embfilter center F raw_background.npy -o F2.safetensors
     """
-    from embfilter_cli.console import info
+    from embfilter_cli.api.centring import centre_on, centring_summary
+    from embfilter_cli.commands._hooks import console_hooks
     from embfilter_cli.files import check_writable
     from embfilter_cli.filters.artifact import load_artifact, save_artifact
-    from embfilter_cli.text.background import check_background_dim
 
     check_writable(output, force)
     artifact = load_artifact(filter_path)
-    background = read_background_for(texts, pooling, recipe, input_format)
-    check_background_dim(background, artifact.hidden_size, str(artifact.path))
-    location = None
-    if background.embeddings is None:
-        location = _filter_model(artifact, model, revision)
-        info(f"Model: {location.source} ({location.kind.replace('_', ' ')})")
-    centred, report = centre_logged(
-        artifact, background, location, pooling, recipe, max_length, batch_size, device, dtype
+    centred, report = centre_on(
+        artifact,
+        texts,
+        model=model,
+        revision=revision,
+        pooling=pooling,
+        recipe=recipe,
+        max_length=max_length,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        input_format=input_format,
+        hooks=console_hooks(),
     )
     save_artifact(centred, output, force=force)
     summary = centring_summary(centred, report)
@@ -86,81 +91,6 @@ def center(
         emit_json(summary)
     else:
         print_centring(summary)
-
-
-def read_background_for(texts: str, pooling: str, recipe: str, input_format: str) -> Any:
-    """Check --pooling/--recipe, read the background (texts or .npy) and warn about skipped blank lines.
-
-    Shared with `fit --center-on`, which calls it before the decomposition so bad input fails at once.
-    """
-    from embfilter_cli.console import warn
-    from embfilter_cli.text.background import read_background
-    from embfilter_cli.text.recipes import check_pooling, resolve_recipe
-    from embfilter_cli.text.texts import describe_skipped
-
-    check_pooling(pooling)
-    resolve_recipe(recipe)  # a bad template fails before anything is read or loaded
-    background = read_background(texts, input_format)
-    if background.skipped:
-        warn(describe_skipped(background.skipped))
-    return background
-
-
-def centre_logged(
-    artifact: Any,
-    background: Any,
-    location: Any,
-    pooling: str,
-    recipe: str,
-    max_length: int,
-    batch_size: int,
-    device: str,
-    dtype: str,
-) -> tuple[Any, Any]:
-    """`text.background.centre_filter` with an info line, a progress bar and the truncation warning."""
-    from embfilter_cli.console import info, progress_bar, warn
-    from embfilter_cli.text.background import centre_filter
-
-    what = "texts" if background.embeddings is None else "pre-computed embeddings"
-    info(f"Centring on {background.count} {what} from {background.input} ({pooling} pooling, recipe {recipe})…")
-    with progress_bar("Embedding", background.count) as progress:
-        centred, report = centre_filter(
-            artifact,
-            background,
-            location=location,
-            pooling=pooling,
-            recipe=recipe,
-            max_length=max_length,
-            batch_size=batch_size,
-            device=device,
-            dtype=dtype,
-            progress=progress,
-        )
-    if report.truncated:
-        warn(f"{report.truncated} background text(s) exceeded --max-length {max_length} tokens and were cut")
-    return centred, report
-
-
-def _filter_model(artifact: Any, model: str | None, revision: str | None) -> Any:
-    """Resolve --model (default: the filter's own model) and refuse one with another W_U."""
-    from embfilter_cli.model.head import locate_for_filter, read_head_for_filter
-
-    _, location = locate_for_filter(model, revision, artifact)
-    read_head_for_filter(location, artifact)
-    return location
-
-
-def centring_summary(artifact: Any, report: Any) -> dict[str, Any]:
-    """JSON-ready facts about a freshly centred filter (shared with `fit --center-on`)."""
-    return {
-        "output": str(artifact.path),
-        "output_dim": artifact.output_dim,
-        "centering": artifact.centering.as_dict(),
-        "mean_sha256": artifact.metadata["mean_sha256"],
-        "mean_norm": report.mean_norm,
-        "truncated": report.truncated,
-        "seconds": round(report.seconds, 3),
-    }
 
 
 def print_centring(summary: dict[str, Any]) -> None:

@@ -126,11 +126,13 @@ def embed(
     if to_stdout and json_:
         raise UsageError("--json prints a summary on stdout, which -o - already uses for the embeddings; drop one")
 
-    from embfilter_cli.console import info, notice, progress_bar, warn
+    from embfilter_cli.api.encoder import Encoder
+    from embfilter_cli.commands._hooks import console_hooks
+    from embfilter_cli.console import info, warn
     from embfilter_cli.text.recipes import resolve_recipe
     from embfilter_cli.text.texts import describe_skipped, read_texts
 
-    rec = resolve_recipe(recipe)  # a bad template fails before anything is loaded
+    resolve_recipe(recipe)  # a bad template fails before anything is read or loaded
     if not to_stdout:
         from embfilter_cli.files import check_writable
 
@@ -139,50 +141,23 @@ def embed(
     if texts_in.skipped:
         warn(describe_skipped(texts_in.skipped))
 
-    from embfilter_cli.model.locate import resolve_model
-
-    location = resolve_model(model, revision=revision)
-    artifact = None
-    if filter_path is not None:
-        from embfilter_cli.filters.artifact import load_artifact
-        from embfilter_cli.filters.centering import check_centering_use
-        from embfilter_cli.model.head import read_head_for_filter
-
-        artifact = load_artifact(filter_path)
-        check_centering_use(artifact.centering, pooling, rec.name, rec.template, str(artifact.path))
-        read_head_for_filter(location, artifact)  # refuses a filter fitted on another model
-
-    from embfilter_cli.text.embedding import load_encoder_at
-
-    info(f"Loading {location.source} ({location.kind.replace('_', ' ')})…")
+    encoder = Encoder(
+        model,
+        revision=revision,
+        pooling=pooling,
+        recipe=recipe,
+        filter=filter_path,
+        normalize=normalize,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        max_length=max_length,
+        use_cache=not no_cache,
+        hooks=console_hooks(),
+    )
     start = time.perf_counter()
-    encoder = load_encoder_at(
-        location, device=device, dtype=dtype, revision=revision, use_cache=not no_cache, notify=notice
-    )
-    loaded = time.perf_counter()
-    info(
-        f"Loaded in {loaded - start:.1f}s: hidden size {encoder.hidden_size}, {encoder.device}, {str(encoder.dtype).replace('torch.', '')}"
-    )
-    with progress_bar("Embedding", len(texts_in.texts)) as progress:
-        vectors = encoder.embed(
-            texts_in.texts,
-            pooling=pooling,
-            recipe=recipe,
-            batch_size=batch_size,
-            max_length=max_length,
-            progress=progress,
-        )
-    seconds = time.perf_counter() - loaded
-    if encoder.last_truncated:
-        warn(
-            f"{encoder.last_truncated} text(s) exceeded --max-length {encoder.effective_max_length(max_length)} tokens "
-            "and were cut (the template was kept)"
-        )
-    if artifact is not None:
-        vectors = artifact.apply(vectors).astype("float32")
-    if normalize:
-        vectors = _l2_normalize(vectors)
-
+    vectors = encoder.encode(texts_in.texts)
+    seconds = time.perf_counter() - start
     _write(vectors, texts_in, output, force)
     rate = len(vectors) / seconds if seconds > 0 else float("inf")
     info(
@@ -197,10 +172,10 @@ def embed(
                 "output": output,
                 "rows": int(vectors.shape[0]),
                 "dim": int(vectors.shape[1]),
-                "model_source": location.source,
+                "model_source": encoder.location.source,
                 "pooling": pooling,
                 "recipe": recipe,
-                "filter": str(artifact.path) if artifact is not None else None,
+                "filter": str(encoder.artifact.path) if encoder.artifact is not None else None,
                 "normalized": normalize,
                 "truncated": encoder.last_truncated,
                 "skipped_lines": texts_in.skipped,
@@ -208,14 +183,6 @@ def embed(
                 "texts_per_second": round(rate, 3),
             }
         )
-
-
-def _l2_normalize(vectors: Any) -> Any:
-    import numpy as np
-
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    norms[norms == 0] = 1.0  # a zero vector stays zero instead of becoming NaN
-    return (vectors / norms).astype(np.float32)
 
 
 def _jsonl_lines(vectors: Any, texts_in: Any) -> Any:

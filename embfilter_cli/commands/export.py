@@ -178,68 +178,30 @@ def export(
     if kind == "onnx" and opset is not None:
         helpers.check_opset(opset)
 
-    from embfilter_cli.console import info
+    from embfilter_cli.api.exporting import ExportOptions, export_filter
+    from embfilter_cli.commands._hooks import console_hooks
     from embfilter_cli.filters.artifact import load_artifact
 
     path, target = helpers.resolve_paths(filter_path, out, kind, append_to, fp16, whole, force)
-    artifact = load_artifact(path)
-    check = not no_check
-
-    if kind == "onnx":
-        from embfilter_cli.export import onnx_export
-        from embfilter_cli.export.onnx_graph import DEFAULT_OPSET
-
-        if append_to:
-            result = onnx_export.export_appended(
-                artifact,
-                append_to,
-                target,
-                output=host_output,
-                filtered_name=filtered_name,
-                normalize=normalize,
-                check=check,
-                force=force,
-                external_data=external_data,
-                log=info,
-            )
-        else:
-            result = onnx_export.export_standalone(
-                artifact,
-                target,
-                normalize=normalize,
-                opset=opset or DEFAULT_OPSET,
-                fp16=fp16,
-                per_token=per_token,
-                check=check,
-                force=force,
-                external_data=external_data,
-            )
-    else:
-        from embfilter_cli.export import formats
-
-        if whole:
-            from embfilter_cli.commands._st_export import export_whole_model
-
-            result = export_whole_model(
-                artifact,
-                target,
-                model=model,
-                revision=revision,
-                pooling=pooling or "mean",
-                recipe=recipe or "none",
-                max_length=max_length or 512,
-                normalize=normalize,
-                no_cache=no_cache,
-                check=check,
-                force=force,
-                info=info,
-            )
-        elif kind == "sentence-transformers":
-            result = formats.export_sentence_transformers(artifact, target, check=check, force=force)
-        elif kind == "npy":
-            result = formats.export_npy(artifact, target, fp16=fp16, check=check, force=force)
-        else:
-            result = formats.export_safetensors(artifact, target, fp16=fp16, check=check, force=force)
-
+    options = ExportOptions(
+        normalize=normalize,
+        check=not no_check,
+        force=force,
+        append_to=append_to,
+        host_output=host_output,
+        filtered_name=filtered_name,
+        opset=opset,
+        fp16=fp16,
+        per_token=per_token,
+        external_data=external_data,
+        whole=whole,
+        model=model,
+        revision=revision,
+        pooling=pooling or "mean",
+        recipe=recipe or "none",
+        max_length=max_length or 512,
+        no_cache=no_cache,
+    )
+    result = export_filter(load_artifact(path), kind, target, options, console_hooks())
     summary = {"filter": str(path), **result.summary()}
     helpers.report(summary, kind, json_)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from embfilter_cli.commands._options import (
@@ -171,74 +169,39 @@ def fit(
       embfilter fit --model model.gguf --rank 64 --solver randomized --device cuda --json
       embfilter fit --rank 64 --bottom 16 --center-on background.txt   # y = P·x − m (see `embfilter center`)
     """
-    from embfilter_cli.commands._fit_helpers import head_line, parse_power_iters, print_summary
+    from embfilter_cli.api.fitting import FitSettings, fit_filter
+    from embfilter_cli.commands._fit_helpers import parse_power_iters, print_summary
+    from embfilter_cli.commands._hooks import console_hooks
 
-    iters = parse_power_iters(power_iters)
-    if output is not None:
-        from embfilter_cli.files import check_writable
-
-        check_writable(output, force)  # fail before any download or decomposition
-    background = None
-    if center_on is not None:  # read before the decomposition, so empty or unreadable texts fail in a second
-        from embfilter_cli.commands.center import read_background_for
-
-        background = read_background_for(center_on, pooling, recipe, input_format)
-
-    from embfilter_cli.console import info, progress_bar, progress_enabled
-    from embfilter_cli.filters.solve import BandRequest, SolverOptions, fit_spectrum
-    from embfilter_cli.model.locate import resolve_model
-
-    request = BandRequest(rank, bottom, ratio, start, keep, band_rule).checked(solver)
-    location = resolve_model(
-        model,
+    settings = FitSettings(
+        model=model,
         revision=revision,
-        tensor_name=tensor_name,
-        progress=progress_enabled(),
-        check_config=request.check_config,
-    )
-    info(f"Model: {location.source} ({location.kind.replace('_', ' ')})")
-    from embfilter_cli.model.head import read_head  # torch: only after cheap checks and downloads of metadata
-
-    unemb = read_head(location, tensor_name=tensor_name, drop_padding_rows=padding_rows == "drop")
-    d = unemb.hidden_size
-    if background is not None:
-        from embfilter_cli.text.background import check_background_dim
-
-        check_background_dim(background, d, f"a filter for {location.source}")  # before the decomposition
-    info(head_line(unemb))
-    options = SolverOptions(solver, device, oversample, iters, tol, seed, precision)
-    band, spectrum, rule = fit_spectrum(unemb.matrix, request, options, log=info, bar=progress_bar)
-    from embfilter_cli.filters.artifact import default_artifact_path, save_artifact
-    from embfilter_cli.filters.fitting import build_artifact, fit_summary
-
-    artifact = build_artifact(
-        spectrum,
-        band,
+        tensor=tensor_name,
+        rank=rank,
+        bottom=bottom,
+        ratio=ratio,
+        start=start,
+        keep=keep,
+        band=band_rule,
         reduce=reduce,
-        model_source=location.source,
-        model_revision=location.revision,
-        tensor_name=unemb.tensor_name,
-        unembedding_sha256=unemb.sha256,
-        vocab_size=unemb.vocab_size,
-        stored_rows=unemb.stored_rows,
+        solver=solver,
+        device=device,
+        oversample=oversample,
+        power_iters=parse_power_iters(power_iters),
+        tol=tol,
+        seed=seed,
+        precision=precision,
+        padding_rows=padding_rows,
+        center_on=center_on,
+        pooling=pooling,
+        recipe=recipe,
+        batch_size=batch_size,
+        max_length=max_length,
+        dtype=dtype,
+        input_format=input_format,
     )
-    out = Path(output) if output else default_artifact_path(location, band)
-    report = None
-    if background is not None:
-        from embfilter_cli.files import check_writable
-
-        check_writable(out, force)  # the default name is known only now: fail before embedding
-        from embfilter_cli.commands.center import centre_logged
-
-        artifact, report = centre_logged(
-            artifact, background, location, pooling, recipe, max_length, batch_size, device, dtype
-        )
-    save_artifact(artifact, out, force=force)
-    summary = fit_summary(artifact, spectrum, band, rule)
-    if report is not None:
-        from embfilter_cli.commands.center import centring_summary
-
-        summary["centering"] = centring_summary(artifact, report)
+    result = fit_filter(settings, output=output, save=True, force=force, hooks=console_hooks())
+    summary = result.summary()
     if json_:
         from embfilter_cli.console import emit_json
 

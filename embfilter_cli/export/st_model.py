@@ -22,9 +22,14 @@ Three settings make the folder give `embfilter embed`'s vectors (the check below
 - a recipe becomes the model's default prompt only when it is a prefix (one `{text}`, at the end):
   sentence-transformers prepends prompts and cannot append text after the input.
 
+A prefix recipe is saved as three prompts with the same text: `recipe` (the default prompt, what
+`encode()` uses), `query` and `document` (what `encode_query()`/`encode_document()` use before the
+default; sentence-transformers would otherwise save them as "" and drop the recipe there).
+
 The check encodes a few texts of different lengths with the saved folder (loaded afresh by
-`SentenceTransformer(folder)`) and compares them with `reference(texts)`, the caller's `embed` +
-filter (+ normalize): every row must have cosine ≥ 0.99999 and relative error ≤ 1e-4.
+`SentenceTransformer(folder)`) through `encode`, `encode_query` and `encode_document`, and compares
+each with `reference(texts)`, the caller's `embed` + filter (+ normalize): every row must have
+cosine ≥ 0.99999 and relative error ≤ 1e-4.
 
 Not handled: recipes with text after `{text}` (PromptEOL, summarize, echo: use `embfilter embed` or
 the ONNX path), truncation that keeps a template's tail (sentence-transformers cuts the sequence at
@@ -52,6 +57,7 @@ from embfilter_cli.filters.artifact import FilterArtifact
 ST_INSTALL = "pip install 'embfilter[st]'"
 TEXT_SLOT = "{text}"
 PROMPT_NAME = "recipe"
+TASK_PROMPTS = ("query", "document")  # the prompt names encode_query / encode_document use
 POOLING_MODES = {"mean": "mean", "last": "lasttoken"}
 MIN_COSINE = 0.99999
 REL_BOUND = 1e-4
@@ -62,6 +68,7 @@ CHECK_TEXTS = (
     "Rain.",
     "Über naïve café owners, 3.5% richer.",
 )
+ENTRY_POINTS = ("encode", "encode_query", "encode_document")
 # Only text: never the chat-template ("message") rendering that sentence-transformers 6 infers
 # for tokenizers with a chat template.
 TEXT_ONLY = {"text": {"method": "forward", "method_output_name": "last_hidden_state"}}
@@ -185,7 +192,9 @@ def _assemble(artifact: FilterArtifact, spec: StModelSpec) -> Any:
     modules = [transformer, pooling_cls(hidden, pooling_mode=POOLING_MODES[spec.pooling]), dense]
     if spec.normalize:
         modules.append(normalize_cls())
-    prompts = {PROMPT_NAME: spec.prompt} if spec.prompt else None
+    # encode_query/encode_document pick the "query"/"document" prompts before the default one, and
+    # sentence-transformers saves both as "" when they are absent: the recipe must be all three.
+    prompts = dict.fromkeys((*TASK_PROMPTS, PROMPT_NAME), spec.prompt) if spec.prompt else None
     return sentence_transformer(
         modules=modules,
         device="cpu",
@@ -198,22 +207,30 @@ def _assemble(artifact: FilterArtifact, spec: StModelSpec) -> Any:
 def _check(folder: Path, reference: ReferenceFn, texts: list[str]) -> CheckReport:
     sentence_transformer = _st_modules()[0]
     model = sentence_transformer(str(folder), device="cpu")
-    got = np.asarray(model.encode(texts, batch_size=len(texts), convert_to_numpy=True), dtype=np.float64)
     ref = np.asarray(reference(texts), dtype=np.float64)
-    if got.shape != ref.shape:
-        raise ExportError(f"the saved model gives shape {got.shape} where embed gives {ref.shape}; nothing was written")
-    cos = np.sum(got * ref, axis=1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
-    err = max_relative_error(got, ref)
-    if not (cos.min() >= MIN_COSINE and err <= REL_BOUND):
-        raise ExportError(
-            f"the saved model's vectors differ from `embfilter embed`'s (min cosine {cos.min():.6f}, max relative "
-            f"error {err:.3g}); nothing was written"
-        )
+    worst_cos, worst_err = 1.0, 0.0
+    for entry in ENTRY_POINTS:  # a prompt must survive every way of encoding, not only encode()
+        got = np.asarray(getattr(model, entry)(texts, batch_size=len(texts), convert_to_numpy=True), dtype=np.float64)
+        if got.shape != ref.shape:
+            raise ExportError(
+                f"the saved model's {entry} gives shape {got.shape} where embed gives {ref.shape}; nothing was written"
+            )
+        cos = np.sum(got * ref, axis=1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
+        err = max_relative_error(got, ref)
+        if not (cos.min() >= MIN_COSINE and err <= REL_BOUND):
+            raise ExportError(
+                f"the saved model's {entry} vectors differ from `embfilter embed`'s (min cosine {cos.min():.6f}, max "
+                f"relative error {err:.3g}); nothing was written"
+            )
+        worst_cos, worst_err = min(worst_cos, float(cos.min())), max(worst_err, err)
     return CheckReport(
-        max_rel_error=err,
+        max_rel_error=worst_err,
         bound=REL_BOUND,
         vectors=len(texts),
-        detail={"compared": "SentenceTransformer(folder).encode vs embfilter embed", "min_cosine": float(cos.min())},
+        detail={
+            "compared": f"SentenceTransformer(folder).{'/'.join(ENTRY_POINTS)} vs embfilter embed",
+            "min_cosine": worst_cos,
+        },
     )
 
 

@@ -162,12 +162,16 @@ class FilterArtifact:
 
         float32 out, except float64 input stays float64.
         """
-        if vectors.shape[-1] != self.hidden_size:
+        self.check_input_dim(vectors.shape[-1])
+        return apply_affine(vectors, self.projection, self.mean)
+
+    def check_input_dim(self, dim: int) -> None:
+        """Raise ArtifactError unless `dim` is the filter's input dimension d."""
+        if dim != self.hidden_size:
             raise ArtifactError(
-                f"vectors have dimension {vectors.shape[-1]} but the filter expects {self.hidden_size} "
+                f"vectors have dimension {dim} but the filter expects {self.hidden_size} "
                 f"(fitted on {self.model_source or 'another model'}); use a filter fitted on the model that made them"
             )
-        return apply_affine(vectors, self.projection, self.mean)
 
     def summary(self) -> dict[str, Any]:
         """The facts a person wants about a filter, JSON-ready."""

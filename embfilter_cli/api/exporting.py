@@ -1,16 +1,28 @@
-"""`embfilter export --format sentence-transformers` as a whole model: find and check the model,
-build the `embed` reference the export is compared with, and call `export.st_model`."""
+"""Exporting a filter: the one path behind `embfilter export` and `Filter.to_onnx`/`append_to_onnx`/
+`to_sentence_transformers`.
+
+A whole sentence-transformers model needs more than the filter: `export_whole_model` finds and checks
+the model, builds the `embed` reference the export is compared with, and calls `export.st_model`.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from embfilter_cli.api.hooks import Hooks, hooks_or_default
 from embfilter_cli.errors import ModelNotFoundError
+
+if TYPE_CHECKING:
+    from embfilter_cli.export.report import ExportResult
+    from embfilter_cli.filters.artifact import FilterArtifact
+    from embfilter_cli.model.location import ModelLocation
 
 
 def prompt_for(recipe: str) -> str:
@@ -22,7 +34,7 @@ def prompt_for(recipe: str) -> str:
     return "" if rec.name == "none" else prefix_prompt(rec.template, rec.name)
 
 
-def filter_model(artifact: Any, spec: str | None, revision: str | None) -> Any:
+def filter_model(artifact: FilterArtifact, spec: str | None, revision: str | None) -> ModelLocation:
     """`--model`, else the filter's own model when it is here (a local path or the built-in GGUF)."""
     from embfilter_cli.model.locate import resolve_model
 
@@ -55,8 +67,8 @@ def _conversion_dir(no_cache: bool) -> Iterator[str | None]:
 
 
 def export_whole_model(
-    artifact: Any,
-    target: Path,
+    artifact: FilterArtifact,
+    target: str | os.PathLike[str],
     *,
     model: str | None,
     revision: str | None,
@@ -67,8 +79,8 @@ def export_whole_model(
     no_cache: bool,
     check: bool,
     force: bool,
-    info: Callable[[str], None],
-) -> Any:
+    hooks: Hooks | None = None,
+) -> ExportResult:
     """Check the filter against the model, then write and check the sentence-transformers folder."""
     import numpy as np
 
@@ -86,6 +98,7 @@ def export_whole_model(
     read_head_for_filter(location, artifact)  # refuses a filter fitted on another model
     if location.kind == "hf_folder":
         require_tokenizer(location.path)
+    info = hooks_or_default(hooks).info
     with _conversion_dir(no_cache) as cache_dir:
         options: dict[str, Any] = {"cache_dir": cache_dir, "notify": info}
         folder, _ = model_target(location, revision, require_folder=True, **options)  # ships the folder: any size
@@ -113,3 +126,95 @@ def export_whole_model(
         return export_st_model(
             artifact, spec, target, reference=reference, check=check, force=force, inputs=model_inputs
         )
+
+
+@dataclass
+class ExportOptions:
+    """How to export (`embfilter export`'s options past the format and the paths)."""
+
+    normalize: bool = False
+    check: bool = True
+    force: bool = False
+    # ONNX
+    append_to: str | os.PathLike[str] | None = None
+    host_output: str | None = None
+    filtered_name: str | None = None
+    opset: int | None = None
+    fp16: bool = False  # also npy and safetensors
+    per_token: bool = False
+    external_data: bool | None = None
+    # a whole sentence-transformers model (else the Dense folder alone)
+    whole: bool = False
+    model: str | None = None
+    revision: str | None = None
+    pooling: str = "mean"
+    recipe: str = "none"
+    max_length: int = 512
+    no_cache: bool = False
+
+
+def export_filter(
+    artifact: FilterArtifact,
+    kind: str,
+    target: str | os.PathLike[str],
+    options: ExportOptions,
+    hooks: Hooks | None = None,
+) -> ExportResult:
+    """Write `artifact` as `kind` ("onnx", "sentence-transformers", "npy" or "safetensors") to `target`, checked
+    unless `options.check` is off."""
+    o = options
+    if kind == "onnx":
+        from embfilter_cli.export import onnx_export
+        from embfilter_cli.export.onnx_graph import DEFAULT_OPSET
+
+        if o.append_to is not None:
+            return onnx_export.export_appended(
+                artifact,
+                o.append_to,
+                target,
+                output=o.host_output,
+                filtered_name=o.filtered_name,
+                normalize=o.normalize,
+                check=o.check,
+                force=o.force,
+                external_data=o.external_data,
+                log=hooks_or_default(hooks).info,
+            )
+        return onnx_export.export_standalone(
+            artifact,
+            target,
+            normalize=o.normalize,
+            opset=o.opset or DEFAULT_OPSET,
+            fp16=o.fp16,
+            per_token=o.per_token,
+            check=o.check,
+            force=o.force,
+            external_data=o.external_data,
+        )
+    from embfilter_cli.export import formats
+
+    if o.whole:
+        return export_whole_model(
+            artifact,
+            target,
+            model=o.model,
+            revision=o.revision,
+            pooling=o.pooling,
+            recipe=o.recipe,
+            max_length=o.max_length,
+            normalize=o.normalize,
+            no_cache=o.no_cache,
+            check=o.check,
+            force=o.force,
+            hooks=hooks,
+        )
+    if kind == "sentence-transformers":
+        return formats.export_sentence_transformers(artifact, target, check=o.check, force=o.force)
+    if kind == "npy":
+        return formats.export_npy(artifact, target, fp16=o.fp16, check=o.check, force=o.force)
+    if kind == "safetensors":
+        return formats.export_safetensors(artifact, target, fp16=o.fp16, check=o.check, force=o.force)
+    raise ValueError(f"unknown export kind {kind!r}")  # a bug in the caller: the CLI offers a fixed list
+
+
+__all__ = ["ExportOptions", "export_filter", "export_whole_model", "filter_model", "prompt_for"]
