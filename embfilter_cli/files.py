@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from embfilter_cli.errors import EmbfilterError, OutputExistsError
+from embfilter_cli.signals import raise_if_signalled
 
 
 class OutputWriteError(EmbfilterError):
@@ -185,6 +186,7 @@ def atomic_path(path: str | os.PathLike[str], force: bool = False) -> Iterator[P
             os.close(fd)
         writing = False
         yield tmp
+        raise_if_signalled()  # a stop signal swallowed while writing must not publish the file
         writing = True
         # mkstemp makes 0600 files, and writers that recreate the file keep that: give the output
         # the permissions a plain open() would have (0666 minus the umask) just before publishing it.

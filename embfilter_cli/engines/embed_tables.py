@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from embfilter_cli.errors import InputDataError
+from embfilter_cli.signals import raise_if_signalled
 from embfilter_cli.vectors.arrow_batches import describe_columns, fingerprint_metadata, vector_array
 
 EMBEDDING_COLUMN = "embedding"
@@ -176,6 +177,7 @@ class EmbedBatch:
         return vectors
 
     def __call__(self, batch: pa.RecordBatch | pa.Table, name: str = "batch", row_offset: int = 0) -> Any:
+        raise_if_signalled()  # between batches: stop even if a library swallowed the signal's exception
         i = self._text_index(batch.schema, name)
         texts = batch.column(i).to_pylist()
         valid = np.array([t is not None and t.strip() != "" for t in texts], dtype=bool)

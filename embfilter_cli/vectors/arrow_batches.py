@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from embfilter_cli.errors import InputDataError
+from embfilter_cli.signals import raise_if_signalled
 
 VECTOR_COLUMN_NAMES = ("embedding", "embeddings", "vector")
 ARROW_DTYPES = ("float16", "float32", "float64")
@@ -298,6 +299,7 @@ class FilterBatch:
         self, x: np.ndarray, name: str = "batch", row_offset: int = 0, valid: np.ndarray | None = None
     ) -> np.ndarray:
         """Filter an (m, d) array of vectors (checks, filter, normalisation, output dtype)."""
+        raise_if_signalled()  # between batches: stop promptly even if a library swallowed the signal's exception
         if x.dtype != np.float64:
             x = x.astype(np.float32, copy=False)  # float16 is computed in float32, as everywhere else
         ok = finite_rows(x)
