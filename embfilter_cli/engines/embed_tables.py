@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from embfilter_cli.errors import InputDataError
+from embfilter_cli.filters.finite import unit_rows
 from embfilter_cli.signals import raise_if_signalled
 from embfilter_cli.vectors.arrow_batches import describe_columns, fingerprint_metadata, vector_array
 
@@ -171,9 +172,7 @@ class EmbedBatch:
             vectors = self.artifact.apply(vectors)
         vectors = np.asarray(vectors, dtype=np.float32)
         if self.normalize:
-            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-            norms[norms == 0] = 1.0
-            vectors = (vectors / norms).astype(np.float32)
+            vectors = unit_rows(vectors)
         return vectors
 
     def __call__(self, batch: pa.RecordBatch | pa.Table, name: str = "batch", row_offset: int = 0) -> Any:

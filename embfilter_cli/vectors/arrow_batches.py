@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from embfilter_cli.errors import InputDataError
+from embfilter_cli.filters.finite import project_rows, unit_rows
 from embfilter_cli.signals import raise_if_signalled
 
 VECTOR_COLUMN_NAMES = ("embedding", "embeddings", "vector")
@@ -313,21 +314,20 @@ class FilterBatch:
                     "--allow-nonfinite to let such rows through (their results are NaN/Inf)"
                 )
             self.nonfinite_rows += int((~ok).sum())
-        y = self.artifact.apply(x)
+        art = self.artifact
+        y = project_rows(x, art.projection, art.mean, ok)  # float64 where float32 would overflow
         if self.normalize:
-            norms = np.sqrt(np.einsum("ij,ij->i", y, y))
-            norms[norms == 0] = 1  # an all-zero result has no direction; keep it zero rather than NaN
-            y = y / norms[:, None]
-        if self.dtype == "float16":
-            with np.errstate(over="ignore"):
-                y16 = y.astype(np.float16)
-            over = ~np.isfinite(y16).all(axis=1) & ok
-            if over.any():
-                bad = int(np.flatnonzero(over)[0])
-                row = int(np.flatnonzero(valid)[bad]) if valid is not None else bad
-                raise InputDataError(
-                    f"{name} row {row_offset + row}: a filtered value exceeds float16's range (±65504); "
-                    "pass --dtype float32 or --normalize"
-                )
-            return y16
-        return y.astype(self.dtype, copy=False)
+            y = unit_rows(y)
+        with np.errstate(over="ignore"):
+            out = y.astype(self.dtype, copy=False)
+        over = ~finite_rows(out) & ok  # a finite input must give a finite output, never Inf/NaN with exit 0
+        if over.any():
+            bad = int(np.flatnonzero(over)[0])
+            row = int(np.flatnonzero(valid)[bad]) if valid is not None else bad
+            hint = (
+                "float16's range (±65504); pass --dtype float32 or --normalize"
+                if self.dtype == "float16"
+                else f"{self.dtype}'s range; pass --normalize or --dtype float64, or scale the input"
+            )
+            raise InputDataError(f"{name} row {row_offset + row}: a filtered value exceeds {hint}")
+        return out
