@@ -114,6 +114,16 @@ class EmbfilterGroup(click.Group):
                 raise
             click.echo(INTERRUPTED_MESSAGE, err=True)
             raise click.exceptions.Exit(getattr(exc, "status", 130)) from None
+        except UnicodeEncodeError as exc:
+            # A file name that is not UTF-8 (Linux allows any bytes) reaches a library that needs
+            # text, such as pyarrow's file system layer: one line naming it, for every command.
+            text = exc.object if isinstance(exc.object, str) else ""
+            if os.environ.get("EMBFILTER_DEBUG") or not any("\udc80" <= c <= "\udcff" for c in text):
+                raise
+            shown = os.fsencode(text).decode("utf-8", "backslashreplace")
+            raise click.ClickException(
+                _one_line(f"the name {shown} is not valid UTF-8; rename the file (or folder) to a UTF-8 name")
+            ) from None
         except OSError as exc:
             # Left uncaught by the core, these come from writing data to stdout: a closed pipe
             # (`| head`), a closed descriptor (`>&-`) or a full device (`> /dev/full`).

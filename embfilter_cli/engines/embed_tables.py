@@ -20,7 +20,12 @@ import pyarrow as pa
 from embfilter_cli.errors import InputDataError
 from embfilter_cli.filters.finite import unit_rows
 from embfilter_cli.signals import raise_if_signalled
-from embfilter_cli.vectors.arrow_batches import describe_columns, fingerprint_metadata, vector_array
+from embfilter_cli.vectors.arrow_batches import (
+    describe_columns,
+    fingerprint_metadata,
+    require_unique_column,
+    vector_array,
+)
 
 EMBEDDING_COLUMN = "embedding"
 
@@ -151,6 +156,7 @@ class EmbedBatch:
                 f"{name} has no column {self.text_column!r} (its columns: {describe_columns(schema)}); "
                 "pass --text-column NAME"
             )
+        require_unique_column(schema, self.text_column, name)
         kind = schema.field(self.text_column).type
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
             raise InputDataError(

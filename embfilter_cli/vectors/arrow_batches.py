@@ -55,6 +55,16 @@ def _type_words(kind: pa.DataType) -> str:
     return str(kind)
 
 
+def require_unique_column(schema: pa.Schema, column: str, name: str) -> None:
+    """Refuse a column name that several columns share: pyarrow cannot pick one (`schema.field` raises)."""
+    count = len(schema.get_all_field_indices(column))
+    if count > 1:
+        raise InputDataError(
+            f"{name} has {count} columns named {column!r} (its columns: {describe_columns(schema)}); "
+            "rename them so the column is unique"
+        )
+
+
 def find_vector_column(schema: pa.Schema, column: str | None, name: str) -> str:
     """The name of the vector column of `schema` (see the module docstring for the rule).
 
@@ -82,6 +92,7 @@ def find_vector_column(schema: pa.Schema, column: str | None, name: str) -> str:
                     f"(its columns: {describe_columns(schema)}); pass --column NAME"
                 )
             chosen = candidates[0]
+    require_unique_column(schema, chosen, name)
     kind = schema.field(chosen).type
     if not is_vector_type(kind):
         raise InputDataError(

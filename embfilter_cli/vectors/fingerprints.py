@@ -13,14 +13,12 @@ Not handled: .npy and JSONL outputs carry no metadata, so they cannot be verifie
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from embfilter_cli.errors import InputDataError
-from embfilter_cli.jsonable import loads as json_loads
 
 if TYPE_CHECKING:
     from embfilter_cli.filters.artifact import FilterArtifact
@@ -53,20 +51,15 @@ def read_fingerprint(path: str | os.PathLike[str]) -> tuple[int, dict[str, str]]
 
 
 def _safetensors_fingerprint(path: Path) -> tuple[int, dict[str, str]]:
+    # The shared header parser: a header of the wrong JSON types (a list as __metadata__, a
+    # non-numeric shape) is one InputDataError, as when the file is read as input.
+    from embfilter_cli.vectors.safetensors_format import read_safetensors_header
+
     with open(path, "rb") as fp:
-        head = fp.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else 0
-        raw = fp.read(n) if 0 < n <= 100 << 20 else b""
-    try:
-        header = json_loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        header = None
-    if not isinstance(header, dict):
-        raise InputDataError(f"{path} is not a readable safetensors file; recreate it")
-    meta = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
-    shapes = [v.get("shape", [0]) for v in header.values() if isinstance(v, dict)]
+        header = read_safetensors_header(fp, str(path))
+    shapes = [e.shape for e in header.entries]
     rows = int(shapes[0][0]) if len(shapes) == 1 and shapes[0] else -1
-    return rows, meta
+    return rows, dict(header.metadata or {})
 
 
 def vector_files(path: str | os.PathLike[str]) -> list[Path]:
