@@ -193,3 +193,73 @@ class EmbedBatch:
         if EMBEDDING_COLUMN in batch.schema.names:
             return batch.set_column(batch.schema.get_field_index(EMBEDDING_COLUMN), field, column)
         return batch.append_column(field, column)
+
+
+def records_table(records: list[dict[str, Any]], name: str) -> pa.Table:
+    """JSONL records as an Arrow table for a Parquet output (their fields as columns, minus `embedding`).
+
+    JSON allows what a Parquet column does not: one field of several types across records, integers
+    beyond 64 bits, empty objects. Each is one InputDataError naming the field and the record (1-based),
+    instead of pyarrow's exception at conversion or at write time.
+    """
+    rows = [{k: v for k, v in r.items() if k != EMBEDDING_COLUMN} for r in records]
+    try:
+        table = pa.Table.from_pylist(rows)
+    except (pa.ArrowException, OverflowError, TypeError, ValueError) as exc:
+        raise InputDataError(_field_problem(rows, name) or f"{name}: the records cannot form a table ({exc})") from None
+    for field in table.schema:
+        if _holds_empty_struct(field.type):
+            raise InputDataError(
+                f"{name}: field {field.name!r} holds empty objects ({{}}), which Parquet cannot store; "
+                "give them a key, drop the field, or write .jsonl"
+            )
+    return table
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    kinds: dict[type, str] = {str: "a string", list: "a list", dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _field_problem(rows: list[dict[str, Any]], name: str) -> str | None:
+    """The first field pyarrow cannot make one column of, and why (None if none is found)."""
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    for key in fields:
+        values = [row.get(key) for row in rows]
+        try:
+            pa.array(values)
+            continue
+        except (pa.ArrowException, OverflowError, TypeError, ValueError):
+            pass
+        for i, value in enumerate(values):
+            if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
+                return (
+                    f"{name} record {i + 1}: field {key!r} holds the integer {str(value)[:40]}, beyond 64 bits, "
+                    "which Parquet cannot store; write it as a string, or write .jsonl"
+                )
+        kinds: dict[str, int] = {}
+        for i, value in enumerate(values):
+            if value is not None:
+                kinds.setdefault(_json_kind(value), i)
+        if len(kinds) > 1:
+            (first, i), (second, j) = list(kinds.items())[:2]
+            return (
+                f"{name}: field {key!r} is {first} in record {i + 1} but {second} in record {j + 1}; a Parquet "
+                "column holds one type: make the field's values one type, or write .jsonl"
+            )
+        return f"{name}: field {key!r} cannot be stored as a Parquet column (its values are nested inconsistently)"
+    return None
+
+
+def _holds_empty_struct(kind: pa.DataType) -> bool:
+    if pa.types.is_struct(kind):
+        return kind.num_fields == 0 or any(_holds_empty_struct(kind.field(i).type) for i in range(kind.num_fields))
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return _holds_empty_struct(kind.value_type)
+    return False
