@@ -45,7 +45,10 @@ def test_two_vector_columns_with_one_name(runner, make_filter, tmp_path):
 def test_a_duplicated_passthrough_column_is_kept(runner, make_filter, tmp_path):
     filt = make_filter()
     src = tmp_path / "dup.parquet"
-    pq.write_table(pa.Table.from_arrays([pa.array([1, 2, 3, 4]), _vectors(), pa.array(list("abcd"))], ["id", "embedding", "id"]), src)
+    pq.write_table(
+        pa.Table.from_arrays([pa.array([1, 2, 3, 4]), _vectors(), pa.array(list("abcd"))], ["id", "embedding", "id"]),
+        src,
+    )
     result = runner.invoke(app, ["apply", str(filt), str(src), "-o", str(tmp_path / "out.parquet"), "-q"])
     assert result.exit_code == 0, result.stderr
     assert pq.read_schema(tmp_path / "out.parquet").names == ["id", "embedding", "id"]
@@ -83,7 +86,10 @@ def test_a_file_name_that_is_not_utf8(make_filter, tmp_path):
 @pytest.mark.parametrize(
     ("records", "words"),
     [
-        ([{"text": "a", "n": 1}, {"text": "b", "n": "one"}], "field 'n' is a number in record 1 but a string in record 2"),
+        (
+            [{"text": "a", "n": 1}, {"text": "b", "n": "one"}],
+            "field 'n' is a number in record 1 but a string in record 2",
+        ),
         ([{"text": "a", "n": 2**70}], "record 1: field 'n' holds the integer 1180591620717411303424, beyond 64 bits"),
         ([{"text": "a", "meta": {}}, {"text": "b", "meta": {}}], "field 'meta' holds empty objects"),
         ([{"text": "a", "tags": [{}]}], "field 'tags' holds empty objects"),
@@ -133,7 +139,7 @@ def test_verify_a_filter_whose_certificate_is_not_a_json_object(runner, make_fil
 
     filt = make_filter()
     with safe_open(str(filt), "np") as fh:
-        meta, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - not a dict
+        meta, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
     edited = tmp_path / "edited.safetensors"
     save_file(tensors, str(edited), metadata={**meta, "certificate": certificate})
     result = runner.invoke(app, ["verify", str(edited), *json_flag])
