@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from embfilter_cli.errors import EmbfilterError, OutputExistsError
@@ -96,6 +96,60 @@ def check_folder_writable(folder: Path, out: Path) -> None:
     else:
         return
     raise OutputWriteError(f"could not write {out}: {reason}; choose another -o path", reason)
+
+
+def check_folder_output(
+    out: Path,
+    force: bool,
+    *,
+    what: str,
+    marker: str,
+    ours: Callable[[Path], bool],
+    inputs: Sequence[str | os.PathLike[str]] = (),
+) -> None:
+    """Refuse a folder output that may not be written or replaced, before any work.
+
+    The replace-only-our-own rule: a non-empty folder is replaced (with `force`) only when `ours`
+    recognises it as an earlier output of the same kind (by `marker`, e.g. its `embfilter.json`),
+    and never when it holds one of the job's `inputs` (the filter, the model folder). The current
+    folder (or one above it) is never a folder output: it cannot be renamed away.
+
+    Args:
+        out: the folder to write.
+        force: --force.
+        what: words for the output in messages ("a sentence-transformers model").
+        marker: what `ours` looks for, for the message ("embfilter.json").
+        ours: whether an existing folder is an earlier output of this kind.
+        inputs: paths the job reads; a folder holding any of them is never replaced.
+    """
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out} is a file; {what} is a folder, give a folder path with -o")
+    real = Path(os.path.realpath(out))
+    if real == Path.cwd().resolve() or real in Path.cwd().resolve().parents:
+        raise OutputExistsError(
+            f"-o {out} is the current folder (or holds it); {what} is written as a folder of its own: name a new one"
+        )
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise OutputExistsError(
+                f"{out} already exists and is not empty; pass --force to replace an earlier export there, or choose "
+                "another -o folder"
+            )
+        for item in inputs:
+            item_real = Path(os.path.realpath(item))
+            if item_real == real or real in item_real.parents:
+                raise OutputExistsError(
+                    f"-o {out} holds {item}, which this export reads; --force never deletes inputs: choose another -o "
+                    "folder"
+                )
+        if not ours(out):
+            raise OutputExistsError(
+                f"{out} is not an earlier export of {what} (it has no {marker}); --force replaces only what an "
+                "earlier export made: remove it yourself or choose another -o folder"
+            )
+    check_folder_writable(out.parent, out)  # built beside its final place
+    if out.is_dir():  # --force into an existing folder replaces files inside it
+        check_folder_writable(out, out)
 
 
 def make_parents(folder: Path) -> list[Path]:

@@ -17,6 +17,30 @@ from click.testing import CliRunner
 
 from tests.tiny_models import make_llama
 
+# Tests whose results are floats computed by BLAS or torch kernels (spectra, projections, scores,
+# goldens). CI runs them a second time with OMP_NUM_THREADS=1: one thread takes other BLAS code
+# paths and summation orders, as another CPU would, so a test that leans on last bits fails there.
+FLOAT_SENSITIVE_MODULES = {
+    "test_band",
+    "test_band_auto",
+    "test_centering",
+    "test_directions",
+    "test_eval",
+    "test_fitting",
+    "test_goldens",
+    "test_mteb_encoder",
+    "test_postprocess",
+    "test_spectral",
+    "test_transcript",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and module.__name__.rpartition(".")[2] in FLOAT_SENSITIVE_MODULES:
+            item.add_marker(pytest.mark.float_sensitive)
+
 
 @pytest.fixture
 def runner() -> CliRunner:

@@ -221,7 +221,8 @@ def test_cli_background_rows_json_and_cache(runner, tiny_llama, tsv, background_
     names = [r["name"] for r in doc["results"] if r["kind"] == "baseline"]
     assert names == ["centering", "all-but-the-top D=1", "all-but-the-top D=2", "whitening to 4", "PCA to 4"]
     assert sum(r["best"] for r in doc["results"]) == 1
-    assert "PCA to 30 skipped" in first.stderr  # 8 texts cannot give the auto band's 30 dims
+    auto_dims = next(r["output_dim"] for r in doc["results"] if r["kind"] == "auto")
+    assert f"PCA to {auto_dims} skipped" in first.stderr  # 8 texts cannot give the auto band's dims
     # Second run: both the data and the background come from the cache; the model is never loaded.
     import embfilter_cli.text.embedding as embedding
 

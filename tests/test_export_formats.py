@@ -179,18 +179,25 @@ def test_sentence_transformers_existing_folder(runner, art, tmp_path):
     out.mkdir()
     (out / "README.md").write_text("mine")
     (out / "config.json").write_text("{}")
-    result = runner.invoke(
-        app, ["export", str(art), "--format", "sentence-transformers", "--dense-only", "-o", str(out)]
-    )
+    dense = ["export", str(art), "--format", "sentence-transformers", "--dense-only", "-o", str(out)]
+    result = runner.invoke(app, dense)
     assert result.exit_code == 1 and result.stdout == ""
-    assert (
-        result.stderr
-        == f"Error: {out} already exists and is not empty; pass --force to overwrite its files or choose another -o folder\n"
+    assert result.stderr == (
+        f"Error: {out} already exists and is not empty; pass --force to replace an earlier export there, or choose "
+        "another -o folder\n"
     )
     assert (out / "config.json").read_text() == "{}" and listing(tmp_path) == ["d", "f.safetensors"]
-    result = runner.invoke(
-        app, ["export", str(art), "--format", "sentence-transformers", "--dense-only", "-o", str(out), "--force"]
-    )
+    # --force replaces only what an earlier export made: this folder is someone else's
+    result = runner.invoke(app, [*dense, "--force"])
+    assert result.exit_code == 1 and "is not an earlier export of a sentence-transformers Dense module" in result.stderr
+    assert (out / "config.json").read_text() == "{}" and listing(out) == ["README.md", "config.json"]
+    # an earlier export of ours is replaced in place: our two files, the rest left alone
+    (out / "config.json").unlink()
+    assert runner.invoke(app, dense).exit_code == 1  # still not empty (README.md)
+    (out / "README.md").rename(tmp_path / "README.md")
+    assert runner.invoke(app, dense).exit_code == 0
+    (tmp_path / "README.md").rename(out / "README.md")
+    result = runner.invoke(app, [*dense, "--force"])
     assert result.exit_code == 0, result.stderr
     assert listing(out) == ["README.md", "config.json", "model.safetensors"]  # other files left alone
     assert json.loads((out / "config.json").read_text())["out_features"] == K
@@ -208,7 +215,7 @@ def test_sentence_transformers_existing_folder(runner, art, tmp_path):
     result = runner.invoke(
         app, ["export", str(art), "--format", "sentence-transformers", "--dense-only", "-o", str(art)]
     )
-    assert result.exit_code == 1 and "is a file; --format sentence-transformers writes a folder" in result.stderr
+    assert result.exit_code == 1 and "is a file; a sentence-transformers Dense module is a folder" in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------

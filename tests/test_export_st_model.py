@@ -186,14 +186,20 @@ def test_an_existing_non_empty_folder_is_kept_without_force(runner, fitted, tmp_
     (out / "keep.txt").write_text("mine")
     result = _export(runner, fitted, out)
     assert result.exit_code == 1 and result.stdout == ""
-    assert (
-        result.stderr
-        == f"Error: {out} already exists and is not empty; pass --force to overwrite its files or choose another -o folder\n"
+    assert result.stderr == (
+        f"Error: {out} already exists and is not empty; pass --force to replace an earlier export there, or choose "
+        "another -o folder\n"
     )
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    forced = _export(runner, fitted, out, "--force")
+    forced = _export(runner, fitted, out, "--force")  # not an earlier export: --force does not delete it
+    assert forced.exit_code == 1 and "is not an earlier export of a sentence-transformers model" in forced.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    assert _export(runner, fitted, out).exit_code == 0
+    (out / "extra.txt").write_text("x")
+    forced = _export(runner, fitted, out, "--force")  # an earlier export is replaced as a whole
     assert forced.exit_code == 0, forced.stderr
-    assert not (out / "keep.txt").exists() and (out / "modules.json").is_file()  # replaced as a whole
+    assert not (out / "extra.txt").exists() and (out / "modules.json").is_file()
 
 
 def test_a_filter_from_another_model_is_refused(runner, fitted, tiny_llama_b, tmp_path):

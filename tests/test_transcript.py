@@ -10,15 +10,20 @@ Regenerate the goldens (after checking that a difference is intended) with:
 
     EMBFILTER_UPDATE_TRANSCRIPTS=1 python -m pytest tests/test_transcript.py -q
 
-The normaliser (`normalise`, `digest_file`) hides only what differs between runs of the same
-code on the same machine:
+The goldens hold on any x86-64 machine (another CPU, BLAS kernel or thread count moves floats
+last bits): `tests/goldens.py` compares words, integers, names, shapes, dtypes and metadata keys
+exactly and every float within a stated tolerance, and no file is described by a digest of float
+bytes. The normaliser (`normalise`, `describe_file`) hides what differs between runs and machines:
 - the working folder's absolute path (its length is fixed, so rich's table layout does not move)
   becomes `<W>`;
 - timings: `*seconds` / `*per_second` JSON fields, `in 0.25s`, `in 0.00 s`, `N texts/s`, `N rows/s`;
 - UTC timestamps (`2026-01-01T00:00:00Z`), eval's `cache_key` (a hash of the model's path);
-- `created_utc` and `tool_version` in artifact metadata, and the producer version of ONNX files.
-Float tensors are hashed bit-exactly: they are reproducible on one machine with the pinned torch,
-numpy and scipy. A different BLAS or CPU may move their last bits; regenerate there after checking.
+- `created_utc` and `tool_version` in artifact metadata, and the producer version of ONNX files;
+- the SHA-256 of computed floats (`projection_sha256`, `mean_sha256`) wherever it is printed;
+- floats longer than 6 significant digits are rounded to 6.
+A written file is described, not hashed: safetensors and ONNX by tensor names, dtypes, shapes,
+L1/L2/max of float tensors, and their metadata; `.npy` the same; text files by a hash of their
+words with the floats taken out, plus statistics of those floats. Integer tensors are summed exactly.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import re
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +44,7 @@ import pytest
 
 from embfilter_cli import __version__
 from embfilter_cli.cli import app
+from tests.goldens import FLOAT, describe_array, round_floats, text_mismatch
 
 GOLDEN_DIR = Path(__file__).parent / "transcripts"
 UPDATE = os.environ.get("EMBFILTER_UPDATE_TRANSCRIPTS") == "1"
@@ -217,78 +223,113 @@ CASES: list[Case] = [
 
 # ---------------------------------------------------------------------------- normaliser
 
+# Artifact metadata that hashes computed floats (the projection, the mean): their last bits, and so
+# their digests, move with the CPU and thread count. Collected from the run's artifacts, then masked.
+FLOAT_DIGEST_KEY = re.compile(r"(?:projection|mean)\w*_sha256$")  # projection_sha256, projection_fp16_sha256, …
 
-def normalise(text: str, workdir: Path) -> str:
-    """Hide what is not reproducible between runs: the working folder, timings, the tool version."""
+
+def float_digests(workdir: Path) -> set[str]:
+    """The float-derived digests that the artifacts in `workdir` store."""
+    found = set()
+    for path in workdir.rglob("*.safetensors"):
+        try:
+            data = path.read_bytes()
+            n = struct.unpack("<Q", data[:8])[0]
+            meta = json.loads(data[8 : 8 + n]).get("__metadata__", {})
+        except (ValueError, struct.error, UnicodeDecodeError):
+            continue
+        found.update(v for k, v in meta.items() if FLOAT_DIGEST_KEY.search(k) and isinstance(v, str) and len(v) == 64)
+    return found
+
+
+def normalise(text: str, workdir: Path, digests: Collection[str] = ()) -> str:
+    """Hide what is not reproducible between runs and machines: paths, timings, versions, float digests."""
     text = text.replace(str(workdir), "<W>")
+    for digest in digests:  # full, and the 16-character prefixes that tables and messages show
+        text = text.replace(digest, "<float-sha256>").replace(digest[:16], "<float-sha256>")
     text = re.sub(r"\b[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z", "<TIME>", text)
     # eval's cache key hashes the model's absolute path (and its mtimes), so it differs per run.
     text = re.sub(r'("cache_key": ")[0-9a-f]{64}"', r'\1<KEY>"', text)
     text = re.sub(r'("[a-z_]*(?:seconds|per_second)": )[0-9.e+-]+', r"\1<T>", text)
     text = re.sub(r"\bin [0-9]+(?:\.[0-9]+)? ?s\b", lambda m: "in <T> s" if " s" in m.group() else "in <T>s", text)
     text = re.sub(r"[0-9][0-9,]*(?:\.[0-9]+)? (texts|rows)/s", r"<T> \1/s", text)
-    return text
+    return round_floats(text)
 
 
-def _safetensors_digest(data: bytes, workdir: Path) -> str:
-    n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8 : 8 + n])
-    body = data[8 + n :]
-    meta = header.pop("__metadata__", {})
+def _metadata_lines(meta: dict[str, str], workdir: Path, digests: set[str]) -> list[str]:
     for key in ("created_utc", "tool_version"):
         if key in meta:
             meta[key] = f"<{key}>"
-    meta = {k: normalise(v, workdir) for k, v in meta.items()}
-    parts = [json.dumps(meta, sort_keys=True)]
-    names = []
-    for name in sorted(header):
-        info = header[name]
-        start, end = info["data_offsets"]
-        names.append(f"{name}:{info['dtype']}{info['shape']}")
-        parts.append(f"{name} {info['dtype']} {info['shape']} {hashlib.sha256(body[start:end]).hexdigest()}")
-    return f"safetensors [{' '.join(names)}] " + _sha("\n".join(parts).encode())
+    return [f"    {k}: {normalise(str(v), workdir, digests)}" for k, v in sorted(meta.items())]
 
 
-def _onnx_digest(path: Path, workdir: Path) -> str:
+def _safetensors_description(path: Path, workdir: Path, digests: set[str]) -> str:
+    from safetensors.numpy import load_file
+
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    meta = json.loads(data[8 : 8 + n]).get("__metadata__", {})
+    tensors = load_file(str(path))
+    lines = [f"safetensors {len(tensors)} tensors"]
+    lines += [f"    {name}: {describe_array(tensors[name])}" for name in sorted(tensors)]
+    return "\n".join(lines + _metadata_lines(meta, workdir, digests))
+
+
+def _onnx_description(path: Path, workdir: Path, digests: set[str]) -> str:
+    """Opset, ops, inputs/outputs, initializers (described, not hashed), metadata, and a hash of the rest."""
     import onnx
+    from onnx import numpy_helper
 
-    model = onnx.load(str(path), load_external_data=False)
-    if model.producer_version == __version__:
-        model.producer_version = "<version>"
-    for prop in model.metadata_props:
-        prop.value = normalise(prop.value, workdir)
-    ops = ",".join(node.op_type for node in model.graph.node)
-    return f"onnx opset={model.opset_import[0].version} ops=[{ops}] " + _sha(
-        normalise(model.SerializeToString().decode("latin-1"), workdir).encode("latin-1")
-    )
+    skeleton = onnx.load(str(path), load_external_data=False)
+    arrays = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    if skeleton.producer_version == __version__:
+        skeleton.producer_version = "<version>"
+    meta = {p.key: p.value for p in skeleton.metadata_props}
+    del skeleton.metadata_props[:]
+    for tensor in skeleton.graph.initializer:  # the values are described below; their bytes are not pinned
+        tensor.ClearField("raw_data")
+        for field_name in ("float_data", "double_data", "int32_data", "int64_data"):
+            tensor.ClearField(field_name)
+    ops = ",".join(node.op_type for node in skeleton.graph.node)
+    io = " ".join(f"{v.name}" for v in [*skeleton.graph.input, *skeleton.graph.output])
+    lines = [
+        f"onnx opset={skeleton.opset_import[0].version} ops=[{ops}] io=[{io}] rest "
+        + _sha(skeleton.SerializeToString().replace(str(workdir).encode(), b"<W>"))
+    ]
+    lines += [f"    {name}: {describe_array(arrays[name])}" for name in sorted(arrays)]
+    return "\n".join(lines + _metadata_lines(meta, workdir, digests))
 
 
 def _sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()[:20]
 
 
-def digest_file(path: Path, workdir: Path) -> str:
-    """A short, normalised description of one written file."""
+def describe_file(path: Path, workdir: Path, digests: set[str]) -> str:
+    """A normalised description of one written file: exact structure, floats as rounded statistics."""
     if path.suffix == ".safetensors" and not path.name.startswith("junk"):
-        return _safetensors_digest(path.read_bytes(), workdir)
+        return _safetensors_description(path, workdir, digests)
     if path.suffix == ".onnx":
-        return _onnx_digest(path, workdir)
-    data = path.read_bytes()
+        return _onnx_description(path, workdir, digests)
     if path.suffix == ".npy":
-        arr = np.load(path)
-        return f"npy {arr.dtype}{list(arr.shape)} " + _sha(data)
+        return "npy " + describe_array(np.load(path))
+    data = path.read_bytes()
     if path.suffix in {".json", ".jsonl", ".txt", ".tsv"}:
-        data = normalise(data.decode(), workdir).encode()
+        text = normalise(data.decode(), workdir, digests)
+        floats = np.array([float(f) for f in FLOAT.findall(text)])
+        summary = f" floats={describe_array(floats)}" if floats.size else ""
+        return f"text {len(text.splitlines())} lines, words " + _sha(FLOAT.sub("<f>", text).encode()) + summary
+    if path.name.endswith(".onnx.data"):  # external initializers: described with their graph
+        return f"onnx external data, {len(data)} bytes"
     return _sha(data)
 
 
-def snapshot(workdir: Path) -> dict[str, str]:
-    """relative path -> digest for every output file in the working folder."""
+def snapshot(workdir: Path, digests: set[str]) -> dict[str, str]:
+    """relative path -> description for every output file in the working folder."""
     out = {}
     for path in sorted(workdir.rglob("*")):
         rel = path.relative_to(workdir)
         if path.is_file() and rel.parts[0] not in NOT_OUTPUTS:
-            out[rel.as_posix()] = digest_file(path, workdir)
+            out[rel.as_posix()] = describe_file(path, workdir, digests)
     return out
 
 
@@ -356,17 +397,19 @@ def transcripts(tiny_llama) -> Iterator[dict[str, str]]:
     runner = CliRunner()
     out: dict[str, str] = {}
     try:
-        before = snapshot(workdir)
+        digests: set[str] = set()
+        before = snapshot(workdir, digests)
         for case in CASES:
             with mp.context() as m:
                 for k, v in case.env.items():
                     m.setenv(k, v)
                 result = runner.invoke(app, case.argv, input=case.stdin, prog_name="embfilter")
-            after = snapshot(workdir)
+            digests |= float_digests(workdir)
+            after = snapshot(workdir, digests)
             changes = [f"+ {p}  {d}" for p, d in after.items() if before.get(p) != d and p not in before]
             changes += [f"~ {p}  {d}" for p, d in after.items() if p in before and before[p] != d]
             changes += [f"- {p}" for p in before if p not in after]
-            out[case.name] = normalise(_render(case, result, changes), workdir)
+            out[case.name] = normalise(_render(case, result, changes), workdir, digests)
             before = after
         yield out
     finally:
@@ -400,4 +443,5 @@ def test_transcript(transcripts, index):
         golden.write_text(actual)
         return
     assert golden.exists(), f"no golden {golden.name}; run with EMBFILTER_UPDATE_TRANSCRIPTS=1"
-    assert actual == golden.read_text()
+    mismatch = text_mismatch(actual, golden.read_text())
+    assert mismatch is None, f"{golden.name}: {mismatch}"

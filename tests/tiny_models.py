@@ -45,6 +45,23 @@ def _count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def seed_weights(model: torch.nn.Module, seed: int, std: float = 0.02) -> None:
+    """Every matrix parameter drawn from numpy's seeded N(0, std²); vectors (norms, biases) kept.
+
+    torch's own initialisers run CPU-specific vectorised kernels, so the "same" seeded tiny model
+    has other weights (another W_U sha256) on a CPU that takes another code path. numpy's PCG64
+    stream is the same everywhere, so every fixture, golden and digest of W_U holds on any machine.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+            if param.dim() >= 2:
+                values = rng.standard_normal(tuple(param.shape)) * std
+                param.copy_(torch.from_numpy(values.astype(np.float32)).to(param.dtype))
+
+
 def make_llama(
     path: Path,
     *,
@@ -81,7 +98,9 @@ def make_llama(
         eos_token_id=2,
         pad_token_id=3,
     )
-    model = LlamaForCausalLM(config).to(dtype)
+    model = LlamaForCausalLM(config)
+    seed_weights(model, seed, config.initializer_range)
+    model = model.to(dtype)
     n = _count(model)
     assert n <= max_params, f"tiny Llama has {n} parameters, more than the promised {max_params}"
     kwargs = {"max_shard_size": shard_size} if shard_size else {}
@@ -108,6 +127,7 @@ def make_gpt2(
         eos_token_id=2,
     )
     model = GPT2LMHeadModel(config)
+    seed_weights(model, seed, config.initializer_range)
     n = _count(model)
     assert n <= max_params, f"tiny GPT-2 has {n} parameters, more than the promised {max_params}"
     model.save_pretrained(path)

@@ -55,16 +55,17 @@ def run_table_embed(
         if engine != "local" or resume:
             raise UsageError("--engine ray and --resume need Parquet input files")
         return _texts_to_parquet(input_path, input_format, output, force, fn)
-    from embfilter_cli.vectors.shards import check_folders_writable, expand_inputs, plan_units
-    from embfilter_cli.vectors.tables import apply_tables, count_parts
+    from embfilter_cli.console import warn
+    from embfilter_cli.vectors.plan import plan_job
+    from embfilter_cli.vectors.shards import check_folders_writable
+    from embfilter_cli.vectors.tables import apply_tables
 
-    files, root = expand_inputs(input_path)
-    out = Path(output)
-    if root is None and (out.is_dir() or output.endswith(("/", "\\"))):
-        out = out / files[0].name
-    if root is None and out.suffix.lower() not in TABLE_SUFFIXES:
+    plan = plan_job(input_path, output, out_format="parquet")
+    units = plan.units
+    if not units[0].in_folder and units[0].output.suffix.lower() not in TABLE_SUFFIXES:
         raise UsageError(f"{output}: a Parquet input gives a Parquet output; name a .parquet file or a folder")
-    units = plan_units(files, root, out, "parquet", None, count_parts)
+    if plan.skipped:
+        warn(f"skipped {len(plan.skipped)} input path(s): {'; '.join(plan.skipped)}")
     check_folders_writable(units)  # a read-only destination fails before the model is even resolved
     fn.location  # noqa: B018 - resolve the model (and check the filter) before any file is opened
     fn.artifact  # noqa: B018
@@ -88,6 +89,7 @@ def run_table_embed(
         "rows": stats.rows,
         "files": stats.files,
         "skipped": stats.skipped,
+        "redone": stats.redone,
         "outputs": stats.outputs,
         "empty_texts": stats.null_rows,
         "seconds": stats.seconds,
@@ -122,11 +124,14 @@ def embed_tables_command(options: dict[str, Any]) -> None:
             "dtype": options["dtype"],
             "revision": options["revision"],
             "use_cache": not options["no_cache"],
+            "output_column": options["output_column"],
         },
     )
     if summary["empty_texts"]:
         warn(f"{summary['empty_texts']} empty or null text(s) kept as rows with a null embedding")
     skipped = f", {len(summary['skipped'])} skipped as already complete" if summary["skipped"] else ""
+    if summary.get("redone"):
+        skipped += f", {len(summary['redone'])} redone (made with other options or inputs)"
     info(
         f"Embedded {summary['rows']:,} rows in {summary['seconds']:.1f}s → {options['output']} "
         f"({summary['files']} file{'s' if summary['files'] != 1 else ''} written{skipped})"
@@ -152,7 +157,8 @@ def _texts_to_parquet(input_path: str, input_format: str, output: str, force: bo
         warn(describe_skipped(texts_in.skipped))
     started = time.perf_counter()
     records = texts_in.records if texts_in.records is not None else [{"text": t} for t in texts_in.texts]
-    table = records_table(records, str(input_path))  # one Error: line for what Parquet cannot hold
+    # One Error: line for what Parquet cannot hold; a field named like the output column is refused (EmbedBatch).
+    table = records_table(records, str(input_path))
     if fn.text_column not in table.column_names:  # JSONL records hold their text in `text`
         fn.text_column = "text"
     out = fn(table, name=str(input_path))

@@ -128,15 +128,19 @@ def resolve_paths(
     target = Path(out) if out else _default_out(kind, path, append_to, fp16, whole)
     if out is None:
         info(f"Writing {target}")
-    _refuse_existing(kind, target, force)  # before loading anything
+    _refuse_existing(kind, target, force, path, whole)  # before loading anything
     return path, target
 
 
-def _refuse_existing(kind: str, target: Path, force: bool) -> None:
-    if kind == "sentence-transformers":
+def _refuse_existing(kind: str, target: Path, force: bool, filter_path: Path, whole: bool) -> None:
+    if kind == "sentence-transformers" and whole:
+        from embfilter_cli.export.st_model import _check_out
+
+        _check_out(target, force, [filter_path])  # the model folder is checked once it is known
+    elif kind == "sentence-transformers":
         from embfilter_cli.export.formats import _check_st_dir
 
-        _check_st_dir(target, force)
+        _check_st_dir(target, force, [filter_path])
     else:
         from embfilter_cli.files import check_writable
 

@@ -195,3 +195,14 @@ def engine_options(func: F) -> F:
         help="Parquet/Arrow files: run here, or on Ray Data actors (pip install 'embfilter[ray]').",
     )(func)
     return func
+
+
+def output_column_option(func: F) -> F:
+    """`--output-column`: the vectors' column in a Parquet output of `embed`."""
+    return click.option(
+        "--output-column",
+        default=None,
+        metavar="NAME",
+        help="Parquet: the vectors' column [default: embedding; an input column of that name is refused]. "
+        "Naming an existing column here replaces it.",
+    )(func)

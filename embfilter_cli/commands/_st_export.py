@@ -109,4 +109,7 @@ def export_whole_model(
             revision=revision if not Path(folder).exists() else None,
             provenance={"model_source": location.source, "recipe": recipe},
         )
-        return export_st_model(artifact, spec, target, reference=reference, check=check, force=force)
+        model_inputs = [p for p in (location.path, Path(folder)) if p.exists()]  # never replaced by -o --force
+        return export_st_model(
+            artifact, spec, target, reference=reference, check=check, force=force, inputs=model_inputs
+        )

@@ -114,28 +114,16 @@ def run_table_apply(
         _report(stats, fb, input_path, output, "arrow", "arrow", json_)
         return
 
-    from embfilter_cli.vectors.shards import expand_inputs, plan_units
+    from embfilter_cli.console import warn
+    from embfilter_cli.vectors.plan import plan_job
     from embfilter_cli.vectors.tables import count_parts
 
-    files, root = expand_inputs(input_path)
-    out = Path(output)
-    if root is not None and out.exists() and not out.is_dir():
-        raise UsageError(f"{output} is a file, but a folder or glob input needs a folder for -o")
-    if root is None and (out.is_dir() or output.endswith(("/", "\\"))):
-        out = out / files[0].name
-    if root is None and output_format is None:
-        if out.suffix.lower() in (".npy", ".jsonl", ".ndjson", ".safetensors"):
-            raise UsageError(
-                f"{output}: Parquet/Arrow inputs give Parquet/Arrow outputs, tables give tables "
-                "(name a .parquet or .arrow file)"
-            )
-        output_format = TABLE_EXTENSIONS.get(out.suffix.lower())
-    units = plan_units(files, root, out, output_format, shard, count_parts)
-    if input_format is not None:
-        for unit in units:
-            unit.in_format = input_format
-            if output_format is None:
-                unit.out_format = input_format
+    plan = plan_job(
+        input_path, output, in_format=input_format, out_format=output_format, shard=shard, count_parts=count_parts
+    )
+    units = plan.units
+    if plan.skipped:
+        warn(f"skipped {len(plan.skipped)} input path(s): {'; '.join(plan.skipped)}")
     if engine == "ray":
         # The engine module lands separately; drop this ignore then (warn_unused_ignores says when).
         from embfilter_cli.engines.ray_engine import run_units_ray
@@ -180,6 +168,7 @@ def _report(
         "shard": str(shard) if shard is not None else None,
         "files": stats.files,
         "skipped": stats.skipped,
+        "redone": stats.redone,
         "outputs": stats.outputs,
         "rows": stats.rows,
         "input_dim": stats.input_dim,
@@ -195,6 +184,8 @@ def _report(
         emit_json(summary)
         return
     skipped = f", {len(stats.skipped)} skipped as already complete" if stats.skipped else ""
+    if stats.redone:
+        skipped += f", {len(stats.redone)} redone (made with other options or inputs)"
     info(
         f"Filtered {stats.rows:,} vectors {stats.input_dim} → {stats.output_dim} dims ({stats.output_dtype}"
         f"{', L2-normalised' if fb.normalize else ''}) in {stats.seconds:.2f} s"

@@ -17,6 +17,7 @@ from embfilter_cli.commands._options import (
     input_format_option,
     max_length_option,
     model_cache_option,
+    output_column_option,
     output_options,
     pooling_option,
     recipe_option,
@@ -64,6 +65,7 @@ OUTPUT_SUFFIXES = (".npy", ".jsonl")
 @model_cache_option
 @click.option("--text-column", default="text", show_default=True, metavar="NAME", help="Parquet: the text column.")
 @click.option("--resume", is_flag=True, help="Parquet folders: skip outputs already complete; redo the others.")
+@output_column_option
 @engine_options
 @force_option
 @output_options
@@ -84,6 +86,7 @@ def embed(
     no_cache: bool,
     text_column: str,
     resume: bool,
+    output_column: str | None,
     engine: str,
     ray_address: str | None,
     concurrency: int | None,
@@ -112,8 +115,8 @@ def embed(
     if is_table_embed(input_path, output):
         embed_tables_command(locals())
         return
-    if resume or engine != "local":
-        raise UsageError("--resume and --engine apply to Parquet inputs only")
+    if resume or engine != "local" or output_column:
+        raise UsageError("--resume, --engine and --output-column apply to Parquet only")
     to_stdout = output == "-"
     suffix = Path(output).suffix.lower()
     if not to_stdout and suffix not in OUTPUT_SUFFIXES:

@@ -1,8 +1,9 @@
 """Embed a text column of Parquet (or Arrow) tables, record batch by record batch.
 
 `EmbedBatch` is a picklable callable like `vectors.arrow_batches.FilterBatch`: an Arrow batch in,
-the same columns out plus an `embedding` column (`fixed_size_list<float32>[k]`, replacing any column
-of that name in place, else appended last). The encoder (and the filter) are loaded on first use,
+the same columns out plus an `embedding` column (`fixed_size_list<float32>[k]`, appended last; another
+name with `output_column`). An input that already has a column of that name is refused, unless the
+name was chosen explicitly (`output_column`): then that column is replaced in place, on purpose. The encoder (and the filter) are loaded on first use,
 so a Ray actor loads them once. Empty or null texts are kept as rows whose embedding is null (the
 row still lines up with its id); `null_texts` counts them.
 
@@ -39,6 +40,8 @@ class EmbedBatch:
         filter: an artifact path applied to the raw vectors (refused if fitted on another model).
         normalize: L2-normalise each output vector.
         pooling, recipe, batch_size, max_length, device, dtype, revision: as `embfilter embed`.
+        output_column: the vectors' column; an existing column of that name is replaced. None:
+            `embedding`, and an input that already has an `embedding` column is refused.
     """
 
     def __init__(
@@ -56,8 +59,10 @@ class EmbedBatch:
         dtype: str = "auto",
         revision: str | None = None,
         use_cache: bool = True,
+        output_column: str | None = None,
     ) -> None:
         self.model, self.text_column = model, text_column
+        self.output_column, self.replace_column = output_column or EMBEDDING_COLUMN, output_column is not None
         self.filter_path = None if filter is None else str(filter)
         self.normalize, self.pooling, self.recipe = normalize, pooling, recipe
         self.batch_size, self.max_length = batch_size, max_length
@@ -132,23 +137,46 @@ class EmbedBatch:
         }
         return identity, settings
 
+    def resume_options(self) -> dict[str, str]:
+        """Options that decide an output's bytes beyond its `metadata` (kept in the resume record, `shards`)."""
+        return {
+            "text_column": self.text_column,
+            "output_column": self.output_column,
+            "batch_size": str(self.batch_size),
+            "device": self.device,
+            "dtype": self.dtype,
+            "revision": self.revision or "",
+        }
+
     def metadata(self) -> dict[str, str]:
         """The `embfilter.*` schema metadata of outputs: the filter's fingerprints, the model and settings."""
-        meta = fingerprint_metadata(self.artifact, self.normalize, EMBEDDING_COLUMN) if self.artifact else {}
+        meta = fingerprint_metadata(self.artifact, self.normalize, self.output_column) if self.artifact else {}
         identity, settings = self.fingerprint()
         return {**meta, **identity, **settings}
 
     def output_schema(self, schema: pa.Schema, name: str = "input") -> pa.Schema:
         """`schema` plus (or with, in place) the embedding column, and the run's metadata."""
         self._text_index(schema, name)
-        field = pa.field(EMBEDDING_COLUMN, pa.list_(pa.float32(), self.output_dim()))
-        if EMBEDDING_COLUMN in schema.names:
-            schema = schema.set(schema.get_field_index(EMBEDDING_COLUMN), field)
+        field = pa.field(self.output_column, pa.list_(pa.float32(), self.output_dim()))
+        if self._replaces(schema, name):
+            schema = schema.set(schema.get_field_index(self.output_column), field)
         else:
             schema = schema.append(field)
         meta = dict(schema.metadata or {})
         meta.update({k.encode(): v.encode() for k, v in self.metadata().items()})
         return schema.with_metadata(meta)
+
+    def _replaces(self, schema: pa.Schema, name: str) -> bool:
+        """Whether the vectors replace an existing column; refused unless its name was chosen explicitly."""
+        if self.output_column not in schema.names:
+            return False
+        if not self.replace_column:
+            kind = schema.field(self.output_column).type
+            raise InputDataError(
+                f"{name} already has a column {self.output_column!r} ({kind}) that the vectors would replace; pass "
+                f"--output-column NAME for another name, or --output-column {self.output_column} to replace it"
+            )
+        return True
 
     def _text_index(self, schema: pa.Schema, name: str) -> int:
         if self.text_column not in schema.names:
@@ -189,20 +217,20 @@ class EmbedBatch:
         self.null_texts += int((~valid).sum())
         vectors = self.embed_texts([t for t, ok in zip(texts, valid) if ok])
         column = vector_array(vectors, None if valid.all() else valid, "float32")
-        field = pa.field(EMBEDDING_COLUMN, column.type)
-        if EMBEDDING_COLUMN in batch.schema.names:
-            return batch.set_column(batch.schema.get_field_index(EMBEDDING_COLUMN), field, column)
+        field = pa.field(self.output_column, column.type)
+        if self._replaces(batch.schema, name):
+            return batch.set_column(batch.schema.get_field_index(self.output_column), field, column)
         return batch.append_column(field, column)
 
 
 def records_table(records: list[dict[str, Any]], name: str) -> pa.Table:
-    """JSONL records as an Arrow table for a Parquet output (their fields as columns, minus `embedding`).
+    """JSONL records as an Arrow table for a Parquet output (their fields as columns).
 
     JSON allows what a Parquet column does not: one field of several types across records, integers
     beyond 64 bits, empty objects. Each is one InputDataError naming the field and the record (1-based),
     instead of pyarrow's exception at conversion or at write time.
     """
-    rows = [{k: v for k, v in r.items() if k != EMBEDDING_COLUMN} for r in records]
+    rows = records
     try:
         table = pa.Table.from_pylist(rows)
     except (pa.ArrowException, OverflowError, TypeError, ValueError) as exc:

@@ -30,7 +30,7 @@ from typing import Any
 from embfilter_cli.errors import EmbfilterError, EngineError, MissingDependencyError, UsageError
 from embfilter_cli.signals import Terminated, keep_handlers
 from embfilter_cli.vectors.shards import WorkUnit, check_outputs, remove_stale_temporaries
-from embfilter_cli.vectors.tables import TableStats, plan_states, run_unit
+from embfilter_cli.vectors.tables import TableStats, plan_states, run_unit, split_work
 
 RAY_PIP = "pip install 'embfilter[ray]'"
 RAY_CONNECT_TIMEOUT_S = 10.0  # a cluster's head answers a TCP connection at once; a wrong address never does
@@ -188,15 +188,10 @@ def run_units_ray(
         OutputExistsError / InputDataError: as the local engine (re-raised from the actor that failed).
     """
     started = time.perf_counter()
-    states, _ = plan_states(units, fn)
+    states = plan_states(units, fn, batch_rows)
     check_outputs(states, units, force, resume)
     stats = TableStats()
-    todo = []
-    for unit in units:
-        if resume and not force and states[str(unit.output)] == "complete":
-            stats.skipped.append(str(unit.output))
-        else:
-            todo.append(unit)
+    todo = split_work(units, states, stats, force, resume)
     if todo:
         ray = init_ray(address, num_cpus)
         pool = concurrency or max(1, min(len(todo), int(ray.available_resources().get("CPU", 1))))

@@ -31,15 +31,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from embfilter_cli import __version__
-from embfilter_cli.errors import ExportError, OutputExistsError
+from embfilter_cli.errors import ExportError
 from embfilter_cli.export.report import CheckReport, ExportResult, max_relative_error
-from embfilter_cli.files import atomic_path, check_folder_writable, check_writable, temp_dir_beside
+from embfilter_cli.files import atomic_path, check_folder_output, check_writable, temp_dir_beside
 from embfilter_cli.filters.artifact import FilterArtifact, array_sha256, load_artifact, save_artifact
 
 ST_IDENTITY = "torch.nn.modules.linear.Identity"
@@ -276,18 +277,27 @@ def st_config(artifact: FilterArtifact) -> dict[str, Any]:
     }
 
 
-def _check_st_dir(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(
-            f"{out} is a file; --format sentence-transformers writes a folder, give a folder path with -o"
-        )
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise OutputExistsError(
-            f"{out} already exists and is not empty; pass --force to overwrite its files or choose another -o folder"
-        )
-    check_folder_writable(out.parent, out)  # the folder is built beside its final place
-    if out.is_dir():  # --force into an existing folder replaces files inside it
-        check_folder_writable(out, out)
+def _check_st_dir(out: Path, force: bool, inputs: Sequence[str | os.PathLike[str]] = ()) -> None:
+    check_folder_output(
+        out,
+        force,
+        what="a sentence-transformers Dense module",
+        marker="model.safetensors written by embfilter",
+        ours=_dense_export,
+        inputs=inputs,
+    )
+
+
+def _dense_export(folder: Path) -> bool:
+    """Whether `folder` holds a Dense module an earlier `export --dense-only` wrote (its weights record us)."""
+    from embfilter_cli.safetensors_header import SafetensorsHeaderError, read_header
+
+    try:
+        with open(folder / "model.safetensors", "rb") as fp:
+            meta = read_header(fp, itemsizes=None).metadata
+    except (OSError, SafetensorsHeaderError):
+        return False
+    return "embfilter.exported_by" in meta
 
 
 def _load_dense(folder: Path) -> Any | None:
@@ -313,7 +323,7 @@ def export_sentence_transformers(
     from safetensors.numpy import save_file
 
     out = Path(out)
-    _check_st_dir(out, force)
+    _check_st_dir(out, force, [artifact.path] if artifact.path else [])
     weight = np.ascontiguousarray(artifact.projection, dtype=np.float32)
     tensors = {ST_WEIGHT_KEY: weight}
     if artifact.mean is not None:  # Dense computes W·x + b: b = −m makes it P·x − m

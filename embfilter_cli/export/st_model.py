@@ -37,7 +37,7 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,8 @@ CHECK_TEXTS = (
 # for tokenizers with a chat template.
 TEXT_ONLY = {"text": {"method": "forward", "method_output_name": "last_hidden_state"}}
 
+MARKER = "embfilter.json"  # what makes a folder ours: --force replaces only folders that have it
+FORMAT_TAG = "embfilter.sentence-transformers/1"
 ReferenceFn = Callable[[list[str]], np.ndarray]
 
 
@@ -128,17 +130,21 @@ def _st_modules() -> tuple[Any, Any, Any, Any, Any]:
     return SentenceTransformer, Transformer, Pooling, Dense, Normalize
 
 
-def _check_out(out: Path, force: bool) -> None:
-    from embfilter_cli.errors import OutputExistsError
-    from embfilter_cli.files import check_folder_writable
+def _check_out(out: Path, force: bool, inputs: Sequence[str | os.PathLike[str]]) -> None:
+    from embfilter_cli.files import check_folder_output
 
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out} is a file; a sentence-transformers model is a folder, give a folder with -o")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise OutputExistsError(
-            f"{out} already exists and is not empty; pass --force to replace it or choose another -o folder"
-        )
-    check_folder_writable(out.parent, out)  # built beside its final place, then renamed (an old one moved aside)
+    check_folder_output(
+        out, force, what="a sentence-transformers model", marker=f"{MARKER} of ours", ours=is_export, inputs=inputs
+    )
+
+
+def is_export(folder: Path) -> bool:
+    """Whether `folder` is a model an earlier `export_st_model` wrote (its `embfilter.json` says so)."""
+    try:
+        doc = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and str(doc.get("format", "")).startswith(FORMAT_TAG.split("/")[0] + "/")
 
 
 def _assemble(artifact: FilterArtifact, spec: StModelSpec) -> Any:
@@ -220,6 +226,7 @@ def export_st_model(
     check: bool = True,
     force: bool = False,
     check_texts: list[str] | None = None,
+    inputs: Sequence[str | os.PathLike[str]] = (),
 ) -> ExportResult:
     """Write a whole sentence-transformers model whose `encode` equals `embed` + the filter.
 
@@ -231,11 +238,13 @@ def export_st_model(
             required when `check` is on.
         check: load the saved folder with sentence-transformers and compare with `reference`.
         check_texts: the texts to compare on (default: four of different lengths).
+        inputs: what the export reads (the filter, a local model folder): `out` is never replaced
+            when it holds one, nor when it is not an earlier export (see `files.check_folder_output`).
     """
     if spec.pooling not in POOLING_MODES:
         raise InputDataError(f"pooling {spec.pooling!r} is not one of {', '.join(POOLING_MODES)}")
     out = Path(out)
-    _check_out(out, force)
+    _check_out(out, force, [*inputs, *([artifact.path] if artifact.path else [])])
     from embfilter_cli.model.quiet import quiet_transformers
 
     with quiet_transformers():
@@ -246,7 +255,7 @@ def export_st_model(
     with temp_dir_beside(out) as tmp:  # removed (with the folders made for it) if anything below fails
         with quiet_transformers():
             model.save(str(tmp))
-        (tmp / "embfilter.json").write_text(json.dumps(_provenance(artifact, spec), indent=2) + "\n", encoding="utf-8")
+        (tmp / MARKER).write_text(json.dumps(_provenance(artifact, spec), indent=2) + "\n", encoding="utf-8")
         _normal_modes(tmp)
         if check:
             if reference is None:
@@ -274,7 +283,7 @@ def export_st_model(
 def _provenance(artifact: FilterArtifact, spec: StModelSpec) -> dict[str, Any]:
     keys = ("model_source", "model_revision", "unembedding_sha256", "band", "projection_sha256")
     return {
-        "format": "embfilter.sentence-transformers/1",
+        "format": FORMAT_TAG,
         "exported_by": f"embfilter {__version__}",
         "filter": {k: artifact.metadata[k] for k in keys if k in artifact.metadata},
         "pooling": spec.pooling,

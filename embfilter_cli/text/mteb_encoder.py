@@ -156,20 +156,26 @@ class MtebEncoder:
         return self.embed(texts)
 
     def similarity(self, embeddings1: Any, embeddings2: Any) -> Any:
-        """Cosine similarity matrix, [n1, n2] (a torch tensor, as sentence-transformers returns)."""
-        import torch
+        """Cosine similarity matrix, [n1, n2] (a torch tensor, as sentence-transformers returns).
 
-        a = torch.nn.functional.normalize(torch.as_tensor(np.asarray(embeddings1), dtype=torch.float32), dim=-1)
-        b = torch.nn.functional.normalize(torch.as_tensor(np.asarray(embeddings2), dtype=torch.float32), dim=-1)
-        return a @ b.T
+        A 1-D vector counts as one row, as in sentence-transformers' `cos_sim`: mteb's summarization
+        evaluator passes single vectors and reads the [1, 1] result with `float()`.
+        """
+        return _unit_rows(embeddings1) @ _unit_rows(embeddings2).T
 
     def similarity_pairwise(self, embeddings1: Any, embeddings2: Any) -> Any:
-        """Cosine similarity of corresponding rows, [n]."""
-        import torch
+        """Cosine similarity of corresponding rows, [n] (1-D inputs count as one row: [1])."""
+        return (_unit_rows(embeddings1) * _unit_rows(embeddings2)).sum(dim=-1)
 
-        a = torch.nn.functional.normalize(torch.as_tensor(np.asarray(embeddings1), dtype=torch.float32), dim=-1)
-        b = torch.nn.functional.normalize(torch.as_tensor(np.asarray(embeddings2), dtype=torch.float32), dim=-1)
-        return (a * b).sum(dim=-1)
+
+def _unit_rows(embeddings: Any) -> Any:
+    """`embeddings` (array, tensor or list; 1-D or 2-D) as a 2-D float32 tensor of unit rows."""
+    import torch
+
+    rows = torch.as_tensor(np.asarray(embeddings), dtype=torch.float32)
+    if rows.dim() == 1:
+        rows = rows.unsqueeze(0)
+    return torch.nn.functional.normalize(rows, dim=-1)
 
 
 __all__ = ["MTEB_INSTALL", "MtebEncoder"]

@@ -268,6 +268,10 @@ class FilterBatch:
         identity = {k: meta[k] for k in ("embfilter.projection_sha256", "embfilter.mean_sha256")}
         return identity, {"embfilter.normalized": meta["embfilter.normalized"]}
 
+    def resume_options(self) -> dict[str, str]:
+        """Options that decide an output's bytes beyond its `metadata` (kept in the resume record, `shards`)."""
+        return {"dtype": self.dtype}
+
     def dims(self) -> tuple[int, int]:
         """(input dimension d, output dimension k)."""
         return self.artifact.hidden_size, self.artifact.output_dim

@@ -1,32 +1,40 @@
-"""Which files (or row groups) a run processes, where each output goes, and what `--resume` skips.
+"""What `--shard` takes, and what `--resume` keeps: the shard split and the resume record of table jobs.
 
-An input is one Parquet/Arrow file, a folder of them (searched recursively; names starting with
-`.` or `_`, such as `_SUCCESS` or our own temporary files, are skipped), or a glob
-(`'data/*.parquet'`, `**` allowed). A folder or glob gives a folder output with the same relative
-file names. `--shard I/N` (0-based) takes a contiguous block of the sorted work: whole files when
-there are several, row groups (Arrow: record batches) of a single file. Blocks are contiguous, so
-concatenating the outputs of shards 0…N−1 gives exactly the unsharded output, file by file and
-row by row.
+The plan itself (inputs → work units → outputs, with its overlap and collision checks) is
+`vectors.plan`. `--shard I/N` (0-based) takes a contiguous block of the sorted work: whole files
+when there are several, row groups (Arrow: record batches, of files and streams alike) of a single
+file. `Shard.select` is the one partitioner for every format, so concatenating the outputs of
+shards 0…N−1 gives exactly the unsharded output, file by file and row by row, each row once.
 
-An existing output is "complete" when it is readable, has the expected row count, and carries
-this filter's fingerprint (same projection and mean SHA-256, same normalisation); "foreign" when it is
-readable but made by another filter or by none; else "incomplete". `--resume` skips complete
-outputs and redoes incomplete ones; a foreign output is only replaced with `--force`.
+Every output records what made it: the filter's fingerprints, the settings, and a resume record
+(`WorkUnit.record`: input name, size and modification time, the shard's parts, the batch size,
+dtype, column…). An existing output is "complete" when it is readable, has the expected row count,
+and records exactly what this run would write; "stale" when it is ours (same filter or model) but
+made with other options or from another version of the input; "foreign" when it is readable but
+made by another filter; "not ours" when it records no filter at all; else "incomplete".
+`--resume` skips complete outputs and redoes stale and incomplete ones, so a resumed output is
+byte for byte what a fresh run writes. Stale outputs are redone without asking because they are
+ours: the user asked for the new options, and replacing our own earlier output loses nothing they
+made. A foreign output is only replaced with `--force`, and in a folder output a "not ours" file
+not even then (`check_outputs`).
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from embfilter_cli.errors import EmbfilterError, InputDataError, OutputExistsError
+from embfilter_cli.errors import EmbfilterError, OutputExistsError
 
 TABLE_EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow"}
 OUTPUT_SUFFIX = {"parquet": ".parquet", "arrow": ".arrow"}
-_GLOB_CHARS = set("*?[")
+RECORD_KEY = "embfilter.run"  # the resume record (`WorkUnit.record`) in an output's metadata
+GLOB_CHARS = set("*?[")
 
 
 def table_format(path: str | os.PathLike[str]) -> str | None:
@@ -67,114 +75,50 @@ class Shard:
 
 @dataclass
 class WorkUnit:
-    """One output file: its input, its format, and which parts (row groups / batches) it takes."""
+    """One output file: its input, its format, and which parts (row groups / batches) it takes.
+
+    `name` is the input's name relative to the input folder (a single file: its file name): the
+    input identity a resume record keeps, so a moved dataset still resumes.
+    """
 
     input: Path
     output: Path
     in_format: str
     out_format: str
     parts: tuple[int, ...] | None = None  # None: the whole file
+    name: str = ""
+    total_parts: int | None = None  # the file's row groups / batches, when `parts` is a shard of them
+    in_folder: bool = False  # one file of a folder output: replaced only when embfilter made it
 
-    @property
-    def name(self) -> str:
-        """The input's name, for messages."""
-        return str(self.input)
+    def record(self, batch_rows: int, options: dict[str, Any]) -> str:
+        """The resume record: everything besides the filter that decides this output's bytes (JSON).
 
-
-def expand_inputs(spec: str) -> tuple[list[Path], Path | None]:
-    """The input files of `spec` (a file, a folder or a glob), sorted, and the folder their names are relative to.
-
-    Returns:
-        (files, root): `root` is None for a single file; else outputs keep the path relative to it.
-
-    Raises:
-        InputDataError: nothing there, or a folder/glob without Parquet or Arrow files.
-    """
-    path = Path(spec)
-    if path.is_file():
-        return [path], None
-    if path.is_dir():
-        files = [p for p in path.rglob("*") if p.is_file() and table_format(p) and not _hidden(p.relative_to(path))]
-        if not files:
-            raise InputDataError(
-                f"folder {path} holds no .parquet or .arrow files (searched recursively); pass a file or a glob"
-            )
-        return sorted(files, key=lambda p: p.relative_to(path).as_posix()), path
-    if _GLOB_CHARS & set(spec):
-        root = _glob_root(spec)
-        files = [Path(p) for p in glob.glob(spec, recursive=True)]
-        files = [p for p in files if p.is_file() and not _hidden(p.relative_to(root))]
-        if not files:
-            raise InputDataError(
-                f"the pattern {spec!r} matches no files; check the path (quote it so the shell keeps it)"
-            )
-        return sorted(files, key=lambda p: p.relative_to(root).as_posix()), root
-    raise InputDataError(f"{spec} does not exist; pass a file, a folder or a quoted glob such as 'data/*.parquet'")
+        The input is identified by its name, size and modification time (a file rewritten in place
+        is redone); `parts` is the shard's block of row groups / batches; `batch_rows` decides the
+        output's row groups; `options` are the batch function's own (`resume_options()`: dtype,
+        column, pooling…). Engines do not appear: local and Ray write the same bytes.
+        """
+        stat = os.stat(self.input)
+        # [first, count, of]: parts are a contiguous block (`Shard.select`)
+        parts = None if self.parts is None else [self.parts[0] if self.parts else 0, len(self.parts), self.total_parts]
+        record = {
+            "input": {"name": self.name or self.input.name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns},
+            "input_format": self.in_format,
+            "output_format": self.out_format,
+            "parts": parts,
+            "batch_rows": batch_rows,
+            **options,
+        }
+        return json.dumps(record, sort_keys=True, separators=(",", ":"))
 
 
-def _hidden(relative: Path) -> bool:
-    return any(part.startswith((".", "_")) for part in relative.parts)
-
-
-def _glob_root(pattern: str) -> Path:
-    parts = Path(pattern).parts
-    fixed = []
-    for part in parts:
-        if _GLOB_CHARS & set(part):
-            break
-        fixed.append(part)
-    return Path(*fixed) if fixed else Path(".")
-
-
-def plan_units(
-    files: Sequence[Path],
-    root: Path | None,
-    output: Path,
-    out_format: str | None,
-    shard: Shard | None,
-    count_parts: object = None,
-) -> list[WorkUnit]:
-    """One `WorkUnit` per output file of this shard.
-
-    Args:
-        files, root: from `expand_inputs`.
-        output: the output file (single input) or folder (folder/glob input).
-        out_format: "parquet"/"arrow", or None for each input's own format.
-        shard: which block to take, or None for everything.
-        count_parts: `f(path, fmt) -> number of row groups/batches`, needed to shard a single file.
-    """
-    units = []
-    if root is None:
-        (src,) = files
-        fmt = table_format(src) or "parquet"
-        parts = None
-        if shard is not None:
-            total = count_parts(src, fmt)  # type: ignore[operator]
-            parts = tuple(shard.select(total))
-        units.append(WorkUnit(src, output, fmt, out_format or fmt, parts))
-        return units
-    chosen = [files[i] for i in (shard.select(len(files)) if shard is not None else range(len(files)))]
-    seen: dict[Path, Path] = {}
-    for src in chosen:
-        fmt = table_format(src) or "parquet"
-        target_format = out_format or fmt
-        rel = src.relative_to(root)
-        if target_format != fmt:
-            rel = rel.with_suffix(OUTPUT_SUFFIX[target_format])
-        dest = output / rel
-        if dest in seen:
-            raise InputDataError(f"{seen[dest]} and {src} would both be written to {dest}; rename one of them")
-        seen[dest] = src
-        units.append(WorkUnit(src, dest, fmt, target_format))
-    return units
-
-
-def output_state(unit: WorkUnit, expected_rows: int, identity: dict[str, str], settings: dict[str, str]) -> str:
-    """ "missing", "complete", "foreign" or "incomplete" (see the module docstring).
+def output_state(unit: WorkUnit, expected_rows: int, identity: dict[str, str], expected: dict[str, str]) -> str:
+    """ "missing", "complete", "foreign", "not ours", "stale" or "incomplete" (see the module docstring).
 
     `identity` keys (the filter's projection and mean SHA-256, the model) must match for the output
-    to be this run's at all; `settings` keys (normalisation, pooling…) and the row count must match
-    for it to be complete.
+    to be this run's at all; `expected` is every other `embfilter.*` key a fresh run writes
+    (settings and the resume record, `RECORD_KEY`). An output is complete only when its
+    `embfilter.*` keys are exactly these (empty values count as absent) and its row count is right.
     """
     from embfilter_cli.vectors.fingerprints import read_fingerprint
 
@@ -184,17 +128,25 @@ def output_state(unit: WorkUnit, expected_rows: int, identity: dict[str, str], s
         rows, meta = read_fingerprint(unit.output)
     except EmbfilterError:
         return "incomplete"
-    if any(meta.get(k, "") != v for k, v in identity.items()) or not any(k.startswith("embfilter.") for k in meta):
+    if not any(k.startswith("embfilter.") for k in meta):
+        return "not ours"
+    if any(meta.get(k, "") != v for k, v in identity.items()):
         return "foreign"
-    if any(meta.get(k, "") != v for k, v in settings.items()) or rows != expected_rows:
-        return "incomplete"
-    return "complete"
+    found = {k: v for k, v in meta.items() if k.startswith("embfilter.") and v}
+    if found != {k: v for k, v in {**identity, **expected}.items() if v}:
+        return "stale"
+    return "complete" if rows == expected_rows else "incomplete"
 
 
 def check_outputs(states: dict[str, str], units: Sequence[WorkUnit], force: bool, resume: bool) -> None:
     """Refuse, before any work, outputs that exist and may not be replaced."""
     for unit in units:
         state = states[str(unit.output)]
+        if state == "not ours" and unit.in_folder:
+            raise OutputExistsError(
+                f"{unit.output} is in the output folder but records no filter (embfilter did not make it); a folder "
+                "output only replaces files embfilter made, even with --force: move it away or choose another -o"
+            )
         if state == "missing" or force:
             continue
         if not resume:
@@ -202,7 +154,7 @@ def check_outputs(states: dict[str, str], units: Sequence[WorkUnit], force: bool
                 f"{unit.output} already exists; pass --resume to skip finished outputs, --force to overwrite, "
                 "or choose another -o"
             )
-        if state == "foreign":
+        if state in ("foreign", "not ours"):
             raise OutputExistsError(
                 f"{unit.output} was not made by this filter (its filter or model fingerprint differs, or it records none); "
                 "--resume will not replace it: remove it or pass --force"

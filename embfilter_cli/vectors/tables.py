@@ -20,9 +20,11 @@ from typing import IO, Any
 
 import pyarrow as pa
 
+from embfilter_cli.errors import EmbfilterError
 from embfilter_cli.files import atomic_path
 from embfilter_cli.vectors.arrow_batches import FilterBatch
 from embfilter_cli.vectors.shards import (
+    RECORD_KEY,
     WorkUnit,
     check_folders_writable,
     check_outputs,
@@ -41,6 +43,7 @@ class TableStats:
     rows: int = 0
     files: int = 0
     skipped: list[str] = field(default_factory=list)
+    redone: list[str] = field(default_factory=list)  # ours, but made with other options or inputs: redone
     outputs: list[str] = field(default_factory=list)
     input_dim: int = 0
     output_dim: int = 0
@@ -74,11 +77,10 @@ class TableInput:
             self.schema = self._ipc.schema
 
     def part_count(self) -> int:
-        """Row groups (Parquet) or record batches (Arrow file)."""
+        """Row groups (Parquet) or record batches (Arrow file or saved stream)."""
         if self._pq is not None:
             return int(self._pq.metadata.num_row_groups)
-        parts = self._ipc.parts  # type: ignore[union-attr]
-        return 1 if parts is None else parts
+        return self._ipc.parts or 0  # type: ignore[union-attr]
 
     def rows(self, parts: Sequence[int] | None = None) -> int:
         """Rows in the chosen parts (row groups or record batches) of the input."""
@@ -128,9 +130,13 @@ def filter_batches(
     name: str,
     row_offset: int = 0,
     progress: Callable[[int], None] | None = None,
+    record: str | None = None,
 ) -> int:
-    """Filter every batch into a sink made for the output schema; returns the rows written."""
-    out_schema = fb.output_schema(schema, name)
+    """Filter every batch into a sink made for the output schema; returns the rows written.
+
+    `record` is the unit's resume record (`WorkUnit.record`), kept in the output's metadata.
+    """
+    out_schema = _with_record(fb.output_schema(schema, name), record)
     sink = sink_factory(out_schema)
     rows = 0
     try:
@@ -145,18 +151,43 @@ def filter_batches(
     return rows
 
 
-def plan_states(units: Sequence[WorkUnit], fn: Any) -> tuple[dict[str, str], dict[str, int]]:
-    """Each output's state (`shards.output_state`) and each unit's expected row count.
+def _with_record(schema: pa.Schema, record: str | None) -> pa.Schema:
+    if record is None:
+        return schema
+    return schema.with_metadata({**(schema.metadata or {}), RECORD_KEY.encode(): record.encode()})
+
+
+def _resume_options(fn: Any) -> dict[str, Any]:
+    return dict(fn.resume_options()) if hasattr(fn, "resume_options") else {}
+
+
+def expected_metadata(unit: WorkUnit, fn: Any, batch_rows: int, table: TableInput) -> dict[str, str]:
+    """Every `embfilter.*` key a fresh run writes into `unit`'s output (what a complete output must record)."""
+    schema = _with_record(fn.output_schema(table.schema, table.name), unit.record(batch_rows, _resume_options(fn)))
+    meta = {k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in (schema.metadata or {}).items()}
+    return {k: v for k, v in meta.items() if k.startswith("embfilter.")}
+
+
+def plan_states(units: Sequence[WorkUnit], fn: Any, batch_rows: int) -> dict[str, str]:
+    """Each output's state (`shards.output_state`), against what this run would write.
 
     `fn` is a batch function (`FilterBatch`, `engines.embed_tables.EmbedBatch`) with `fingerprint()`.
+    An input that cannot be planned against (no vector column, damaged) makes its existing output
+    "incomplete": the run then redoes it and reports the input's own error.
     """
-    identity, settings = fn.fingerprint()
-    states, expected = {}, {}
+    identity, _ = fn.fingerprint()
+    states = {}
     for unit in units:
-        rows = TableInput(unit.input, unit.in_format).rows(unit.parts) if unit.output.exists() else -1
-        expected[str(unit.output)] = rows
-        states[str(unit.output)] = output_state(unit, rows, identity, settings)
-    return states, expected
+        if not unit.output.exists():
+            states[str(unit.output)] = "missing"
+            continue
+        try:
+            table = TableInput(unit.input, unit.in_format)
+            rows, expected = table.rows(unit.parts), expected_metadata(unit, fn, batch_rows, table)
+        except (EmbfilterError, OSError):
+            rows, expected = -1, {"embfilter.unplanned": "1"}
+        states[str(unit.output)] = output_state(unit, rows, identity, expected)
+    return states
 
 
 def run_unit(
@@ -175,7 +206,24 @@ def run_unit(
             table.name,
             row_offset=table.first_row(unit.parts),
             progress=progress,
+            record=unit.record(batch_rows, _resume_options(fn)),
         )
+
+
+def split_work(
+    units: Sequence[WorkUnit], states: dict[str, str], stats: TableStats, force: bool, resume: bool
+) -> list[WorkUnit]:
+    """The units to run; complete outputs skipped on `resume` (noted in `stats`, with the stale ones redone)."""
+    todo = []
+    for unit in units:
+        state = states[str(unit.output)]
+        if resume and not force and state == "complete":
+            stats.skipped.append(str(unit.output))
+            continue
+        if resume and state == "stale":
+            stats.redone.append(str(unit.output))
+        todo.append(unit)
+    return todo
 
 
 def apply_tables(
@@ -200,16 +248,11 @@ def apply_tables(
     """
     started = time.perf_counter()
     check_folders_writable(units)
-    states, _ = plan_states(units, fb)
+    states = plan_states(units, fb, batch_rows)
     check_outputs(states, units, force, resume)
     d, k = fb.dims()
     stats = TableStats(output_dim=k, input_dim=d, output_dtype=getattr(fb, "dtype", "float32"))
-    todo = []
-    for unit in units:
-        if resume and not force and states[str(unit.output)] == "complete":
-            stats.skipped.append(str(unit.output))
-        else:
-            todo.append(unit)
+    todo = split_work(units, states, stats, force, resume)
     inputs = {str(u.input): TableInput(u.input, u.in_format) for u in todo}
     total = sum(inputs[str(u.input)].rows(u.parts) for u in todo)
     done = 0

@@ -118,14 +118,15 @@ def test_append_next_to_a_host_in_a_read_only_folder(runner, art, ro_dir_with):
 
 
 def test_st_export_with_force_over_a_read_only_folder_leaves_it(runner, art, ro_dir_with):
-    def old_export(folder: Path) -> None:
-        (folder / "dense").mkdir()
-        (folder / "dense" / "config.json").write_text("{}")
+    args = ["export", "-q", str(art), "--format", "sentence-transformers", "--dense-only", "--force", "-o"]
+
+    def old_export(folder: Path) -> None:  # an earlier export: the only folder --force may replace
+        assert runner.invoke(app, [*args, str(folder / "dense")]).exit_code == 0
 
     folder = ro_dir_with(old_export)
     before = Snapshot(folder)
     out = folder / "dense"
-    args = ["export", "-q", str(art), "--format", "sentence-transformers", "--dense-only", "--force", "-o", str(out)]
+    args.append(str(out))
     line = expect_error(runner.invoke(app, args), match="not writable")
     assert str(out) in line
     before.assert_unchanged()
