@@ -68,8 +68,10 @@ def test_a_file_name_that_is_not_utf8(make_filter, tmp_path):
     snap = Snapshot(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("EMBFILTER_DEBUG", None)
-    for source in (bad, os.fsencode(folder)):
-        out = os.fsencode(tmp_path / "out")
+    for source, out in (
+        (bad, os.fsencode(tmp_path / "out.parquet")),
+        (os.fsencode(folder), os.fsencode(tmp_path / "out")),
+    ):
         done = subprocess.run(
             [sys.executable, "-m", "embfilter_cli", "apply", os.fsencode(filt), source, "-o", out],
             env=env,
