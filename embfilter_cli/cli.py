@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from embfilter_cli import __version__
+from embfilter_cli.signals import install_signal_handlers
 
 # name -> "module:attribute". Kept as strings so that listing commands imports only light modules.
 COMMANDS: dict[str, str] = {
@@ -99,8 +100,12 @@ class EmbfilterGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         """Run the subcommand; known errors become one `Error:` line (exit 1) or a usage error (exit 2)."""
+        from embfilter_cli.signals import raise_if_signalled
+
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            raise_if_signalled()  # a stop signal whose exception a library swallowed still stops the run
+            return result
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except KeyboardInterrupt as exc:
@@ -110,6 +115,16 @@ class EmbfilterGroup(click.Group):
                 raise
             click.echo(INTERRUPTED_MESSAGE, err=True)
             raise click.exceptions.Exit(getattr(exc, "status", 130)) from None
+        except UnicodeEncodeError as exc:
+            # A file name that is not UTF-8 (Linux allows any bytes) reaches a library that needs
+            # text, such as pyarrow's file system layer: one line naming it, for every command.
+            text = exc.object if isinstance(exc.object, str) else ""
+            if os.environ.get("EMBFILTER_DEBUG") or not any("\udc80" <= c <= "\udcff" for c in text):
+                raise
+            shown = os.fsencode(text).decode("utf-8", "backslashreplace")
+            raise click.ClickException(
+                _one_line(f"the name {shown} is not valid UTF-8; rename the file (or folder) to a UTF-8 name")
+            ) from None
         except OSError as exc:
             # Left uncaught by the core, these come from writing data to stdout: a closed pipe
             # (`| head`), a closed descriptor (`>&-`) or a full device (`> /dev/full`).
@@ -169,33 +184,6 @@ def app(quiet: bool, verbose: bool) -> None:
 
 
 INTERRUPTED_MESSAGE = "Interrupted; no output file was written."
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised where the program was so that cleanup (`atomic_path`) runs."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.status = 128 + signum
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated(signum)
-
-
-def install_signal_handlers() -> None:
-    """Turn the signals a batch scheduler or a closing terminal sends into exceptions.
-
-    Python's default for SIGTERM/SIGHUP is to die on the spot, skipping every `finally`, which
-    leaves the hidden `*.tmp` file of an atomic output behind. As exceptions they unwind like
-    Ctrl-C: temporary files are removed, one line is printed and the exit status is 128 + signal.
-    """
-    import signal
-
-    for name in ("SIGTERM", "SIGHUP"):
-        signum = getattr(signal, name, None)
-        if signum is not None and signal.getsignal(signum) in (signal.SIG_DFL, None):
-            signal.signal(signum, _raise_terminated)
 
 
 class _ClosedStream(io.RawIOBase):

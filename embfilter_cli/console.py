@@ -59,8 +59,14 @@ def set_quiet(quiet: bool) -> None:
 
 
 def set_verbose(verbose: bool) -> None:
-    """Show info messages even when stderr is not a terminal (a log file, a pipe, a CI job)."""
+    """Show info messages even when stderr is not a terminal (a log file, a pipe, a CI job).
+
+    Also the switch for other libraries' log lines (`library_logs`): off unless -v.
+    """
+    from embfilter_cli.library_logs import set_verbose as set_library_verbose
+
     _state["verbose"] = verbose
+    set_library_verbose(verbose)
 
 
 def is_quiet() -> bool:

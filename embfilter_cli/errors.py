@@ -63,6 +63,10 @@ class HubAccessError(EmbfilterError):
     """The Hugging Face Hub refused or could not be reached (gated, unauthorised, network, server error)."""
 
 
+class EngineError(EmbfilterError):
+    """A compute engine (a Ray cluster) could not be reached or started."""
+
+
 class ConversionError(EmbfilterError):
     """Converting a GGUF model to a cached Hugging Face folder gave something other than the GGUF model."""
 

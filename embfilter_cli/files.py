@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from embfilter_cli.errors import EmbfilterError, OutputExistsError
+from embfilter_cli.signals import raise_if_signalled
 
 
 class OutputWriteError(EmbfilterError):
@@ -239,6 +240,7 @@ def atomic_path(path: str | os.PathLike[str], force: bool = False) -> Iterator[P
             os.close(fd)
         writing = False
         yield tmp
+        raise_if_signalled()  # a stop signal swallowed while writing must not publish the file
         writing = True
         # mkstemp makes 0600 files, and writers that recreate the file keep that: give the output
         # the permissions a plain open() would have (0666 minus the umask) just before publishing it.
@@ -316,6 +318,10 @@ def _reported(exc: BaseException, out: Path, tmp: Path | None, writing: bool) ->
     temporary file (a checker or loader run on it) names the user's path instead.
     """
     os_error = exc if isinstance(exc, OSError) else _wrapped_os_error(exc)
+    if os_error is not None and os_error.errno is None and _SHORT_WRITE.search(str(os_error)):
+        # numpy's tofile (np.save) reports a write the device cut short without an errno:
+        # "260608 requested and 16352 written" is a full disk (or quota).
+        os_error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     if os_error is not None and (writing or os_error.errno in _WRITE_ERRNOS):
         return write_error(out, os_error)
     if isinstance(exc, EmbfilterError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
@@ -326,6 +332,7 @@ def _reported(exc: BaseException, out: Path, tmp: Path | None, writing: bool) ->
     return exc
 
 
+_SHORT_WRITE = re.compile(r"\b\d+ requested and \d+ written\b")
 _TEMP_NAME = re.compile(r"(?P<dir>[^\s'\"]*/)?\.(?P<name>[^/\s'\"]+?)\.[A-Za-z0-9_]{6,}\.tmp\b")
 
 

@@ -178,3 +178,31 @@ def test_spark_bad_column_and_missing_pyspark(filt, spark, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyspark", None)
     with pytest.raises(MissingDependencyError, match=r"pip install 'embfilter\[spark\]'"):
         filter_dataframe(df, filt)
+
+
+def test_spark_second_call_gets_its_own_settings(filt, spark, make_filter):
+    """Spark reuses its Python workers: a later call with other settings (normalize, another column,
+    float64, another filter) must not be served the first call's cached settings (issue 16, kind 6)."""
+    from embfilter_cli.engines.spark import filter_dataframe
+
+    x, z = _x(10, seed=3), _x(10, seed=4) * 5
+    df = spark.createDataFrame(
+        [(i, x[i].tolist(), z[i].tolist()) for i in range(10)], "id long, embedding array<float>, other array<float>"
+    ).coalesce(1)  # one partition: the calls below run in the same Python worker
+    ref_x, ref_z = _ref(x, filt), _ref(z, filt)
+
+    def run(frame, column: str) -> np.ndarray:
+        return np.array([r[column] for r in frame.orderBy("id").collect()], dtype=np.float64)
+
+    plain = run(filter_dataframe(df, filt, "embedding"), "embedding")
+    np.testing.assert_allclose(plain, ref_x, rtol=1e-5, atol=1e-5)
+    unit = run(filter_dataframe(df, filt, "embedding", normalize=True), "embedding")
+    np.testing.assert_allclose(unit, ref_x / np.linalg.norm(ref_x, axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
+    other = filter_dataframe(df, filt, "other", dtype="float64")
+    assert dict(other.dtypes)["other"] == "array<double>" and dict(other.dtypes)["embedding"] == "array<float>"
+    np.testing.assert_allclose(run(other, "other"), ref_z, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(run(other, "embedding"), x, rtol=0, atol=0)  # passed through untouched
+    filt2 = make_filter(seed=7, name="g.safetensors")  # another file on the same worker: its own projection
+    np.testing.assert_allclose(
+        run(filter_dataframe(df, filt2, "embedding"), "embedding"), _ref(x, filt2), rtol=1e-5, atol=1e-5
+    )

@@ -144,10 +144,10 @@ def _texts_to_parquet(input_path: str, input_format: str, output: str, force: bo
     """Lines or JSONL in, one Parquet file out: the records' fields as columns plus `embedding`."""
     import time
 
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from embfilter_cli.console import warn
+    from embfilter_cli.engines.embed_tables import records_table
     from embfilter_cli.files import atomic_path, check_writable
     from embfilter_cli.text.texts import describe_skipped, read_texts
 
@@ -157,7 +157,8 @@ def _texts_to_parquet(input_path: str, input_format: str, output: str, force: bo
         warn(describe_skipped(texts_in.skipped))
     started = time.perf_counter()
     records = texts_in.records if texts_in.records is not None else [{"text": t} for t in texts_in.texts]
-    table = pa.Table.from_pylist(records)  # a field named like the output column is refused (EmbedBatch)
+    # One Error: line for what Parquet cannot hold; a field named like the output column is refused (EmbedBatch).
+    table = records_table(records, str(input_path))
     if fn.text_column not in table.column_names:  # JSONL records hold their text in `text`
         fn.text_column = "text"
     out = fn(table, name=str(input_path))

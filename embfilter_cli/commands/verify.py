@@ -39,7 +39,9 @@ from embfilter_cli.commands._options import output_options
     default=None,
     metavar="PATH",
     help="Also check that these vectors (a Parquet/Arrow/safetensors file from `apply`, or a folder of them) "
-    "were made by this filter.",
+    "were made by this filter: their recorded fingerprints, and what the vectors prove (the column exists, "
+    "every vector has the filter's width, row counts add up, unit length when marked normalised, a "
+    "projector's outputs lie in its kept subspace).",
 )
 @output_options
 def verify(

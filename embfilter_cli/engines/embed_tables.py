@@ -19,7 +19,14 @@ import numpy as np
 import pyarrow as pa
 
 from embfilter_cli.errors import InputDataError
-from embfilter_cli.vectors.arrow_batches import describe_columns, fingerprint_metadata, vector_array
+from embfilter_cli.filters.finite import unit_rows
+from embfilter_cli.signals import raise_if_signalled
+from embfilter_cli.vectors.arrow_batches import (
+    describe_columns,
+    fingerprint_metadata,
+    require_unique_column,
+    vector_array,
+)
 
 EMBEDDING_COLUMN = "embedding"
 
@@ -177,6 +184,7 @@ class EmbedBatch:
                 f"{name} has no column {self.text_column!r} (its columns: {describe_columns(schema)}); "
                 "pass --text-column NAME"
             )
+        require_unique_column(schema, self.text_column, name)
         kind = schema.field(self.text_column).type
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
             raise InputDataError(
@@ -198,12 +206,11 @@ class EmbedBatch:
             vectors = self.artifact.apply(vectors)
         vectors = np.asarray(vectors, dtype=np.float32)
         if self.normalize:
-            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-            norms[norms == 0] = 1.0
-            vectors = (vectors / norms).astype(np.float32)
+            vectors = unit_rows(vectors)
         return vectors
 
     def __call__(self, batch: pa.RecordBatch | pa.Table, name: str = "batch", row_offset: int = 0) -> Any:
+        raise_if_signalled()  # between batches: stop even if a library swallowed the signal's exception
         i = self._text_index(batch.schema, name)
         texts = batch.column(i).to_pylist()
         valid = np.array([t is not None and t.strip() != "" for t in texts], dtype=bool)
@@ -214,3 +221,73 @@ class EmbedBatch:
         if self._replaces(batch.schema, name):
             return batch.set_column(batch.schema.get_field_index(self.output_column), field, column)
         return batch.append_column(field, column)
+
+
+def records_table(records: list[dict[str, Any]], name: str) -> pa.Table:
+    """JSONL records as an Arrow table for a Parquet output (their fields as columns).
+
+    JSON allows what a Parquet column does not: one field of several types across records, integers
+    beyond 64 bits, empty objects. Each is one InputDataError naming the field and the record (1-based),
+    instead of pyarrow's exception at conversion or at write time.
+    """
+    rows = records
+    try:
+        table = pa.Table.from_pylist(rows)
+    except (pa.ArrowException, OverflowError, TypeError, ValueError) as exc:
+        raise InputDataError(_field_problem(rows, name) or f"{name}: the records cannot form a table ({exc})") from None
+    for field in table.schema:
+        if _holds_empty_struct(field.type):
+            raise InputDataError(
+                f"{name}: field {field.name!r} holds empty objects ({{}}), which Parquet cannot store; "
+                "give them a key, drop the field, or write .jsonl"
+            )
+    return table
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    kinds: dict[type, str] = {str: "a string", list: "a list", dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _field_problem(rows: list[dict[str, Any]], name: str) -> str | None:
+    """The first field pyarrow cannot make one column of, and why (None if none is found)."""
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    for key in fields:
+        values = [row.get(key) for row in rows]
+        try:
+            pa.array(values)
+            continue
+        except (pa.ArrowException, OverflowError, TypeError, ValueError):
+            pass
+        for i, value in enumerate(values):
+            if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
+                return (
+                    f"{name} record {i + 1}: field {key!r} holds the integer {str(value)[:40]}, beyond 64 bits, "
+                    "which Parquet cannot store; write it as a string, or write .jsonl"
+                )
+        kinds: dict[str, int] = {}
+        for i, value in enumerate(values):
+            if value is not None:
+                kinds.setdefault(_json_kind(value), i)
+        if len(kinds) > 1:
+            (first, i), (second, j) = list(kinds.items())[:2]
+            return (
+                f"{name}: field {key!r} is {first} in record {i + 1} but {second} in record {j + 1}; a Parquet "
+                "column holds one type: make the field's values one type, or write .jsonl"
+            )
+        return f"{name}: field {key!r} cannot be stored as a Parquet column (its values are nested inconsistently)"
+    return None
+
+
+def _holds_empty_struct(kind: pa.DataType) -> bool:
+    if pa.types.is_struct(kind):
+        return kind.num_fields == 0 or any(_holds_empty_struct(kind.field(i).type) for i in range(kind.num_fields))
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return _holds_empty_struct(kind.value_type)
+    return False

@@ -17,16 +17,23 @@ first error is re-raised with its own message, and only the outputs finished bef
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import socket
+import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from embfilter_cli.errors import EmbfilterError, MissingDependencyError
+from embfilter_cli.errors import EmbfilterError, EngineError, MissingDependencyError, UsageError
+from embfilter_cli.signals import Terminated, keep_handlers
 from embfilter_cli.vectors.shards import WorkUnit, check_outputs, remove_stale_temporaries
 from embfilter_cli.vectors.tables import TableStats, plan_states, run_unit, split_work
 
 RAY_PIP = "pip install 'embfilter[ray]'"
+RAY_CONNECT_TIMEOUT_S = 10.0  # a cluster's head answers a TCP connection at once; a wrong address never does
 
 
 def require_ray() -> Any:
@@ -42,13 +49,41 @@ def require_ray() -> Any:
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
-    """Start (or join) Ray once per process; quiet, no dashboard."""
+    """Start (or join) Ray once per process; quiet, no dashboard, and the caller's signal handlers kept.
+
+    Raises:
+        UsageError: `address` is neither `auto` nor HOST:PORT (optionally `ray://HOST:PORT`).
+        EngineError: nothing answers at `address` within `RAY_CONNECT_TIMEOUT_S`, or Ray refused to start or join.
+    """
     ray = require_ray()
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
         if address is None:
             kwargs["num_cpus"] = num_cpus
-        ray.init(address=address, **kwargs)
+        else:
+            check_ray_address(address)
+        where = f" at {address}" if address else ""
+        # ray.init installs a SIGTERM handler that exits with status 15 at once, skipping the cleanup
+        # of partial outputs (and printing Ray's C++ stack on the way out): keep ours.
+        # Joining, the driver's C++ client writes each retry ("Failed to get cluster ID from GCS
+        # server", once a second for ~20 s) straight to descriptor 2; a failure is told by the
+        # exception below, so those lines are dropped while it connects.
+        quiet = _descriptor_2_silenced() if address is not None else contextlib.nullcontext()
+        with keep_handlers(), quiet:
+            try:
+                ray.init(address=address, **kwargs)
+            except SystemExit as exc:
+                # The handler ray.init installs first thing, before we can put ours back, turns a
+                # SIGTERM into sys.exit(15): stop like any other SIGTERM (status 143, one line).
+                if exc.code != signal.SIGTERM:
+                    raise
+                raise Terminated(signal.SIGTERM) from None
+            except (ConnectionError, ValueError, RuntimeError, TimeoutError) as exc:
+                reason = " ".join(str(exc).split()) or type(exc).__name__
+                raise EngineError(
+                    f"could not start or join Ray{where}: {reason[:300]}; check --ray-address "
+                    "(`ray start --head` prints it) or leave it out to start a local Ray"
+                ) from None
         with warnings.catch_warnings():
             # Ray's own DataContext() sets its deprecated fields (use_polars, use_push_based_shuffle,
             # use_arrow_tensor_v2) and warns about them: Ray's business, nothing our user can act on.
@@ -57,6 +92,50 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
         context.enable_progress_bars = False
         _quiet_ray_data_console()
     return ray
+
+
+@contextlib.contextmanager
+def _descriptor_2_silenced() -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null for the block (C++ libraries write there, not to sys.stderr)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no descriptor 2 (a closed stderr): nothing to silence
+        yield
+        return
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.close(null)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def check_ray_address(address: str) -> None:
+    """Refuse a malformed `address`, and one where nothing listens, before `ray.init` sees it.
+
+    `ray.init` answers a malformed address with a traceback and an unreachable one after minutes of
+    retries (ignoring SIGTERM meanwhile); a TCP connection with a timeout answers both in seconds.
+    `auto` (the cluster this machine joined) is left to Ray.
+    """
+    if address == "auto":
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c.isspace() for c in host):
+        raise UsageError(
+            f"--ray-address {address!r} is not HOST:PORT or `auto`; pass the address `ray start --head` printed"
+        )
+    try:
+        socket.create_connection((host, int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        reason = "no answer" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc) or type(exc).__name__)
+        raise EngineError(
+            f"cannot reach a Ray cluster at {address} ({reason} within {RAY_CONNECT_TIMEOUT_S:.0f} s); "
+            "start it with `ray start --head` there, or fix --ray-address"
+        ) from None
 
 
 def _quiet_ray_data_console() -> None:
@@ -137,8 +216,14 @@ def run_units_ray(
             )
         try:
             done = ds.take_all()
-        except Exception as exc:  # Ray wraps the actor's exception (RayTaskError, UserCodeException)
+        except BaseException as exc:  # an actor failed (Ray wraps its exception), or SIGINT/SIGTERM
+            if not isinstance(exc, Exception):
+                # Stopped: end the job's actors now (disconnecting ends them), or they would go on
+                # writing, and be killed mid-write, after the sweep below.
+                ray.shutdown()
             _remove_partial_outputs(todo)
+            if not isinstance(exc, Exception):
+                raise
             raise _unwrap(exc) from None
         stats.rows = int(sum(int(r["rows"]) for r in done))
         stats.files = len(done)

@@ -3,9 +3,11 @@
     from embfilter_cli.engines.spark import filter_dataframe
     filtered = filter_dataframe(df, "artifacts/f.safetensors", column="embedding")
 
-Each Python worker loads the filter once (a per-process cache keyed by the file), then filters whole
-Arrow record batches with `FilterBatch`, the same code as `embfilter apply`; nothing is broadcast or
-computed per row. The filter file must be readable at the same path on every worker (a shared
+Each Python worker loads the filter once (a per-process cache of artifacts keyed by the file), then
+filters whole Arrow record batches with a `FilterBatch` built for this call's settings (column,
+dtype, normalize, allow_null), the same code as `embfilter apply`; nothing is broadcast or computed
+per row. Only the loaded file is shared between calls: Spark reuses its Python workers, so a cache
+of whole `FilterBatch`es keyed by the file would serve one call's settings to the next. The filter file must be readable at the same path on every worker (a shared
 file system, or ship it with `SparkContext.addFile` and pass `SparkFiles.get(name)`). The output
 column keeps its name and becomes `array<float>` (Spark has no fixed-size list type; every array
 has k elements). Other columns pass through unchanged.
@@ -24,7 +26,9 @@ from embfilter_cli.errors import InputDataError, MissingDependencyError
 from embfilter_cli.vectors.arrow_batches import VECTOR_COLUMN_NAMES, FilterBatch
 
 SPARK_PIP = "pip install 'embfilter[spark]'"
-_WORKER_FILTERS: dict[tuple[str, float], Any] = {}  # per Python worker process: (path, mtime) -> FilterBatch
+# Per Python worker process: (path, mtime, size) -> loaded FilterArtifact. Settings are not part of
+# the value, so every call builds its own FilterBatch around the shared artifact.
+_WORKER_ARTIFACTS: dict[tuple[str, float, int], Any] = {}
 
 
 def require_pyspark() -> Any:
@@ -37,13 +41,15 @@ def require_pyspark() -> Any:
 
 
 def _worker_filter(path: str, column: str, dtype: str, normalize: bool, allow_null: bool) -> FilterBatch:
-    key = (path, os.path.getmtime(path))
-    fb = _WORKER_FILTERS.get(key)
-    if fb is None:
-        fb = FilterBatch(path, column, dtype=dtype, normalize=normalize, allow_null=allow_null)
-        fb.artifact  # noqa: B018 - load once per worker process
-        _WORKER_FILTERS[key] = fb
-    return fb
+    """A `FilterBatch` with exactly these settings around the artifact this worker already loaded."""
+    stat = os.stat(path)
+    key = (path, stat.st_mtime, stat.st_size)
+    artifact = _WORKER_ARTIFACTS.get(key)
+    if artifact is None:
+        from embfilter_cli.filters.artifact import load_artifact
+
+        artifact = _WORKER_ARTIFACTS[key] = load_artifact(path)  # once per worker process and file
+    return FilterBatch(artifact, column, dtype=dtype, normalize=normalize, allow_null=allow_null)
 
 
 def filter_dataframe(

@@ -26,6 +26,7 @@ from embfilter_cli.export.onnx_graph import (
 )
 from embfilter_cli.export.onnx_host import AppendInfo, load_host
 from embfilter_cli.export.report import CheckReport, max_relative_error
+from embfilter_cli.library_logs import ort_severity
 
 if TYPE_CHECKING:
     import onnx
@@ -51,14 +52,14 @@ def _ort() -> Any:
         raise MissingDependencyError(
             "checking an ONNX export needs onnxruntime: pip install onnxruntime (or pass --no-check)"
         ) from exc
-    onnxruntime.set_default_logger_severity(3)  # errors only, for the process-wide logger as well
+    onnxruntime.set_default_logger_severity(ort_severity())  # the process-wide logger as well
     return onnxruntime
 
 
 def _session(path: str | os.PathLike[str]) -> Any:
     ort = _ort()
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # errors only: ORT's warnings would otherwise go to stderr unasked
+    opts.log_severity_level = ort_severity()  # ORT's lines would otherwise go to stderr unasked
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:

@@ -349,6 +349,12 @@ def _validate_fields(p: Path, metadata: dict[str, str], tensors: dict[str, np.nd
         raise bad("metadata `band` keep", band["keep"], f"{k} (the reduced projection's row count)")
     if kind == "projector" and k != d:
         raise bad("tensor `projection`", f"shape {proj.shape}", f"({d}, {d}) for a projector")
+    try:  # decoded by `summary` (verify --json, inspect): check it here, where the file is read
+        certificate = json_loads(metadata["certificate"])
+    except ValueError:
+        certificate = None
+    if not isinstance(certificate, dict):
+        raise bad("metadata `certificate`", metadata["certificate"], "a JSON object (the solver's accuracy record)")
     sv = tensors["singular_values"]
     if sv.ndim != 1 or sv.dtype.kind != "f" or not 1 <= sv.size <= d:
         raise bad("tensor `singular_values`", f"{sv.dtype} {sv.shape}", f"1 to {d} floats (one per computed direction)")

@@ -67,7 +67,15 @@ def filtered_mean(raw: np.ndarray, projection: np.ndarray, *, where: str = "the 
             bad = r0 + int(np.argmax(~np.isfinite(chunk).all(axis=1)))
             raise InputDataError(f"{where} row {bad} holds NaN or Inf; remove it before centring")
         total += chunk.sum(axis=0)
-    return projection.astype(np.float64) @ (total / n)
+    mean = projection.astype(np.float64) @ (total / n)  # float64 sums: rows near float32's limit cannot overflow
+    # The filter stores the mean as float32: refuse one that would be stored as ±Inf.
+    biggest = float(np.abs(mean).max()) if mean.size else 0.0
+    if not biggest <= float(np.finfo(np.float32).max):
+        raise InputDataError(
+            f"the mean of the filtered {where} reaches {biggest:.3g}, beyond float32's range (±3.4e38) in which "
+            "the filter stores it; scale the background embeddings down before centring"
+        )
+    return mean
 
 
 def apply_affine(vectors: np.ndarray, projection: np.ndarray, mean: np.ndarray | None) -> np.ndarray:

@@ -26,6 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from embfilter_cli.errors import InputDataError
+from embfilter_cli.filters.finite import project_rows, unit_rows
+from embfilter_cli.signals import raise_if_signalled
 
 VECTOR_COLUMN_NAMES = ("embedding", "embeddings", "vector")
 ARROW_DTYPES = ("float16", "float32", "float64")
@@ -51,6 +53,16 @@ def _type_words(kind: pa.DataType) -> str:
     if pa.types.is_list(kind) or pa.types.is_large_list(kind):
         return f"{'large_' if pa.types.is_large_list(kind) else ''}list<{kind.value_type}>"
     return str(kind)
+
+
+def require_unique_column(schema: pa.Schema, column: str, name: str) -> None:
+    """Refuse a column name that several columns share: pyarrow cannot pick one (`schema.field` raises)."""
+    count = len(schema.get_all_field_indices(column))
+    if count > 1:
+        raise InputDataError(
+            f"{name} has {count} columns named {column!r} (its columns: {describe_columns(schema)}); "
+            "rename them so the column is unique"
+        )
 
 
 def find_vector_column(schema: pa.Schema, column: str | None, name: str) -> str:
@@ -80,6 +92,7 @@ def find_vector_column(schema: pa.Schema, column: str | None, name: str) -> str:
                     f"(its columns: {describe_columns(schema)}); pass --column NAME"
                 )
             chosen = candidates[0]
+    require_unique_column(schema, chosen, name)
     kind = schema.field(chosen).type
     if not is_vector_type(kind):
         raise InputDataError(
@@ -302,6 +315,7 @@ class FilterBatch:
         self, x: np.ndarray, name: str = "batch", row_offset: int = 0, valid: np.ndarray | None = None
     ) -> np.ndarray:
         """Filter an (m, d) array of vectors (checks, filter, normalisation, output dtype)."""
+        raise_if_signalled()  # between batches: stop promptly even if a library swallowed the signal's exception
         if x.dtype != np.float64:
             x = x.astype(np.float32, copy=False)  # float16 is computed in float32, as everywhere else
         ok = finite_rows(x)
@@ -315,21 +329,20 @@ class FilterBatch:
                     "--allow-nonfinite to let such rows through (their results are NaN/Inf)"
                 )
             self.nonfinite_rows += int((~ok).sum())
-        y = self.artifact.apply(x)
+        art = self.artifact
+        y = project_rows(x, art.projection, art.mean, ok)  # float64 where float32 would overflow
         if self.normalize:
-            norms = np.sqrt(np.einsum("ij,ij->i", y, y))
-            norms[norms == 0] = 1  # an all-zero result has no direction; keep it zero rather than NaN
-            y = y / norms[:, None]
-        if self.dtype == "float16":
-            with np.errstate(over="ignore"):
-                y16 = y.astype(np.float16)
-            over = ~np.isfinite(y16).all(axis=1) & ok
-            if over.any():
-                bad = int(np.flatnonzero(over)[0])
-                row = int(np.flatnonzero(valid)[bad]) if valid is not None else bad
-                raise InputDataError(
-                    f"{name} row {row_offset + row}: a filtered value exceeds float16's range (±65504); "
-                    "pass --dtype float32 or --normalize"
-                )
-            return y16
-        return y.astype(self.dtype, copy=False)
+            y = unit_rows(y)
+        with np.errstate(over="ignore"):
+            out = y.astype(self.dtype, copy=False)
+        over = ~finite_rows(out) & ok  # a finite input must give a finite output, never Inf/NaN with exit 0
+        if over.any():
+            bad = int(np.flatnonzero(over)[0])
+            row = int(np.flatnonzero(valid)[bad]) if valid is not None else bad
+            hint = (
+                "float16's range (±65504); pass --dtype float32 or --normalize"
+                if self.dtype == "float16"
+                else f"{self.dtype}'s range; pass --normalize or --dtype float64, or scale the input"
+            )
+            raise InputDataError(f"{name} row {row_offset + row}: a filtered value exceeds {hint}")
+        return out

@@ -5,19 +5,20 @@ and Arrow schema metadata, the safetensors header). `vector_files` + `read_finge
 `embfilter verify F --vectors PATH` check a file or a whole folder against a filter; `--resume`
 uses the same reader to tell finished outputs from foreign or incomplete ones.
 
+Metadata alone can be copied onto any file, so `vectors_check` also checks the vectors themselves
+(`vector_content`: the column, its width, row counts, unit length, the kept subspace).
+
 Not handled: .npy and JSONL outputs carry no metadata, so they cannot be verified.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from embfilter_cli.errors import InputDataError
-from embfilter_cli.jsonable import loads as json_loads
 
 if TYPE_CHECKING:
     from embfilter_cli.filters.artifact import FilterArtifact
@@ -50,20 +51,15 @@ def read_fingerprint(path: str | os.PathLike[str]) -> tuple[int, dict[str, str]]
 
 
 def _safetensors_fingerprint(path: Path) -> tuple[int, dict[str, str]]:
+    # The shared header parser: a header of the wrong JSON types (a list as __metadata__, a
+    # non-numeric shape) is one InputDataError, as when the file is read as input.
+    from embfilter_cli.vectors.safetensors_format import read_safetensors_header
+
     with open(path, "rb") as fp:
-        head = fp.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else 0
-        raw = fp.read(n) if 0 < n <= 100 << 20 else b""
-    try:
-        header = json_loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        header = None
-    if not isinstance(header, dict):
-        raise InputDataError(f"{path} is not a readable safetensors file; recreate it")
-    meta = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
-    shapes = [v.get("shape", [0]) for v in header.values() if isinstance(v, dict)]
+        header = read_safetensors_header(fp, str(path))
+    shapes = [e.shape for e in header.entries]
     rows = int(shapes[0][0]) if len(shapes) == 1 and shapes[0] else -1
-    return rows, meta
+    return rows, dict(header.metadata or {})
 
 
 def vector_files(path: str | os.PathLike[str]) -> list[Path]:
@@ -124,16 +120,31 @@ def check_vector_file(path: Path, projection_sha256: str, mean_sha256: str = "")
     return VectorCheck(str(path), True, rows, found, f"{rows} rows, made by this filter")
 
 
+def _check_with_content(artifact: FilterArtifact, path: Path, sha: str, mean_sha: str) -> VectorCheck:
+    """`check_vector_file`, then, when the metadata names this filter, what the vectors themselves prove."""
+    from embfilter_cli.vectors.vector_content import content_problem
+
+    result = check_vector_file(path, sha, mean_sha)
+    if result.ok:
+        rows, meta = read_fingerprint(path)
+        problem = content_problem(artifact, path, rows, meta)
+        if problem is not None:
+            return VectorCheck(str(path), False, rows, result.projection_sha256, problem)
+    return result
+
+
 def vectors_check(artifact: FilterArtifact, path: str | os.PathLike[str]) -> Check:
     """One `filters.checks.Check` over a file or folder of vectors: all made by `artifact`?
 
-    The check fails naming the first file made by another filter, or by none.
+    Beyond the recorded fingerprints, every vector is read and checked against what the filter's
+    output must be (`vector_content`). The check fails naming the first file made by another
+    filter, by none, or whose data contradicts its metadata.
     """
     from embfilter_cli.filters.checks import Check
 
     sha = artifact.metadata.get("projection_sha256", "")
     mean_sha = artifact.metadata.get("mean_sha256", "")
-    results = [check_vector_file(f, sha, mean_sha) for f in vector_files(path)]
+    results = [_check_with_content(artifact, f, sha, mean_sha) for f in vector_files(path)]
     bad = [r for r in results if not r.ok]
     rows = sum(max(r.rows, 0) for r in results)
     values = {"path": str(path), "files": len(results), "rows": rows, "files_failed": len(bad)}

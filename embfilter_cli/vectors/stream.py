@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from embfilter_cli.errors import InputDataError
+from embfilter_cli.filters.finite import unit_rows
 from embfilter_cli.vectors.base import DEFAULT_BATCH_ROWS, Passthrough, ProgressFn, Sink, Source
 
 
@@ -109,9 +110,7 @@ def filter_stream(
             if m is not None:
                 y -= m
             if normalize:
-                norms = np.sqrt(np.einsum("ij,ij->i", y, y))
-                norms[norms == 0] = 1  # an all-zero result has no direction; keep it zero rather than NaN
-                y /= norms[:, None]
+                y = unit_rows(y)  # scaled first: Σ y² of values near 3e38 would overflow
             if out_dtype in ("float16", "float32") and y.dtype != np.dtype(out_dtype):
                 y = y.astype(out_dtype)
             elif y.dtype != compute and out_dtype != "float64":  # bfloat16 sinks take the compute dtype
