@@ -6,7 +6,13 @@ from typing import Any
 
 import click
 
-from embfilter_cli.commands._options import device_option, embedding_options, force_option, output_options
+from embfilter_cli.commands._options import (
+    device_option,
+    embedding_options,
+    force_option,
+    output_options,
+    self_sampling_options,
+)
 
 
 @click.command()
@@ -25,6 +31,7 @@ from embfilter_cli.commands._options import device_option, embedding_options, fo
 )
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) for a Hub id.")
 @embedding_options
+@self_sampling_options
 @device_option
 @force_option
 @output_options
@@ -40,6 +47,12 @@ def center(
     max_length: int,
     dtype: str,
     input_format: str,
+    self_count: int,
+    self_tokens: int,
+    self_temperature: float,
+    self_seed: int,
+    self_start: str,
+    save_texts: str | None,
     device: str,
     force: bool,
     json_: bool,
@@ -50,7 +63,9 @@ def center(
     TEXTS is a background set of unlabeled texts from the domain you will embed (one per line,
     JSONL with a `text` field, or - for stdin), embedded with the filter's model and the given
     --pooling/--recipe; or a .npy of raw (n, d) embeddings you made the same way (no model run;
-    the --pooling/--recipe/--max-length you give are recorded as how they were made).
+    the --pooling/--recipe/--max-length you give are recorded as how they were made); or `self`:
+    texts the model samples itself (no data needed; --self-* options; cached under
+    $EMBFILTER_CACHE/self-texts, so centring for another recipe does not sample again).
     The projection P is kept; a filter that already has a mean gets the new one instead.
     Use the centred filter only with the same --pooling and --recipe (embed, eval and inspect refuse
     any other); centre again for another recipe or domain.
@@ -60,6 +75,7 @@ def center(
       embfilter center artifacts/f.safetensors background.txt -o artifacts/f-news.safetensors
       embfilter center F docs.jsonl --pooling last --recipe summarize -o F-summarize.safetensors
       embfilter center F raw_background.npy -o F2.safetensors
+      embfilter center F self --pooling last --recipe prompteol -o F-self-prompteol.safetensors
     """
     from embfilter_cli.console import info
     from embfilter_cli.files import check_writable
@@ -68,14 +84,17 @@ def center(
 
     check_writable(output, force)
     artifact = load_artifact(filter_path)
-    background = read_background_for(texts, pooling, recipe, input_format)
+    from embfilter_cli.text.self_samples import SelfSampling
+
+    sampling = SelfSampling(self_count, self_tokens, self_temperature, self_seed, self_start)
+    background = read_background_for(texts, pooling, recipe, input_format, sampling, save_texts, force)
     check_background_dim(background, artifact.hidden_size, str(artifact.path))
     location = None
     if background.embeddings is None:
         location = _filter_model(artifact, model, revision)
         info(f"Model: {location.source} ({location.kind.replace('_', ' ')})")
     centred, report = centre_logged(
-        artifact, background, location, pooling, recipe, max_length, batch_size, device, dtype
+        artifact, background, location, pooling, recipe, max_length, batch_size, device, dtype, save_texts, force
     )
     save_artifact(centred, output, force=force)
     summary = centring_summary(centred, report)
@@ -88,10 +107,19 @@ def center(
         print_centring(summary)
 
 
-def read_background_for(texts: str, pooling: str, recipe: str, input_format: str) -> Any:
-    """Check --pooling/--recipe, read the background (texts or .npy) and warn about skipped blank lines.
+def read_background_for(
+    texts: str,
+    pooling: str,
+    recipe: str,
+    input_format: str,
+    sampling: Any = None,
+    save_texts: str | None = None,
+    force: bool = False,
+) -> Any:
+    """Check --pooling/--recipe, read the background (texts, .npy, or "self") and warn about skipped blank lines.
 
     Shared with `fit --center-on`, which calls it before the decomposition so bad input fails at once.
+    `sampling` (`SelfSampling`) is how "self" samples; `save_texts` must be writable, and only for "self".
     """
     from embfilter_cli.console import warn
     from embfilter_cli.text.background import read_background
@@ -100,7 +128,14 @@ def read_background_for(texts: str, pooling: str, recipe: str, input_format: str
 
     check_pooling(pooling)
     resolve_recipe(recipe)  # a bad template fails before anything is read or loaded
-    background = read_background(texts, input_format)
+    if save_texts is not None:
+        from embfilter_cli.errors import UsageError
+        from embfilter_cli.files import check_writable
+
+        if texts != "self":
+            raise UsageError(f"--save-texts keeps the texts of --center-on self; the background here is {texts}")
+        check_writable(save_texts, force)
+    background = read_background(texts, input_format, sampling=sampling)
     if background.skipped:
         warn(describe_skipped(background.skipped))
     return background
@@ -116,11 +151,30 @@ def centre_logged(
     batch_size: int,
     device: str,
     dtype: str,
+    save_texts: str | None = None,
+    force: bool = False,
 ) -> tuple[Any, Any]:
-    """`text.background.centre_filter` with an info line, a progress bar and the truncation warning."""
-    from embfilter_cli.console import info, progress_bar, warn
-    from embfilter_cli.text.background import centre_filter
+    """`text.background.centre_filter` with info lines, progress bars and the truncation warning.
 
+    A "self" background is sampled first (its own bar; `save_texts` then receives the texts as JSONL).
+    """
+    from embfilter_cli.console import info, notice, progress_bar, warn
+    from embfilter_cli.text.background import centre_filter, sample_background
+
+    encoder = None
+    if background.pending:
+        s = background.sampling
+        info(
+            f"Sampling {s.count} texts of up to {s.new_tokens} tokens from the model (temperature {s.temperature:g}, seed {s.seed})…"
+        )
+        with progress_bar("Sampling", s.count) as progress:
+            background, encoder = sample_background(
+                background, location, device=device, dtype=dtype, progress=progress, notify=notice
+            )
+        info(f"Sampled {background.count} texts" + (" (from the cache)" if encoder is None else ""))
+        if save_texts is not None:
+            _save_texts(background.texts, save_texts, force)
+            info(f"Wrote the sampled texts to {save_texts}")
     what = "texts" if background.embeddings is None else "pre-computed embeddings"
     info(f"Centring on {background.count} {what} from {background.input} ({pooling} pooling, recipe {recipe})…")
     with progress_bar("Embedding", background.count) as progress:
@@ -135,10 +189,21 @@ def centre_logged(
             device=device,
             dtype=dtype,
             progress=progress,
+            encoder=encoder,
         )
     if report.truncated:
         warn(f"{report.truncated} background text(s) exceeded --max-length {max_length} tokens and were cut")
     return centred, report
+
+
+def _save_texts(texts: list[str], path: str, force: bool) -> None:
+    """The texts as JSONL ({"text": ...} per line: texts may hold newlines), written atomically."""
+    import json
+
+    from embfilter_cli.files import atomic_path
+
+    with atomic_path(path, force=force) as tmp:
+        tmp.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
 
 
 def _filter_model(artifact: Any, model: str | None, revision: str | None) -> Any:
@@ -171,9 +236,13 @@ def print_centring(summary: dict[str, Any]) -> None:
     table = key_value_table()
     if "filter" in summary:
         table.add_row("filter", summary["filter"])
-    table.add_row(
-        "background", f"{c['input']}: {c['count']} {'texts' if c['source'] == 'texts' else 'pre-computed embeddings'}"
-    )
+    what = "texts" if c["source"] == "texts" else "pre-computed embeddings"
+    if (sampled := c.get("sampling")) is not None:
+        what = (
+            f"texts sampled by the model ({sampled['new_tokens']} new tokens from {sampled['start']}, temperature "
+            f"{sampled['temperature']:g}, seed {sampled['seed']}, {sampled['dtype']} on {sampled['device']})"
+        )
+    table.add_row("background", f"{c['input']}: {c['count']} {what}")
     table.add_row("embedded as", f"{c['pooling']} pooling, recipe {c['recipe']}, max length {c['max_length']}")
     table.add_row("mean", f"‖m‖ = {summary['mean_norm']:.4g} over {summary['output_dim']} dims (y = P·x − m)")
     table.add_row("sha256(texts)" if c["source"] == "texts" else "sha256(.npy)", c["sha256"])

@@ -63,6 +63,12 @@ from embfilter_cli.commands._options import MAX_TEXT_BATCH, device_option, force
 )
 @click.option("--no-background", is_flag=True, help="No centering rows and no baselines, even for --data lee.")
 @click.option(
+    "--center-self",
+    is_flag=True,
+    help="Also score each filter and band centred on texts the model samples itself (what "
+    "`fit --center-on self` stores; default sampling settings, cached).",
+)
+@click.option(
     "--abtt",
     "abtt_list",
     default=None,
@@ -118,6 +124,7 @@ def eval_cmd(
     auto: bool,
     background_spec: str | None,
     no_background: bool,
+    center_self: bool,
     abtt_list: str | None,
     whiten_list: str | None,
     batch_size: int,
@@ -147,6 +154,7 @@ def eval_cmd(
       embfilter eval --model smollm2-135m --data lee --sweep-top 0,4,16,64,128 --sweep-bottom 0,4,8,16,32,64 --plot heatmap.png
       embfilter eval --model M --data pairs.tsv --filter A.safetensors --filter B.safetensors --json
       embfilter eval --data pairs.tsv --background unlabeled.txt --abtt 1,2 --whiten 128
+      embfilter eval --data lee --pooling last --recipe prompteol --center-self --ratio 2
     """
     from embfilter_cli.text.eval_request import parse_eval_request
 
@@ -196,6 +204,11 @@ def eval_cmd(
     bg_raw = bg_info = None
     if background is not None:
         bg_raw, bg_info = cached_embeddings(location, background, what="Background embeddings", **embed_options)
+    self_raw = None
+    if center_self:
+        from embfilter_cli.commands._eval_output import self_sample_embeddings
+
+        self_raw = self_sample_embeddings(location, cache, embed_options)
     results, grid = evaluate_all(
         raw,
         data,
@@ -212,6 +225,7 @@ def eval_cmd(
             "skip_impossible": [m for m, given in (("abtt", abtt_list), ("whiten", whiten_list)) if given is None],
             "note": warn,
         },
+        self_samples=self_raw,
     )
     best = next((r for r in results if r.best), None)
 

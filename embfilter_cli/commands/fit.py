@@ -13,6 +13,7 @@ from embfilter_cli.commands._options import (
     embedding_options,
     force_option,
     output_options,
+    self_sampling_options,
 )
 from embfilter_cli.filters.solve import AUTO_EXACT_MAX_HIDDEN
 
@@ -120,12 +121,14 @@ from embfilter_cli.filters.solve import AUTO_EXACT_MAX_HIDDEN
     "--center-on",
     "center_on",
     default=None,
-    metavar="TEXTS",
+    metavar="TEXTS|self|none",
     help="Also centre the filter: store the mean of the filtered TEXTS (unlabeled texts from your domain, "
     "as `embed` reads them, or -; or a .npy of raw embeddings) so it becomes y = P·x − m. The texts are "
-    "embedded with this model and the --pooling/--recipe/--max-length/--batch-size/--dtype below.",
+    "embedded with this model and the --pooling/--recipe/--max-length/--batch-size/--dtype below. "
+    "self: texts the model samples itself (no data needed; see --self-*). none (the default): W_U only.",
 )
 @embedding_options
+@self_sampling_options
 @force_option
 @output_options
 def fit(
@@ -155,6 +158,12 @@ def fit(
     max_length: int,
     dtype: str,
     input_format: str,
+    self_count: int,
+    self_tokens: int,
+    self_temperature: float,
+    self_seed: int,
+    self_start: str,
+    save_texts: str | None,
     force: bool,
     json_: bool,
 ) -> None:
@@ -169,6 +178,7 @@ def fit(
       embfilter fit --band auto                      # R and B from the spectrum alone
       embfilter fit --model model.gguf --rank 64 --solver randomized --device cuda --json
       embfilter fit --rank 64 --bottom 16 --center-on background.txt   # y = P·x − m (see `embfilter center`)
+      embfilter fit --center-on self                 # centred on the model's own samples, no data needed
     """
     from embfilter_cli.commands._fit_helpers import head_line, parse_power_iters, print_summary
 
@@ -178,10 +188,16 @@ def fit(
 
         check_writable(output, force)  # fail before any download or decomposition
     background = None
-    if center_on is not None:  # read before the decomposition, so empty or unreadable texts fail in a second
+    if center_on == "none":
+        center_on = None  # explicit head-only fit (a file named none: ./none)
+    if center_on is not None or save_texts is not None:  # read before the decomposition: bad input fails at once
         from embfilter_cli.commands.center import read_background_for
+        from embfilter_cli.text.self_samples import SelfSampling
 
-        background = read_background_for(center_on, pooling, recipe, input_format)
+        sampling = SelfSampling(self_count, self_tokens, self_temperature, self_seed, self_start)
+        background = read_background_for(
+            center_on or "none", pooling, recipe, input_format, sampling, save_texts, force
+        )
 
     from embfilter_cli.console import info, progress_bar, progress_enabled
     from embfilter_cli.filters.solve import BandRequest, SolverOptions, fit_spectrum
@@ -230,7 +246,7 @@ def fit(
         from embfilter_cli.commands.center import centre_logged
 
         artifact, report = centre_logged(
-            artifact, background, location, pooling, recipe, max_length, batch_size, device, dtype
+            artifact, background, location, pooling, recipe, max_length, batch_size, device, dtype, save_texts, force
         )
     save_artifact(artifact, out, force=force)
     summary = fit_summary(artifact, spectrum, band, rule)

@@ -1,0 +1,221 @@
+"""Self-centring choices on Lee (issue 17): which self-generated background makes the best mean?
+
+Usage: nice python -m bench.bench_self_center [--work DIR] [--threads N] [--table-only]
+
+Runs the built-in SmolLM2-135M once: embeds the 50 Lee documents (mean pooling; last token with
+the PromptEOL recipe), samples texts with `text.self_samples.sample_token_ids` for each arm and
+seed, embeds them with the same pooling/recipe, and prints Spearman on Lee for the default
+`--band auto` filter centred on each candidate mean (mean over seeds, then min–max). Every model
+output is kept under --work, so an interrupted run resumes and `--table-only` reprints the table
+from what is there. Arms (all from one model load):
+
+  A  bos    T=1.0  96 samples × 64 tokens  (the issue's sampler); derived from A without new samples:
+     the first 32 samples, the 16-token prefixes, a mix with one-token vocabulary texts,
+     projecting off the mean direction instead of subtracting it, the mean of unit vectors;
+  B  bos    T=0.7  32 × 64     C  "<|endoftext|>" start  T=1.0  32 × 64  (compare with A's first 32).
+
+Not measured here (quoted from /work/shared/EMBEDFILTER.md): the lee_background in-domain mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+ARMS = {  # name: (start, temperature, count, new_tokens)
+    "A": ("bos", 1.0, 96, 64),
+    "B": ("bos", 0.7, 32, 64),
+    "C": ("<|endoftext|>", 1.0, 32, 64),
+}
+SEEDS = (0, 1, 2)
+RECIPES = (("mean", "none"), ("last", "prompteol"))
+VOCAB_TEXTS = 512
+
+
+class Work:
+    """The bench's model, data and on-disk results (every expensive output is saved as it is made)."""
+
+    def __init__(self, folder: Path, threads: int, table_only: bool) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.table_only = table_only
+        self.threads = threads
+        self._lm = self._encoder = None
+
+    def model(self):
+        if self._lm is None:
+            import torch
+
+            from embfilter_cli.model.locate import resolve_model
+            from embfilter_cli.text.self_samples import load_generator_at
+
+            torch.set_num_threads(self.threads)
+            self._lm, self._encoder = load_generator_at(resolve_model(None), device="cpu", dtype="float32")
+        return self._lm, self._encoder
+
+    def cached(self, name: str, make):
+        path = self.folder / name
+        if path.exists():
+            return np.load(path) if name.endswith(".npy") else json.loads(path.read_text())
+        if self.table_only:
+            return None
+        started = time.perf_counter()
+        value = make()
+        tmp = path.with_suffix(".tmp")
+        if name.endswith(".npy"):
+            with open(tmp, "wb") as f:
+                np.save(f, value)
+        else:
+            tmp.write_text(json.dumps(value))
+        os.replace(tmp, path)
+        print(f"  {name}: {time.perf_counter() - started:.0f}s", flush=True)
+        return value
+
+    def embed(self, name: str, texts: list[str], pooling: str, recipe: str) -> np.ndarray | None:
+        def make() -> np.ndarray:
+            return self.model()[1].embed(texts, pooling=pooling, recipe=recipe, batch_size=16, max_length=512)
+
+        return self.cached(f"{name}-{pooling}-{recipe}.npy", make)
+
+    def samples(self, arm: str, seed: int) -> list[list[int]] | None:
+        from embfilter_cli.text.self_samples import SelfSampling, sample_token_ids, start_ids, stop_ids
+
+        start, temperature, count, tokens = ARMS[arm]
+
+        def make() -> list[list[int]]:
+            lm, encoder = self.model()
+            tok = encoder.tokenizer
+            first = start_ids(tok, "bos", "model") if start == "bos" else tok(start)["input_ids"]
+            sampling = SelfSampling(count=count, new_tokens=tokens, temperature=temperature, seed=seed)
+            return sample_token_ids(lm, first, sampling, vocab_size=len(tok), stops=stop_ids(tok, lm))
+
+        return self.cached(f"ids-{arm}-{seed}.json", make)
+
+
+def texts_of(work: Work, ids: list[list[int]], keep: int | None = None) -> list[str]:
+    from embfilter_cli.text.self_samples import decode_samples
+
+    return decode_samples(work.model()[1].tokenizer, [s[:keep] if keep else s for s in ids])
+
+
+def spearman_of(lee: np.ndarray, projection: np.ndarray, data, mean=None, mode="subtract") -> float:
+    from embfilter_cli.text.evaluation import score_vectors
+
+    y = lee.astype(np.float64) @ projection.T
+    if mean is not None:
+        if mode == "subtract":
+            y = y - mean
+        else:  # project off the mean's direction
+            unit = mean / np.linalg.norm(mean)
+            y = y - np.outer(y @ unit, unit)
+    return score_vectors(y, data)[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/embfilter-bench-self"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--table-only", action="store_true")
+    args = parser.parse_args()
+    from bench._common import describe_machine
+    from embfilter_cli.filters.band_auto import auto_band
+    from embfilter_cli.model.locate import resolve_model
+    from embfilter_cli.text.cache import Cache, cached_head_spectrum
+    from embfilter_cli.text.datasets import load_dataset
+
+    work = Work(args.work, args.threads, args.table_only)
+    data = load_dataset("lee")
+    _, spectrum, _ = cached_head_spectrum(resolve_model(None), Cache())
+    assert spectrum is not None
+    band = auto_band(spectrum.singular_values).band
+    projection = spectrum.vectors[:, band.start : band.stop].T.astype(np.float64)
+    print(describe_machine(), f"torch threads {args.threads}", time.strftime("%Y-%m-%d"), flush=True)
+    lee = {r: work.embed("lee", data.texts, *r) for r in RECIPES}
+    # Order: the main arm first, so a short run already answers the main questions.
+    jobs = [("A", s) for s in SEEDS] + [(a, s) for a in ("B", "C") for s in SEEDS]
+    vectors: dict[tuple[str, int, str, tuple[str, str]], np.ndarray | None] = {}
+    for arm, seed in jobs:
+        ids = work.samples(arm, seed)
+        if ids is None:
+            continue
+        variants = {"": None, "-16tok": 16} if arm == "A" else {"": None}
+        for suffix, keep in variants.items():
+            texts = texts_of(work, ids, keep)
+            for r in RECIPES:
+                vectors[(arm + suffix, seed, "", r)] = work.embed(f"self-{arm}{suffix}-{seed}", texts, *r)
+    rng = np.random.default_rng(0)
+    vocab_ids = sorted(rng.choice(np.arange(3, 49152), size=VOCAB_TEXTS, replace=False).tolist())
+    vocab: list[str] | None = None
+    for r in RECIPES:
+        name = f"vocab-{r[0]}-{r[1]}.npy"
+        if (args.work / name).exists() or not args.table_only:
+            if vocab is None:
+                tok = work.model()[1].tokenizer
+                vocab = [t for t in (tok.decode([i]) for i in vocab_ids) if t.strip()]
+            vectors[("vocab", 0, "", r)] = work.embed("vocab", vocab, *r)
+    print_table(vectors, lee, projection, data)
+
+
+def print_table(vectors, lee, projection, data) -> None:
+    """One row per candidate mean: Spearman on Lee per recipe, mean over seeds and (min–max)."""
+    rows: list[tuple[str, dict[tuple[str, str], list[float]]]] = []
+
+    def add(label: str, make_mean, mode: str = "subtract") -> None:
+        scores: dict[tuple[str, str], list[float]] = {}
+        for r in RECIPES:
+            for seed in SEEDS:
+                mean = make_mean(seed, r)
+                if mean is not None and lee[r] is not None:
+                    scores.setdefault(r, []).append(spearman_of(lee[r], projection, data, mean, mode))
+        rows.append((label, scores))
+
+    def mean_of(arm: str, first: int | None = None, unit: bool = False):
+        def make(seed: int, r):
+            v = vectors.get((arm, seed, "", r))
+            if v is None:
+                return None
+            y = v[:first].astype(np.float64) @ projection.T
+            if unit:
+                y /= np.linalg.norm(y, axis=1, keepdims=True)
+            return y.mean(axis=0)
+
+        return make
+
+    def mixed(seed: int, r, share: float = 0.5):
+        a, v = mean_of("A")(seed, r), vectors.get(("vocab", 0, "", r))
+        return None if a is None or v is None else (1 - share) * a + share * (v @ projection.T).mean(axis=0)
+
+    add("A: BOS, T=1, 96 × 64 tokens (issue's sampler)", mean_of("A"))
+    add("A, first 32 samples", mean_of("A", 32))
+    add("A, 16-token prefixes", mean_of("A-16tok"))
+    add("A, project off the mean direction", mean_of("A"), mode="project")
+    add("A, mean of unit-length filtered vectors", mean_of("A", unit=True))
+    add("A + one-token vocabulary texts (50/50)", mixed)
+    add("vocabulary texts alone (512 one-token)", lambda seed, r: mixed(seed, r, 1.0) if seed == 0 else None)
+    add("B: BOS, T=0.7, 32 × 64", mean_of("B"))
+    add("C: <|endoftext|> start, T=1, 32 × 64", mean_of("C"))
+    header = " | ".join(f"{p} / {rec}" for p, rec in RECIPES)
+    print(f"\n| mean subtracted after --band auto | {header} |\n|---|" + "---|" * len(RECIPES))
+    base = " | ".join(f"{spearman_of(lee[r], projection, data):.3f}" if lee[r] is not None else "–" for r in RECIPES)
+    print(f"| none (default filter) | {base} |")
+    for label, scores in rows:
+        cells = []
+        for r in RECIPES:
+            s = scores.get(r, [])
+            cells.append(
+                "–"
+                if not s
+                else f"{np.mean(s):.3f} ({min(s):.3f}–{max(s):.3f}, n={len(s)})"
+                if len(s) > 1
+                else f"{s[0]:.3f}"
+            )
+        print(f"| {label} | {' | '.join(cells)} |")
+
+
+if __name__ == "__main__":
+    main()
