@@ -7,10 +7,10 @@ sampling at `temperature`, with no chat template, top-k or top-p. `self_texts` w
 on-disk cache under `$EMBFILTER_CACHE/self-texts/`, so centring a second filter (another recipe,
 another band) on the same samples does not run the sampler again.
 
-Determinism: every random draw comes from one CPU `torch.Generator` seeded with `seed`, as a
-(count, new_tokens) table of uniforms drawn up front; sample i's token t is the inverse CDF of
-its float64 softmax at u[i, t]. So a sample does not depend on which other samples share its
-batch, and a longer run's first tokens are a shorter run's tokens. Batches have a fixed size
+Determinism: sample i draws its uniforms from its own CPU `torch.Generator`, seeded from
+(`seed`, i) (`sample_seed`); its token t is the inverse CDF of its float64 softmax at u[i, t]. So a
+sample does not depend on which other samples share its batch, the first n samples of a larger
+draw are the n-sample draw, and a longer run's first tokens are a shorter run's tokens. Batches have a fixed size
 (`SAMPLE_BATCH`): every row of a batch has the same length (same start, no padding), so the
 model sees the same shapes on every run. Same machine, same library versions, same dtype: same
 texts, byte for byte. Logits on another device or dtype can differ in their last bits and, rarely,
@@ -144,9 +144,17 @@ def sample_token_ids(
 
     sampling.checked()
     cache_name = _cache_argument(lm)
-    generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
-    # One uniform per (sample, step), drawn up front: see the module docstring.
-    uniforms = torch.rand((sampling.count, sampling.new_tokens), generator=generator, dtype=torch.float64)
+    # One uniform per (sample, step), drawn up front from the sample's own generator: see the module docstring.
+    uniforms = torch.stack(
+        [
+            torch.rand(
+                sampling.new_tokens,
+                generator=torch.Generator().manual_seed(sample_seed(sampling.seed, i)),
+                dtype=torch.float64,
+            )
+            for i in range(sampling.count)
+        ]
+    )
     out: list[list[int]] = []
     with torch.inference_mode():
         for b0 in range(0, sampling.count, SAMPLE_BATCH):
@@ -174,6 +182,13 @@ def sample_token_ids(
             if progress is not None:
                 progress(len(out), sampling.count)
     return out
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample `index`'s generator: 63 bits of SHA-256 of (seed, index)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "little") >> 1
 
 
 def _cache_argument(lm: Any) -> str:
