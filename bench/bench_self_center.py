@@ -192,8 +192,13 @@ def print_table(vectors, lee, projection, data) -> None:
                     scores.setdefault(r, []).append(spearman_of(lee[r], projection, data, mean, mode))
         rows.append((label, scores))
 
-    def unit(y: np.ndarray, r) -> np.ndarray:
-        return (y / np.linalg.norm(y, axis=1, keepdims=True)).mean(axis=0)
+    def with_short(y: np.ndarray, r) -> np.ndarray | None:
+        short = filtered("A-16tok", 0, r)  # the same samples' 16-token prefixes (equal-size draws)
+        if short is None:
+            return None
+        rows = [i for i in range(len(short)) if any(np.array_equal(y[0], row) for row in [filtered("A", 0, r)[i]])]
+        start = rows[0] if rows else 0
+        return 0.5 * y.mean(axis=0) + 0.5 * short[start : start + len(y)].mean(axis=0)
 
     def mixed(y: np.ndarray, r, share: float = 0.5) -> np.ndarray | None:
         v = vectors.get(("vocab", 0, "", r))
@@ -202,12 +207,13 @@ def print_table(vectors, lee, projection, data) -> None:
     add("A: BOS, T=1, 96 × 64 tokens (issue's sampler)", "A")
     add("A, 96, 16-token prefixes", "A-16tok")
     add("A, 96, project off the mean direction", "A", mode="project")
-    add("A, 96, mean of unit-length vectors", "A", how=unit)
+    add("A, 96, 64-token texts and their 16-token prefixes (50/50)", "A", how=with_short)
     add("A, 96, + one-token vocabulary texts (50/50)", "A", how=mixed)
     add("vocabulary texts alone (512 one-token)", "A", how=lambda y, r: mixed(y, r, 1.0))
     add("A, 24 samples (4 disjoint draws)", "A", 24)
     add("A, 24, 16-token prefixes", "A-16tok", 24)
     add("A, 24, project off the mean direction", "A", 24, mode="project")
+    add("A, 24, 64-token texts and their 16-token prefixes (50/50)", "A", 24, how=with_short)
     add("B: BOS, T=0.7, 24 × 64 (3 seeds)", "B")
     add("C: <|endoftext|> start, T=1, 24 × 64 (3 seeds)", "C")
     header = " | ".join(f"{p} / {rec}" for p, rec in RECIPES)

@@ -332,3 +332,21 @@ def test_eval_center_self_rows_match_the_mean_fit_stores(runner, tiny_llama, tmp
     assert rows["f.safetensors + self-centring"]["spearman"] == pytest.approx(
         score_vectors((raw - mu) @ p.T, data)[0], abs=1e-6
     )
+
+
+def test_the_library_call_gives_the_cli_mean(runner, tiny_llama, tmp_path, monkeypatch):
+    """`centre_filter(artifact, read_background("self"))`: what `fit --center-on self` runs, callable with plain arguments."""
+    from embfilter_cli.text.background import centre_filter, read_background
+
+    monkeypatch.setenv("EMBFILTER_CACHE", str(tmp_path / "cache"))
+    plain, cli = tmp_path / "plain.safetensors", tmp_path / "cli.safetensors"
+    args = ["fit", "-m", str(tiny_llama), "--rank", "3", "--bottom", "2", "--device", "cpu", "-q"]
+    assert runner.invoke(app, [*args, "-o", str(plain)]).exit_code == 0
+    assert _fit(runner, tiny_llama, cli).exit_code == 0
+    background = read_background("self", sampling=SelfSampling(count=6, new_tokens=5))
+    assert background.pending and background.count == 6
+    centred, report = centre_filter(
+        load_artifact(plain), background, location=resolve_model(str(tiny_llama)), device="cpu"
+    )
+    np.testing.assert_array_equal(centred.mean, load_artifact(cli).mean)
+    assert centred.centering == load_artifact(cli).centering and report.count == centred.centering.count

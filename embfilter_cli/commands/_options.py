@@ -240,3 +240,14 @@ def self_sampling_options(func: F) -> F:
         show_default=True,
         help="--center-on self: number of samples.",
     )(func)
+
+
+def self_option(func: F) -> F:
+    """`eval --center-self`: rows centred on the model's own samples."""
+    return click.option(
+        "--center-self",
+        is_flag=True,
+        help="Also score each filter and band centred on texts the model samples itself (what "
+        "`fit --center-on self` stores; default sampling settings, cached). "
+        "Example: eval --data lee --pooling last --recipe prompteol --center-self --ratio 2",
+    )(func)

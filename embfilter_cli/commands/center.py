@@ -47,15 +47,10 @@ def center(
     max_length: int,
     dtype: str,
     input_format: str,
-    self_count: int,
-    self_tokens: int,
-    self_temperature: float,
-    self_seed: int,
-    self_start: str,
-    save_texts: str | None,
     device: str,
     force: bool,
     json_: bool,
+    **self_opts: Any,  # --self-* and --save-texts (`_options.self_sampling_options`)
 ) -> None:
     """Centre FILTER on the mean of the filtered TEXTS, writing a new filter (y = P·x − m).
 
@@ -84,17 +79,14 @@ def center(
 
     check_writable(output, force)
     artifact = load_artifact(filter_path)
-    from embfilter_cli.text.self_samples import SelfSampling
-
-    sampling = SelfSampling(self_count, self_tokens, self_temperature, self_seed, self_start)
-    background = read_background_for(texts, pooling, recipe, input_format, sampling, save_texts, force)
+    background = read_background_for(texts, pooling, recipe, input_format, self_opts, force)
     check_background_dim(background, artifact.hidden_size, str(artifact.path))
     location = None
     if background.embeddings is None:
         location = _filter_model(artifact, model, revision)
         info(f"Model: {location.source} ({location.kind.replace('_', ' ')})")
     centred, report = centre_logged(
-        artifact, background, location, pooling, recipe, max_length, batch_size, device, dtype, save_texts, force
+        artifact, background, location, pooling, recipe, max_length, batch_size, device, dtype, self_opts, force
     )
     save_artifact(centred, output, force=force)
     summary = centring_summary(centred, report)
@@ -112,15 +104,23 @@ def read_background_for(
     pooling: str,
     recipe: str,
     input_format: str,
-    sampling: Any = None,
-    save_texts: str | None = None,
+    self_opts: dict[str, Any] | None = None,
     force: bool = False,
 ) -> Any:
     """Check --pooling/--recipe, read the background (texts, .npy, or "self") and warn about skipped blank lines.
 
     Shared with `fit --center-on`, which calls it before the decomposition so bad input fails at once.
-    `sampling` (`SelfSampling`) is how "self" samples; `save_texts` must be writable, and only for "self".
+    `self_opts` holds the --self-* options (how "self" samples) and --save-texts (writable, "self" only).
     """
+    from embfilter_cli.text.self_samples import SelfSampling
+
+    opts = self_opts or {}
+    save_texts = opts.get("save_texts")
+    sampling = (
+        SelfSampling(*(opts[k] for k in ("self_count", "self_tokens", "self_temperature", "self_seed", "self_start")))
+        if opts
+        else None
+    )
     from embfilter_cli.console import warn
     from embfilter_cli.text.background import read_background
     from embfilter_cli.text.recipes import check_pooling, resolve_recipe
@@ -151,15 +151,18 @@ def centre_logged(
     batch_size: int,
     device: str,
     dtype: str,
-    save_texts: str | None = None,
+    self_opts: dict[str, Any] | None = None,
     force: bool = False,
 ) -> tuple[Any, Any]:
     """`text.background.centre_filter` with info lines, progress bars and the truncation warning.
 
-    A "self" background is sampled first (its own bar; `save_texts` then receives the texts as JSONL).
+    A "self" background is sampled first (its own bar; `self_opts["save_texts"]`, if set, then
+    receives the texts as JSONL).
     """
+    save_texts = (self_opts or {}).get("save_texts")
     from embfilter_cli.console import info, notice, progress_bar, warn
     from embfilter_cli.text.background import centre_filter, sample_background
+    from embfilter_cli.text.self_samples import save_texts_jsonl
 
     encoder = None
     if background.pending:
@@ -173,7 +176,7 @@ def centre_logged(
             )
         info(f"Sampled {background.count} texts" + (" (from the cache)" if encoder is None else ""))
         if save_texts is not None:
-            _save_texts(background.texts, save_texts, force)
+            save_texts_jsonl(background.texts, save_texts, force)
             info(f"Wrote the sampled texts to {save_texts}")
     what = "texts" if background.embeddings is None else "pre-computed embeddings"
     info(f"Centring on {background.count} {what} from {background.input} ({pooling} pooling, recipe {recipe})…")
@@ -194,16 +197,6 @@ def centre_logged(
     if report.truncated:
         warn(f"{report.truncated} background text(s) exceeded --max-length {max_length} tokens and were cut")
     return centred, report
-
-
-def _save_texts(texts: list[str], path: str, force: bool) -> None:
-    """The texts as JSONL ({"text": ...} per line: texts may hold newlines), written atomically."""
-    import json
-
-    from embfilter_cli.files import atomic_path
-
-    with atomic_path(path, force=force) as tmp:
-        tmp.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
 
 
 def _filter_model(artifact: Any, model: str | None, revision: str | None) -> Any:

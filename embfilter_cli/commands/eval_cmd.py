@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from embfilter_cli.commands._options import MAX_TEXT_BATCH, device_option, force_option, output_options
+from embfilter_cli.commands._options import MAX_TEXT_BATCH, device_option, force_option, output_options, self_option
 
 
 @click.command("eval")
@@ -62,12 +62,7 @@ from embfilter_cli.commands._options import MAX_TEXT_BATCH, device_option, force
     "[default for --data lee: lee_background.cor from the gensim wheel; none otherwise]",
 )
 @click.option("--no-background", is_flag=True, help="No centering rows and no baselines, even for --data lee.")
-@click.option(
-    "--center-self",
-    is_flag=True,
-    help="Also score each filter and band centred on texts the model samples itself (what "
-    "`fit --center-on self` stores; default sampling settings, cached).",
-)
+@self_option
 @click.option(
     "--abtt",
     "abtt_list",
@@ -154,7 +149,6 @@ def eval_cmd(
       embfilter eval --model smollm2-135m --data lee --sweep-top 0,4,16,64,128 --sweep-bottom 0,4,8,16,32,64 --plot heatmap.png
       embfilter eval --model M --data pairs.tsv --filter A.safetensors --filter B.safetensors --json
       embfilter eval --data pairs.tsv --background unlabeled.txt --abtt 1,2 --whiten 128
-      embfilter eval --data lee --pooling last --recipe prompteol --center-self --ratio 2
     """
     from embfilter_cli.text.eval_request import parse_eval_request
 
@@ -185,7 +179,7 @@ def eval_cmd(
 
     data = load_dataset(data_spec)
     info(f"Data: {data.name}: {len(data.pairs)} pairs over {len(data.texts)} texts")
-    from embfilter_cli.commands._eval_output import load_background_noted, save_best_band
+    from embfilter_cli.commands._eval_output import load_background_noted, save_best_band, self_sample_embeddings
 
     background = load_background_noted(no_background, background_spec, data.name, bool(abtt_list or whiten_list))
     filters = [load_artifact(p) for p in filter_paths]
@@ -204,11 +198,7 @@ def eval_cmd(
     bg_raw = bg_info = None
     if background is not None:
         bg_raw, bg_info = cached_embeddings(location, background, what="Background embeddings", **embed_options)
-    self_raw = None
-    if center_self:
-        from embfilter_cli.commands._eval_output import self_sample_embeddings
-
-        self_raw = self_sample_embeddings(location, cache, embed_options)
+    self_raw = self_sample_embeddings(location, cache, embed_options) if center_self else None
     results, grid = evaluate_all(
         raw,
         data,

@@ -122,10 +122,9 @@ from embfilter_cli.filters.solve import AUTO_EXACT_MAX_HIDDEN
     "center_on",
     default=None,
     metavar="TEXTS|self|none",
-    help="Also centre the filter: store the mean of the filtered TEXTS (unlabeled texts from your domain, "
-    "as `embed` reads them, or -; or a .npy of raw embeddings) so it becomes y = P·x − m. The texts are "
-    "embedded with this model and the --pooling/--recipe/--max-length/--batch-size/--dtype below. "
-    "self: texts the model samples itself (no data needed; see --self-*). none (the default): W_U only.",
+    help="Also centre (y = P·x − m, m the mean of the filtered TEXTS: unlabeled texts from your domain as `embed` "
+    "reads them, or -, or a .npy of raw embeddings; embedded with this model and --pooling/--recipe/--max-length/"
+    "--batch-size/--dtype below). self: texts the model samples itself (--self-*). none (default): W_U only.",
 )
 @embedding_options
 @self_sampling_options
@@ -158,14 +157,9 @@ def fit(
     max_length: int,
     dtype: str,
     input_format: str,
-    self_count: int,
-    self_tokens: int,
-    self_temperature: float,
-    self_seed: int,
-    self_start: str,
-    save_texts: str | None,
     force: bool,
     json_: bool,
+    **self_opts: object,  # --self-* and --save-texts (`_options.self_sampling_options`)
 ) -> None:
     """Fit a filter on a model's unembedding matrix and save it as a safetensors artifact.
 
@@ -188,16 +182,10 @@ def fit(
 
         check_writable(output, force)  # fail before any download or decomposition
     background = None
-    if center_on == "none":
-        center_on = None  # explicit head-only fit (a file named none: ./none)
-    if center_on is not None or save_texts is not None:  # read before the decomposition: bad input fails at once
-        from embfilter_cli.commands.center import read_background_for
-        from embfilter_cli.text.self_samples import SelfSampling
+    if center_on not in (None, "none") or self_opts["save_texts"]:  # none: head-only (a file named none: ./none)
+        from embfilter_cli.commands.center import read_background_for  # before the decomposition: fails at once
 
-        sampling = SelfSampling(self_count, self_tokens, self_temperature, self_seed, self_start)
-        background = read_background_for(
-            center_on or "none", pooling, recipe, input_format, sampling, save_texts, force
-        )
+        background = read_background_for(center_on or "none", pooling, recipe, input_format, self_opts, force)
 
     from embfilter_cli.console import info, progress_bar, progress_enabled
     from embfilter_cli.filters.solve import BandRequest, SolverOptions, fit_spectrum
@@ -246,7 +234,7 @@ def fit(
         from embfilter_cli.commands.center import centre_logged
 
         artifact, report = centre_logged(
-            artifact, background, location, pooling, recipe, max_length, batch_size, device, dtype, save_texts, force
+            artifact, background, location, pooling, recipe, max_length, batch_size, device, dtype, self_opts, force
         )
     save_artifact(artifact, out, force=force)
     summary = fit_summary(artifact, spectrum, band, rule)

@@ -292,9 +292,11 @@ def evaluate_all(
                             band = band_from_rank(d, top, bottom)
                             results.append(EvalResult(f"top {top}, bottom {bottom}{suffix[c]}", "sweep", band.keep, float(g.spearman[i, j]), float(g.pearson[i, j]), band=band.as_dict(), centered=c))  # fmt: skip
     if self_samples is not None:
-        from embfilter_cli.text.eval_self import self_centred_results
+        from embfilter_cli.text.eval_self import self_centred_vectors
 
-        results.extend(self_centred_results(raw, data, self_samples, spectrum=spectrum, filters=filters, ratios=ratios, auto=auto))  # fmt: skip
+        facts = {"centring": "self", "self_samples": int(self_samples.shape[0])}
+        for name, kind, v, band_dict, path in self_centred_vectors(raw, self_samples, spectrum=spectrum, filters=filters, ratios=ratios, auto=auto):  # fmt: skip
+            results.append(EvalResult(name, kind, v.shape[1], *score_vectors(v, data), band=band_dict, path=path, extra=dict(facts)))  # fmt: skip
     if bg is not None:
         from embfilter_cli.text.baselines import DEFAULT_WHITEN
 

@@ -315,6 +315,17 @@ def write_cached(path: Path, record: dict[str, Any], texts: list[str], source: s
             tmp.write_text(json.dumps({**header, "texts": texts}, ensure_ascii=False, indent=0), encoding="utf-8")
 
 
+def save_texts_jsonl(texts: list[str], path: str | Path, force: bool = False) -> None:
+    """Write texts as JSONL ({"text": ...} per line: a sample may hold newlines), atomically.
+
+    `embfilter fit/center --center-on FILE.jsonl` reads them back as the same texts.
+    """
+    from embfilter_cli.files import atomic_path
+
+    with atomic_path(path, force=force) as tmp:
+        tmp.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+
+
 def self_texts(
     location: ModelLocation,
     sampling: SelfSampling | None = None,
@@ -389,5 +400,6 @@ __all__ = [
     "decode_samples",
     "load_generator_at",
     "sample_token_ids",
+    "save_texts_jsonl",
     "self_texts",
 ]
