@@ -9,10 +9,12 @@ seed, embeds them with the same pooling/recipe, and prints Spearman on Lee for t
 output is kept under --work, so an interrupted run resumes and `--table-only` reprints the table
 from what is there. Arms (all from one model load):
 
-  A  bos    T=1.0  96 samples × 64 tokens  (the issue's sampler); derived from A without new samples:
-     the first 32 samples, the 16-token prefixes, a mix with one-token vocabulary texts,
-     projecting off the mean direction instead of subtracting it, the mean of unit vectors;
-  B  bos    T=0.7  32 × 64     C  "<|endoftext|>" start  T=1.0  32 × 64  (compare with A's first 32).
+  A  bos    T=1.0  96 samples × 64 tokens, seed 0 (the issue's sampler). Each sample has its own
+     generator, so A splits into 4 independent disjoint draws of 24. Derived from A without new
+     samples: the 16-token prefixes, 64- and 16-token texts mixed, a mix with one-token vocabulary
+     texts, projecting off the mean direction instead of subtracting it;
+  B  bos    T=0.7  24 × 64, seeds 0-2     C  "<|endoftext|>" start  T=1.0  24 × 64, seeds 0-2
+     (compare with A's draws of 24).
 
 Not measured here (quoted from /work/shared/EMBEDFILTER.md): the lee_background in-domain mean.
 """
