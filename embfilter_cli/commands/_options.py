@@ -244,10 +244,5 @@ def self_sampling_options(func: F) -> F:
 
 def self_option(func: F) -> F:
     """`eval --center-self`: rows centred on the model's own samples."""
-    return click.option(
-        "--center-self",
-        is_flag=True,
-        help="Also score each filter and band centred on texts the model samples itself (what "
-        "`fit --center-on self` stores; default sampling settings, cached). "
-        "Example: eval --data lee --pooling last --recipe prompteol --center-self --ratio 2",
-    )(func)
+    help_text = "Also score each filter and band centred on texts the model samples itself (as `fit --center-on self`)."
+    return click.option("--center-self", is_flag=True, help=help_text)(func)
