@@ -20,14 +20,25 @@ if TYPE_CHECKING:
     from embfilter_cli.filters.artifact import FilterArtifact
     from embfilter_cli.model.location import ModelLocation
     from embfilter_cli.text.background import Background, CentreReport
+    from embfilter_cli.text.self_samples import SelfSampling
 
 
 def read_background_for(
-    texts: str, pooling: str, recipe: str, input_format: str, hooks: Hooks | None = None
+    texts: str,
+    pooling: str,
+    recipe: str,
+    input_format: str,
+    hooks: Hooks | None = None,
+    *,
+    sampling: SelfSampling | None = None,
+    save_texts: str | os.PathLike[str] | None = None,
+    force: bool = False,
 ) -> Background:
-    """Check `pooling`/`recipe`, read the background (texts or .npy) and warn about skipped blank lines.
+    """Check `pooling`/`recipe`, read the background (texts, .npy, or "self") and warn about skipped blank lines.
 
-    `fit --center-on` calls it before the decomposition, so bad input fails at once.
+    `fit --center-on` calls it before the decomposition, so bad input fails at once. "self" returns a
+    background still to be sampled (`centre` samples it) with `sampling` (default: `SelfSampling()`);
+    `save_texts` (only with "self") is checked writable here and receives the sampled texts as JSONL.
     """
     from embfilter_cli.text.background import read_background
     from embfilter_cli.text.recipes import check_pooling, resolve_recipe
@@ -35,7 +46,14 @@ def read_background_for(
 
     check_pooling(pooling)
     resolve_recipe(recipe)  # a bad template fails before anything is read or loaded
-    background = read_background(texts, input_format)
+    if save_texts is not None:
+        from embfilter_cli.errors import UsageError
+        from embfilter_cli.files import check_writable
+
+        if texts != "self":
+            raise UsageError(f"--save-texts keeps the texts of --center-on self; the background here is {texts}")
+        check_writable(save_texts, force)
+    background = read_background(texts, input_format, sampling=sampling)
     if background.skipped:
         hooks_or_default(hooks).warn(describe_skipped(background.skipped))
     return background
@@ -47,13 +65,27 @@ def background_of(
     recipe: str,
     input_format: str = "auto",
     hooks: Hooks | None = None,
+    *,
+    sampling: SelfSampling | None = None,
+    save_texts: str | os.PathLike[str] | None = None,
+    force: bool = False,
 ) -> Background:
-    """A background from a path (as `read_background_for`), a list of texts, or an (n, d) array of raw embeddings."""
+    """A background from a path or "self" (as `read_background_for`), a list of texts, or an (n, d) array of raw
+    embeddings."""
     from embfilter_cli.filters.centering import texts_sha256
     from embfilter_cli.text.background import Background
 
     if isinstance(source, (str, os.PathLike)):
-        return read_background_for(os.fspath(source), pooling, recipe, input_format, hooks)
+        return read_background_for(
+            os.fspath(source),
+            pooling,
+            recipe,
+            input_format,
+            hooks,
+            sampling=sampling,
+            save_texts=save_texts,
+            force=force,
+        )
     from embfilter_cli.text.recipes import check_pooling, resolve_recipe
 
     check_pooling(pooling)
@@ -103,11 +135,36 @@ def centre(
     device: str,
     dtype: str,
     hooks: Hooks | None = None,
+    *,
+    save_texts: str | os.PathLike[str] | None = None,
+    force: bool = False,
 ) -> tuple[FilterArtifact, CentreReport]:
-    """`text.background.centre_filter` with an info line, a progress bar and the truncation warning."""
-    from embfilter_cli.text.background import centre_filter
+    """`text.background.centre_filter` with an info line, a progress bar and the truncation warning.
+
+    A "self" background is sampled first (its own bar; `save_texts`, if set, then receives the texts as JSONL),
+    and the model loaded for sampling embeds them too.
+    """
+    from embfilter_cli.text.background import centre_filter, sample_background
 
     h = hooks_or_default(hooks)
+    encoder = None
+    if background.pending:
+        s = background.sampling
+        assert s is not None and location is not None  # pending: sampling set; centre_on/fit resolve the model
+        h.info(
+            f"Sampling {s.count} texts of up to {s.new_tokens} tokens from the model "
+            f"(temperature {s.temperature:g}, seed {s.seed})…"
+        )
+        with h.bar("Sampling", s.count) as progress:
+            background, encoder = sample_background(
+                background, location, device=device, dtype=dtype, progress=progress, notify=h.notice
+            )
+        h.info(f"Sampled {background.count} texts" + (" (from the cache)" if encoder is None else ""))
+        if save_texts is not None:
+            from embfilter_cli.text.self_samples import save_texts_jsonl
+
+            save_texts_jsonl(background.texts or [], os.fspath(save_texts), force)
+            h.info(f"Wrote the sampled texts to {save_texts}")
     what = "texts" if background.embeddings is None else "pre-computed embeddings"
     h.info(f"Centring on {background.count} {what} from {background.input} ({pooling} pooling, recipe {recipe})…")
     with h.bar("Embedding", background.count) as progress:
@@ -122,6 +179,7 @@ def centre(
             device=device,
             dtype=dtype,
             progress=progress,
+            encoder=encoder,
         )
     if report.truncated:
         h.warn(f"{report.truncated} background text(s) exceeded --max-length {max_length} tokens and were cut")
@@ -142,19 +200,37 @@ def centre_on(
     dtype: str = "auto",
     input_format: str = "auto",
     hooks: Hooks | None = None,
+    sampling: SelfSampling | None = None,
+    save_texts: str | os.PathLike[str] | None = None,
+    force: bool = False,
 ) -> tuple[FilterArtifact, CentreReport]:
-    """Read the background, find the filter's model (texts only) and centre: `embfilter center` without the file
-    handling, and `Filter.center`."""
+    """Read the background, find the filter's model (texts and "self") and centre: `embfilter center` without the
+    file handling, and `Filter.center`. `source="self"` samples the model's own texts (`sampling`)."""
     from embfilter_cli.text.background import check_background_dim
 
     h = hooks_or_default(hooks)
-    background = background_of(source, pooling, recipe, input_format, h)
+    background = background_of(
+        source, pooling, recipe, input_format, h, sampling=sampling, save_texts=save_texts, force=force
+    )
     check_background_dim(background, artifact.hidden_size, str(artifact.path or "the filter"))
     location = None
     if background.embeddings is None:
         location = filter_model_for_centring(artifact, model, revision)
         h.info(f"Model: {location.source} ({location.kind.replace('_', ' ')})")
-    return centre(artifact, background, location, pooling, recipe, max_length, batch_size, device, dtype, h)
+    return centre(
+        artifact,
+        background,
+        location,
+        pooling,
+        recipe,
+        max_length,
+        batch_size,
+        device,
+        dtype,
+        h,
+        save_texts=save_texts,
+        force=force,
+    )
 
 
 def centring_summary(artifact: FilterArtifact, report: CentreReport) -> dict[str, Any]:

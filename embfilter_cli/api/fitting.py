@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from embfilter_cli.filters.spectral import Spectrum
     from embfilter_cli.model.unembedding import Unembedding
     from embfilter_cli.text.background import CentreReport
+    from embfilter_cli.text.self_samples import SelfSampling
 
 CenterSource = str | os.PathLike[str] | list[str] | np.ndarray
 
@@ -56,6 +57,8 @@ class FitSettings:
     max_length: int = 512
     dtype: str = "auto"
     input_format: str = "auto"
+    self_sampling: SelfSampling | None = None  # center_on="self": how the model samples (default SelfSampling())
+    save_texts: str | None = None  # center_on="self": also write the sampled texts here (JSONL)
 
 
 @dataclass
@@ -112,10 +115,20 @@ def fit_filter(
     if save and output is not None:
         check_writable(output, force)  # fail before any download or decomposition
     background = None
-    if s.center_on is not None:  # read before the decomposition, so empty or unreadable texts fail in a second
+    head_only = s.center_on is None or (isinstance(s.center_on, str) and s.center_on == "none")  # ./none: a file
+    if not head_only or s.save_texts:  # read before the decomposition, so empty or unreadable texts fail in a second
         from embfilter_cli.api.centring import background_of
 
-        background = background_of(s.center_on, s.pooling, s.recipe, s.input_format, h)
+        background = background_of(
+            "none" if s.center_on is None else s.center_on,
+            s.pooling,
+            s.recipe,
+            s.input_format,
+            h,
+            sampling=s.self_sampling,
+            save_texts=s.save_texts,
+            force=force,
+        )
     request = BandRequest(s.rank, s.bottom, s.ratio, s.start, s.keep, s.band).checked(s.solver)
     location = resolve_model(
         s.model, revision=s.revision, tensor_name=s.tensor, progress=h.downloads, check_config=request.check_config
@@ -153,7 +166,18 @@ def fit_filter(
         if save:
             check_writable(out, force)  # the default name is known only now: fail before embedding
         artifact, report = centre(
-            artifact, background, location, s.pooling, s.recipe, s.max_length, s.batch_size, s.device, s.dtype, h
+            artifact,
+            background,
+            location,
+            s.pooling,
+            s.recipe,
+            s.max_length,
+            s.batch_size,
+            s.device,
+            s.dtype,
+            h,
+            save_texts=s.save_texts,
+            force=force,
         )
     if save:
         save_artifact(artifact, out, force=force)
@@ -186,6 +210,7 @@ def fit(
     batch_size: int = 16,
     max_length: int = 512,
     dtype: str = "auto",
+    self_sampling: SelfSampling | None = None,
     hooks: Hooks | None = None,
 ) -> Filter:
     """Fit a filter on a model's unembedding matrix, as `embfilter fit` does (nothing is saved).
@@ -198,8 +223,11 @@ def fit(
         start, keep: an explicit window of kept directions.
         band: "auto" picks top and bottom from the spectrum alone; None (the default) means "auto" unless a
             band option above is given (with `solver="randomized"`: the top 64 removed), as in the CLI.
-        center_on: also centre the filter on this background: a texts file, a list of texts, or an (n, d)
-            array of raw embeddings, embedded with `pooling`, `recipe`, `max_length`, `batch_size`, `dtype`.
+        center_on: also centre the filter on this background: a texts file, a list of texts, an (n, d)
+            array of raw embeddings, or "self" (texts the model samples itself, as `self_sampling` says),
+            embedded with `pooling`, `recipe`, `max_length`, `batch_size`, `dtype`. None or "none": head-only.
+        self_sampling: how `center_on="self"` samples (count, tokens, temperature, seed, start); default
+            `SelfSampling()`, the measured defaults.
         solver, device, oversample, power_iters, tol, seed, precision, padding_rows, revision, tensor, reduce:
             as `embfilter fit --help` describes them (`power_iters=None` is `--power-iters auto`).
         hooks: where log lines, warnings and progress go (default: the "embfilter" logger, no bars).
@@ -244,6 +272,7 @@ def fit(
         batch_size=batch_size,
         max_length=max_length,
         dtype=dtype,
+        self_sampling=self_sampling,
     )
     return Filter(fit_filter(settings, hooks=hooks).artifact)
 

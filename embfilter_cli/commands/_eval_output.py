@@ -34,6 +34,34 @@ def load_background_noted(no_background: bool, spec: str | None, data_name: str,
     return background
 
 
+def self_sample_embeddings(location: Any, cache: Any, embed_options: dict[str, Any]) -> Any:
+    """`eval --center-self`: the model's own samples (default settings, cached), embedded like the data."""
+    from embfilter_cli.console import info, notice, progress_bar
+    from embfilter_cli.text.baselines import BackgroundTexts
+    from embfilter_cli.text.cache import cached_embeddings
+    from embfilter_cli.text.self_samples import SelfSampling, self_texts
+
+    sampling = SelfSampling()
+    with progress_bar("Sampling", sampling.count) as progress:
+        drawn = self_texts(
+            location,
+            sampling,
+            device=embed_options["device"],
+            dtype=embed_options["dtype"],
+            cache_dir=cache.root,
+            use_cache=cache.enabled,
+            progress=progress,
+            notify=notice,
+        )
+    info(f"Self-generated texts: {len(drawn.texts)}" + (" (from the cache)" if drawn.cached else ""))
+    if drawn.encoder is not None and embed_options.get("encoders") is not None:
+        embed_options["encoders"].setdefault("encoder", drawn.encoder)  # one model load for sampling and embedding
+    raw, _ = cached_embeddings(
+        location, BackgroundTexts("self", drawn.texts), what="Self-generated embeddings", **embed_options
+    )
+    return raw
+
+
 def save_best_band(
     results: Any, spectrum: Any, facts: Any, location: Any, data: Any, pooling: str, recipe: str, path: str, force: bool
 ) -> dict[str, Any]:

@@ -57,7 +57,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         rec = c["centering"]
         table.add_row(
             "centred on",
-            f"{rec['count']} {'texts' if rec['source'] == 'texts' else 'embeddings'} from {rec['input']} "
+            f"{rec['count']} {'embeddings' if rec['source'] != 'texts' else 'sampled texts' if rec.get('sampling') else 'texts'} from {rec['input']} "
             f"({rec['pooling']} pooling, recipe {rec['recipe']}); ‖m‖ = {c['mean_norm']:.4g}",
         )
     table.add_row("saved", summary["output"])

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from embfilter_cli.commands._options import MAX_TEXT_BATCH, device_option, force_option, output_options
+from embfilter_cli.commands._self_options import self_option
 
 
 @click.command("eval")
@@ -62,6 +63,7 @@ from embfilter_cli.commands._options import MAX_TEXT_BATCH, device_option, force
     "[default for --data lee: lee_background.cor from the gensim wheel; none otherwise]",
 )
 @click.option("--no-background", is_flag=True, help="No centering rows and no baselines, even for --data lee.")
+@self_option
 @click.option(
     "--abtt",
     "abtt_list",
@@ -118,6 +120,7 @@ def eval_cmd(
     auto: bool,
     background_spec: str | None,
     no_background: bool,
+    center_self: bool,
     abtt_list: str | None,
     whiten_list: str | None,
     batch_size: int,
@@ -177,7 +180,7 @@ def eval_cmd(
 
     data = load_dataset(data_spec)
     info(f"Data: {data.name}: {len(data.pairs)} pairs over {len(data.texts)} texts")
-    from embfilter_cli.commands._eval_output import load_background_noted, save_best_band
+    from embfilter_cli.commands._eval_output import load_background_noted, save_best_band, self_sample_embeddings
 
     background = load_background_noted(no_background, background_spec, data.name, bool(abtt_list or whiten_list))
     filters = [load_artifact(p) for p in filter_paths]
@@ -196,6 +199,7 @@ def eval_cmd(
     bg_raw = bg_info = None
     if background is not None:
         bg_raw, bg_info = cached_embeddings(location, background, what="Background embeddings", **embed_options)
+    self_raw = self_sample_embeddings(location, cache, embed_options) if center_self else None
     results, grid = evaluate_all(
         raw,
         data,
@@ -212,6 +216,7 @@ def eval_cmd(
             "skip_impossible": [m for m, given in (("abtt", abtt_list), ("whiten", whiten_list)) if given is None],
             "note": warn,
         },
+        self_samples=self_raw,
     )
     best = next((r for r in results if r.best), None)
 

@@ -12,6 +12,7 @@ from embfilter_cli.commands._options import (
     force_option,
     output_options,
 )
+from embfilter_cli.commands._self_options import self_sampling_of, self_sampling_options
 from embfilter_cli.filters.solve import AUTO_EXACT_MAX_HIDDEN
 
 
@@ -119,12 +120,13 @@ from embfilter_cli.filters.solve import AUTO_EXACT_MAX_HIDDEN
     "--center-on",
     "center_on",
     default=None,
-    metavar="TEXTS",
-    help="Also centre the filter: store the mean of the filtered TEXTS (unlabeled texts from your domain, "
-    "as `embed` reads them, or -; or a .npy of raw embeddings) so it becomes y = P·x − m. The texts are "
-    "embedded with this model and the --pooling/--recipe/--max-length/--batch-size/--dtype below.",
+    metavar="TEXTS|self|none",
+    help="Also centre (y = P·x − m, m the mean of the filtered TEXTS: unlabeled texts from your domain as `embed` "
+    "reads them, or -, or a .npy of raw embeddings; embedded with this model and --pooling/--recipe/--max-length/"
+    "--batch-size/--dtype below). self: texts the model samples itself (--self-*). none (default): W_U only.",
 )
 @embedding_options
+@self_sampling_options
 @force_option
 @output_options
 def fit(
@@ -156,6 +158,7 @@ def fit(
     input_format: str,
     force: bool,
     json_: bool,
+    **self_opts: object,  # --self-* and --save-texts (`_self_options.self_sampling_options`)
 ) -> None:
     """Fit a filter on a model's unembedding matrix and save it as a safetensors artifact.
 
@@ -168,6 +171,7 @@ def fit(
       embfilter fit --band auto                      # R and B from the spectrum alone
       embfilter fit --model model.gguf --rank 64 --solver randomized --device cuda --json
       embfilter fit --rank 64 --bottom 16 --center-on background.txt   # y = P·x − m (see `embfilter center`)
+      embfilter fit --center-on self                 # centred on the model's own samples, no data needed
     """
     from embfilter_cli.api.fitting import FitSettings, fit_filter
     from embfilter_cli.commands._fit_helpers import parse_power_iters, print_summary
@@ -199,6 +203,8 @@ def fit(
         max_length=max_length,
         dtype=dtype,
         input_format=input_format,
+        self_sampling=self_sampling_of(self_opts),
+        save_texts=self_opts["save_texts"],  # type: ignore[arg-type]
     )
     result = fit_filter(settings, output=output, save=True, force=force, hooks=console_hooks())
     summary = result.summary()

@@ -120,7 +120,10 @@ class Centering:
         max_length: the token budget the texts were embedded with.
         model_source: the model that embedded them.
         unembedding_sha256: that model's W_U SHA-256; equals the filter's own.
-        input: the path the background came from ("-" for stdin), for people; not checked.
+        input: the path the background came from ("-" for stdin, "self" for sampled texts), for people.
+        sampling: for texts the model sampled itself (`--center-on self`): the sampler's settings,
+            dtype, device type and model fingerprint (`text.self_samples`); None otherwise (and then
+            absent from the JSON, so records made before it existed keep their bytes).
     """
 
     count: int
@@ -133,10 +136,11 @@ class Centering:
     model_source: str
     unembedding_sha256: str
     input: str = ""
+    sampling: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         """The record as JSON text, for the artifact's metadata."""
-        return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)
+        return json.dumps(self.as_dict(), ensure_ascii=False, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str, where: str) -> Centering:
@@ -172,18 +176,31 @@ class Centering:
                 f"{where}: the centering metadata is inconsistent (count {raw['count']}, max_length "
                 f"{raw['max_length']}, source {raw['source']!r}); recentre it with `embfilter center`"
             )
-        return cls(**{k: raw[k] for k in (*types, "input") if k in raw})
+        if "sampling" in raw and not (isinstance(raw["sampling"], dict) and raw["source"] == "texts"):
+            raise ArtifactError(
+                f"{where}: the centering metadata's sampling record is not a JSON object of sampled texts; "
+                "recentre it with `embfilter center`"
+            )
+        return cls(**{k: raw[k] for k in (*types, "input", "sampling") if k in raw})
 
     def describe(self) -> str:
-        """'mean of 300 filtered vectors (texts, mean pooling, recipe none)' for reports."""
-        return (
-            f"mean of {self.count} filtered {'text embeddings' if self.source == 'texts' else 'pre-computed embeddings'} "
-            f"({self.pooling} pooling, recipe {self.recipe})"
-        )
+        """'mean of 300 filtered text embeddings (mean pooling, recipe none)' for reports."""
+        what = "text embeddings" if self.source == "texts" else "pre-computed embeddings"
+        how = ""
+        if (s := self.sampling) is not None:
+            what = "self-generated texts"
+            how = (
+                f"sampled by {s.get('sampler')}: {s.get('new_tokens')} new tokens from {s.get('start')}, "
+                f"temperature {s.get('temperature')}, seed {s.get('seed')}, {s.get('dtype')} on {s.get('device')}; "
+            )
+        return f"mean of {self.count} filtered {what} ({how}{self.pooling} pooling, recipe {self.recipe})"
 
     def as_dict(self) -> dict[str, Any]:
-        """The record as a plain dict."""
-        return asdict(self)
+        """The record as a plain dict (without `sampling` when there is none)."""
+        out = asdict(self)
+        if out["sampling"] is None:
+            del out["sampling"]
+        return out
 
 
 def check_centering_use(centering: Centering | None, pooling: str, recipe: str, template: str, where: str) -> None:

@@ -86,6 +86,14 @@ def band_edges(spectrum: Spectrum, band: Band) -> dict[str, float | None]:
     }
 
 
+def _created() -> datetime:
+    """Now, or `$SOURCE_DATE_EPOCH` (the reproducible-builds convention): two fits then have equal bytes."""
+    import os
+
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "")
+    return datetime.fromtimestamp(int(epoch), timezone.utc) if epoch.isdigit() else datetime.now(timezone.utc)
+
+
 def build_artifact(
     spectrum: Spectrum,
     band: Band,
@@ -116,7 +124,7 @@ def build_artifact(
         "certificate": json.dumps(spectrum.certificate),
         "energy_removed": f"{energy_removed(spectrum, band):.6f}",
         "tool_version": __version__,
-        "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created_utc": _created().strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     metadata.update(extra or {})
     return FilterArtifact(

@@ -1,7 +1,8 @@
 """Background sets for centring a filter: read texts (or pre-computed embeddings), embed, take the mean.
 
 `read_background` accepts what `embfilter embed` reads (plain lines, JSONL with a `text` field,
-or `-` for stdin) or a `.npy` file of raw (n, d) embeddings made elsewhere; `centre_filter` turns
+or `-` for stdin) or a `.npy` file of raw (n, d) embeddings made elsewhere, or `self`: texts the model samples itself
+(`text.self_samples`; drawn by `sample_background` once the model is known); `centre_filter` turns
 either into a centred copy of a filter (`FilterArtifact.with_mean`) whose `centering` record says
 how the mean was made. `embfilter fit --center-on` and `embfilter center` both call these.
 
@@ -32,24 +33,39 @@ from embfilter_cli.text.texts import read_texts
 if TYPE_CHECKING:
     from embfilter_cli.filters.artifact import FilterArtifact
     from embfilter_cli.model.location import ModelLocation
+    from embfilter_cli.text.embedding import Encoder
+    from embfilter_cli.text.self_samples import SelfSampling
 
 EMBEDDING_SUFFIXES = (".npy",)
+SELF = "self"  # `--center-on self`: the model's own samples (a file named self: pass ./self)
 
 
 @dataclass
 class Background:
-    """The background set: texts to embed, or raw embeddings (exactly one of the two)."""
+    """The background set: texts to embed, or raw embeddings (exactly one of the two), or texts still
+    to be sampled (`sampling` set, `texts` None: see `sample_background`)."""
 
-    input: str  # the path given, or "-"
+    input: str  # the path given, "-", or "self"
     texts: list[str] | None = None
     embeddings: np.ndarray | None = None  # (n, d) raw vectors from a .npy (memory-mapped)
     sha256: str = ""  # of the texts (`texts_sha256`) or of the .npy file's bytes
     skipped: list[int] = field(default_factory=list)  # 1-based line numbers of blank texts
+    sampling: SelfSampling | None = None  # for "self": how the texts are (or were) sampled
+    sampled: dict[str, Any] | None = None  # for "self", once sampled: `SelfTexts.record`
+
+    @property
+    def pending(self) -> bool:
+        """Texts the model has yet to sample."""
+        return self.sampling is not None and self.texts is None
 
     @property
     def count(self) -> int:
-        """Number of background texts or embeddings."""
-        return len(self.texts) if self.texts is not None else int(self.embeddings.shape[0])  # type: ignore[union-attr]
+        """Number of background texts or embeddings (for pending samples: how many will be drawn)."""
+        if self.texts is not None:
+            return len(self.texts)
+        if self.embeddings is not None:
+            return int(self.embeddings.shape[0])
+        return self.sampling.count if self.sampling is not None else 0
 
     @property
     def dim(self) -> int | None:
@@ -57,13 +73,22 @@ class Background:
         return None if self.embeddings is None else int(self.embeddings.shape[1])
 
 
-def read_background(source: str, input_format: str = "auto", stdin: TextIO | None = None) -> Background:
-    """Read a background: a `.npy` of (n, d) float embeddings, or texts as `read_texts` reads them.
+def read_background(
+    source: str, input_format: str = "auto", stdin: TextIO | None = None, sampling: SelfSampling | None = None
+) -> Background:
+    """Read a background: a `.npy` of (n, d) float embeddings, texts as `read_texts` reads them, or "self".
+
+    For "self" nothing is read: the result is pending until `sample_background` draws the texts
+    with `sampling` (default `SelfSampling()`).
 
     Raises:
         InputDataError: a missing file, no non-empty text (empty or all-blank input), a .npy that
-            is not a non-empty 2-D float array.
+            is not a non-empty 2-D float array, bad sampling settings.
     """
+    if source == SELF:
+        from embfilter_cli.text.self_samples import SelfSampling
+
+        return Background(SELF, sampling=(sampling or SelfSampling()).checked())
     if source != "-" and Path(source).suffix.lower() in EMBEDDING_SUFFIXES:
         return _read_embeddings(Path(source))
     texts_in = read_texts(source, input_format, stdin=stdin)
@@ -100,6 +125,31 @@ def check_background_dim(background: Background, hidden_size: int, filter_name: 
         )
 
 
+def sample_background(
+    background: Background,
+    location: ModelLocation,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+    notify: Callable[[str], None] | None = None,
+) -> tuple[Background, Encoder | None]:
+    """Draw a pending "self" background's texts (`text.self_samples.self_texts`, cached); others pass through.
+
+    Returns the background with its texts, SHA-256 and sampling record, and the encoder that
+    sampled them (None when they came from the cache or nothing was sampled), to embed with.
+    """
+    if not background.pending:
+        return background, None
+    from embfilter_cli.text.self_samples import self_texts
+
+    drawn = self_texts(location, background.sampling, device=device, dtype=dtype, progress=progress, notify=notify)
+    sampled = Background(
+        background.input, texts=drawn.texts, sha256=drawn.sha256, sampling=background.sampling, sampled=drawn.record
+    )
+    return sampled, drawn.encoder
+
+
 @dataclass
 class CentreReport:
     """What centring did, for the command's summary."""
@@ -134,6 +184,7 @@ def centre_filter(
     dtype: str = "auto",
     progress: Callable[[int, int], None] | None = None,
     on_loaded: Callable[[Any], None] | None = None,
+    encoder: Encoder | None = None,
 ) -> tuple[FilterArtifact, CentreReport]:
     """A copy of `artifact` centred on the mean of the filtered `background` vectors (not saved).
 
@@ -145,6 +196,8 @@ def centre_filter(
         pooling, recipe, max_length, batch_size, device, dtype: as `embfilter embed` takes them.
         progress: a `(texts done, texts total)` callback, as `Encoder.embed` takes it.
         on_loaded: called with the loaded encoder (for a log line), before embedding.
+        encoder: an encoder already loaded from `location` (the one that sampled a "self"
+            background), used instead of loading the model again.
     """
     check_pooling(pooling)
     rec = resolve_recipe(recipe)
@@ -152,6 +205,11 @@ def centre_filter(
     check_background_dim(background, artifact.hidden_size, name)
     start = time.perf_counter()
     truncated = 0
+    if background.pending:
+        if location is None:
+            raise ValueError("self-sampling needs a model location")  # a bug in the caller
+        background, sampled_with = sample_background(background, location, device=device, dtype=dtype)
+        encoder = encoder or sampled_with
     if background.embeddings is not None:
         raw = background.embeddings
         source = "embeddings"
@@ -162,7 +220,8 @@ def centre_filter(
 
         if location is None:
             raise ValueError("texts need a model location")  # a bug in the caller
-        encoder = load_encoder_at(location, device=device, dtype=dtype)
+        if encoder is None:
+            encoder = load_encoder_at(location, device=device, dtype=dtype)
         if on_loaded is not None:
             on_loaded(encoder)
         if encoder.hidden_size != artifact.hidden_size:
@@ -194,6 +253,7 @@ def centre_filter(
         model_source=model_source,
         unembedding_sha256=artifact.unembedding_sha256,
         input=background.input,
+        sampling=background.sampled,
     )
     centred = artifact.with_mean(mean.astype(np.float32), centering)
     report = CentreReport(
@@ -206,4 +266,12 @@ def centre_filter(
     return centred, report
 
 
-__all__ = ["Background", "CentreReport", "centre_filter", "check_background_dim", "read_background"]
+__all__ = [
+    "SELF",
+    "Background",
+    "CentreReport",
+    "centre_filter",
+    "check_background_dim",
+    "read_background",
+    "sample_background",
+]

@@ -236,6 +236,7 @@ def evaluate_all(
     auto: bool = True,
     background: np.ndarray | None = None,
     baselines: dict[str, Any] | None = None,
+    self_samples: np.ndarray | None = None,
 ) -> tuple[list[EvalResult], SweepGrid | None]:
     """Score the raw embedding, each filter, each paper ratio, the auto band and a (top × bottom) grid.
 
@@ -244,7 +245,8 @@ def evaluate_all(
     by centering on the background mean of the same filtered vectors (`centered` rows), and the
     baselines of `text.baselines.baseline_results` are added (keyword arguments in `baselines`; PCA
     to each filter's, the auto band's and each whitening dimension). The best result by Spearman,
-    over ALL rows, is marked `best`.
+    over ALL rows, is marked `best`. With `self_samples` (raw embeddings of the model's own texts)
+    each filter, ratio and the auto band is also scored centred on their mean (`text.eval_self`).
     """
     from embfilter_cli.filters.band import band_from_rank, band_from_ratio
 
@@ -289,6 +291,12 @@ def evaluate_all(
                         if math.isfinite(g.spearman[i, j]):
                             band = band_from_rank(d, top, bottom)
                             results.append(EvalResult(f"top {top}, bottom {bottom}{suffix[c]}", "sweep", band.keep, float(g.spearman[i, j]), float(g.pearson[i, j]), band=band.as_dict(), centered=c))  # fmt: skip
+    if self_samples is not None:
+        from embfilter_cli.text.eval_self import self_centred_vectors
+
+        facts = {"centring": "self", "self_samples": int(self_samples.shape[0])}
+        for name, kind, v, band_dict, path in self_centred_vectors(raw, self_samples, spectrum=spectrum, filters=filters, ratios=ratios, auto=auto):  # fmt: skip
+            results.append(EvalResult(name, kind, v.shape[1], *score_vectors(v, data), band=band_dict, path=path, extra=dict(facts)))  # fmt: skip
     if bg is not None:
         from embfilter_cli.text.baselines import DEFAULT_WHITEN
 
