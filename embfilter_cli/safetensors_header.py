@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import IO, Any, Literal
@@ -188,3 +189,19 @@ def read_header(
                 raise SafetensorsHeaderError("overlap", n, names=(before.name, after.name))
     meta = dict(metadata)
     return SafetensorsHeader(meta, entries, 8 + n)
+
+
+def sort_header(path: str | os.PathLike[str]) -> None:
+    """Rewrite a safetensors header with sorted keys, so equal artifacts are equal bytes.
+
+    The writer emits the metadata in hash-map order, which changes from run to run. The sorted
+    JSON has the same length (same entries, same compact separators); should it ever be longer,
+    the file is left as written (still valid, only not canonical).
+    """
+    with open(path, "r+b") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = handle.read(size)
+        canonical = json.dumps(json.loads(header), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(canonical) <= size:
+            handle.seek(8)
+            handle.write(canonical.ljust(size, b" "))  # the format allows trailing spaces in the header

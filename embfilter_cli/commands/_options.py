@@ -206,3 +206,9 @@ def output_column_option(func: F) -> F:
         help="Parquet: the vectors' column [default: embedding; an input column of that name is refused]. "
         "Naming an existing column here replaces it.",
     )(func)
+
+
+def self_option(func: F) -> F:
+    """`eval --center-self`: rows centred on the model's own samples."""
+    help_text = "Also score each filter and band centred on texts the model samples itself (as `fit --center-on self`)."
+    return click.option("--center-self", is_flag=True, help=help_text)(func)

@@ -1,4 +1,4 @@
-"""The options of `--center-on self` (how the model samples its own background) and `eval --center-self`."""
+"""The options of `--center-on self`: how the model samples its own background."""
 
 from __future__ import annotations
 
@@ -52,12 +52,6 @@ def self_sampling_options(func: F) -> F:
         show_default=True,
         help="--center-on self: number of samples.",
     )(func)
-
-
-def self_option(func: F) -> F:
-    """`eval --center-self`: rows centred on the model's own samples."""
-    help_text = "Also score each filter and band centred on texts the model samples itself (as `fit --center-on self`)."
-    return click.option("--center-self", is_flag=True, help=help_text)(func)
 
 
 def self_sampling_of(opts: dict[str, Any]) -> Any:

@@ -7,8 +7,7 @@ from typing import Any
 
 import click
 
-from embfilter_cli.commands._options import MAX_TEXT_BATCH, device_option, force_option, output_options
-from embfilter_cli.commands._self_options import self_option
+from embfilter_cli.commands._options import MAX_TEXT_BATCH, device_option, force_option, output_options, self_option
 
 
 @click.command("eval")

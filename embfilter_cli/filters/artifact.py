@@ -231,30 +231,14 @@ def save_artifact(artifact: FilterArtifact, path: str | os.PathLike[str], force:
         raise ValueError(f"safetensors metadata must be str -> str; not str: {non_str}")
     with atomic_path(path, force=force) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        _sort_header(tmp)
+        from embfilter_cli.safetensors_header import sort_header
+
+        sort_header(tmp)
     artifact.metadata = metadata
     artifact.path = Path(path)
     if artifact.mean is not None:
         artifact.mean = tensors[MEAN_TENSOR]
     return Path(path)
-
-
-def _sort_header(path: Path) -> None:
-    """Rewrite a safetensors header with sorted keys, so equal artifacts are equal bytes.
-
-    The writer emits the metadata in hash-map order, which changes from run to run. The sorted
-    JSON has the same length (same entries, same compact separators); should it ever be longer,
-    the file is left as written (still valid, only not canonical).
-    """
-    import json
-
-    with open(path, "r+b") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        header = handle.read(size)
-        canonical = json.dumps(json.loads(header), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(canonical) <= size:
-            handle.seek(8)
-            handle.write(canonical.ljust(size, b" "))  # the format allows trailing spaces in the header
 
 
 def load_artifact(path: str | os.PathLike[str], verify_digest: bool = True) -> FilterArtifact:
