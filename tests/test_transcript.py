@@ -18,7 +18,8 @@ bytes. The normaliser (`normalise`, `describe_file`) hides what differs between 
   becomes `<W>`;
 - timings: `*seconds` / `*per_second` JSON fields, `in 0.25s`, `in 0.00 s`, `N texts/s`, `N rows/s`;
 - UTC timestamps (`2026-01-01T00:00:00Z`), eval's `cache_key` (a hash of the model's path);
-- `created_utc` and `tool_version` in artifact metadata, and the producer version of ONNX files;
+- `created_utc` and `tool_version` in artifact metadata, the producer version of ONNX files, and
+  other libraries' versions (`sentence-transformers 6.2.0`);
 - the SHA-256 of computed floats (`projection_sha256`, `mean_sha256`) wherever it is printed;
 - floats longer than 6 significant digits are rounded to 6.
 A written file is described, not hashed: safetensors and ONNX by tensor names, dtypes, shapes,
@@ -253,6 +254,10 @@ def normalise(text: str, workdir: Path, digests: Collection[str] = ()) -> str:
     text = re.sub(r'("[a-z_]*(?:seconds|per_second)": )[0-9.e+-]+', r"\1<T>", text)
     text = re.sub(r"\bin [0-9]+(?:\.[0-9]+)? ?s\b", lambda m: "in <T> s" if " s" in m.group() else "in <T>s", text)
     text = re.sub(r"[0-9][0-9,]*(?:\.[0-9]+)? (texts|rows)/s", r"<T> \1/s", text)
+    # Versions of other libraries (a fresh install may get a newer sentence-transformers than the goldens').
+    text = re.sub(
+        r"\b(sentence-transformers|transformers|torch|onnxruntime|onnx) [0-9][0-9a-z.+]*", r"\1 <version>", text
+    )
     return round_floats(text)
 
 
