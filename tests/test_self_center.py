@@ -350,3 +350,31 @@ def test_the_library_call_gives_the_cli_mean(runner, tiny_llama, tmp_path, monke
     )
     np.testing.assert_array_equal(centred.mean, load_artifact(cli).mean)
     assert centred.centering == load_artifact(cli).centering and report.count == centred.centering.count
+
+
+def test_self_texts_record_their_use_and_keep_the_cache_within_its_limit(tiny_llama, tmp_path, monkeypatch):
+    """A hit marks the entry used (least-recently-used pruning sees it); a new entry enforces the size limit."""
+    import os
+
+    from embfilter_cli import cache_lock, cache_store
+
+    location = resolve_model(str(tiny_llama))
+    old = tmp_path / "self-texts" / ("0" * 64 + ".json")  # an older entry that the limit must evict
+    old.parent.mkdir(parents=True)
+    old.write_text(json.dumps({"kind": "self-texts", "source": "elsewhere", "texts": ["x" * 4000]}))
+    os.utime(old, (1_000_000, 1_000_000))
+    monkeypatch.setenv(cache_store.MAX_SIZE_ENV, "3000")  # bytes: room for the new entry, not for both
+    notes: list[str] = []
+    first = self_texts(
+        location, SelfSampling(count=2, new_tokens=3, seed=1), device="cpu", cache_dir=tmp_path, notify=notes.append
+    )
+    (entry,) = (tmp_path / "self-texts").glob("*.json")
+    assert not old.exists() and entry.name != old.name
+    assert any("removed 1 least recently used entry" in n for n in notes), notes
+    stamp = cache_lock.last_used(tmp_path, entry)
+    assert stamp is not None
+    marker = cache_lock.marker_path(tmp_path, entry)
+    os.utime(marker, (stamp - 1000, stamp - 1000))
+    again = self_texts(location, SelfSampling(count=2, new_tokens=3, seed=1), device="cpu", cache_dir=tmp_path)
+    assert again.cached and again.texts == first.texts
+    assert cache_lock.last_used(tmp_path, entry) > stamp - 1000  # the hit touched the marker

@@ -346,12 +346,13 @@ def self_texts(
         cache_dir: the embfilter cache (default `$EMBFILTER_CACHE` or `~/.cache/embfilter`).
         use_cache: False: neither read nor write `self-texts/` (nor the GGUF conversion).
         progress: `(samples done, samples total)`, called only when the sampler runs.
-        notify: one-line messages about building the GGUF conversion.
+        notify: one-line messages about building the GGUF conversion and about the cache's size limit.
 
     Returns:
         The texts, their SHA-256, the record of what determined them, and (when the sampler ran)
         the loaded encoder, so the caller embeds with the same model without loading it again.
     """
+    from embfilter_cli import cache_store
     from embfilter_cli.files import default_cache_dir
     from embfilter_cli.filters.centering import texts_sha256
     from embfilter_cli.filters.spectral import resolve_device
@@ -367,6 +368,7 @@ def self_texts(
     path = cache_path(root, cache_key(fingerprint, sampling, dtype_name, dev.type))
     started = time.perf_counter()
     if use_cache and (texts := read_cached(path, record)) is not None:
+        cache_store.used(root, path)  # its last use, for `embfilter cache` and least-recently-used pruning
         return SelfTexts(texts, texts_sha256(texts), record, True, time.perf_counter() - started)
     lm, encoder = load_generator_at(
         location, device=device, dtype=dtype, cache_dir=cache_dir, use_cache=use_cache, notify=notify
@@ -389,6 +391,9 @@ def self_texts(
         )
     if use_cache:
         write_cached(path, record, texts, location.source)
+        if path.exists():
+            cache_store.used(root, path)
+            cache_store.enforce_limit(root, path, notify)
     return SelfTexts(texts, texts_sha256(texts), record, False, time.perf_counter() - started, encoder)
 
 
