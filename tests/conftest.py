@@ -28,6 +28,7 @@ FLOAT_SENSITIVE_MODULES = {
     "test_eval",
     "test_fitting",
     "test_goldens",
+    "test_gram_eigen",
     "test_mteb_encoder",
     "test_postprocess",
     "test_spectral",

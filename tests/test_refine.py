@@ -9,6 +9,7 @@ import torch
 from embfilter_cli.cli import app
 from embfilter_cli.filters.artifact import load_artifact
 from embfilter_cli.filters.band import Band
+from embfilter_cli.filters.fitting import projection_from_spectrum
 from embfilter_cli.filters.refine import refined_spectrum
 from embfilter_cli.filters.solve import (
     BandRequest,
@@ -26,6 +27,12 @@ def _projector_gap(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a @ a.T - b @ b.T, 2))
 
 
+def _columns(spec, indices) -> np.ndarray:
+    """The spectrum's vectors for the singular directions `indices`, complete or partial."""
+    where = {int(i): j for j, i in enumerate(spec.vector_indices)}
+    return spec.vectors[:, [where[int(i)] for i in indices]]
+
+
 def _shoulder_spectrum(d: int) -> np.ndarray:
     """One dominant direction, a power-law bulk and a sharp fall at the end (bench/bench_fit.py's shape)."""
     sig = 100.0 * np.arange(1, d + 1, dtype=np.float64) ** -0.35
@@ -41,15 +48,21 @@ def test_removed_subspace_matches_the_planted_one_to_float64_accuracy(top, botto
     w, v = planted_matrix(3000, d, sig)
     band = Band(d, top, d - top - bottom)
     spec, chosen = refined_spectrum(torch.from_numpy(w), lambda s: band, chunk_rows=512)
-    assert chosen == band and spec.solver == "refined" and spec.complete
+    assert chosen == band and spec.solver == "refined" and not spec.complete
     cert = spec.certificate
     assert cert["passed"] and cert["version"] == 1 and cert["sin_theta_bound"] < 1e-7, cert
     removed = band.removed_indices()
-    assert _projector_gap(spec.vectors[:, removed], v[:, removed]) < 1e-9
+    assert spec.vector_indices.tolist() == removed  # the removed directions' vectors only, top then bottom
+    assert _projector_gap(_columns(spec, removed), v[:, removed]) < 1e-9
     np.testing.assert_allclose(spec.singular_values[removed], sig[removed], rtol=1e-10)
     np.testing.assert_allclose(spec.singular_values, sig, rtol=1e-5)  # kept σ: float32-Gram accurate
-    # A complete orthonormal basis: the kept columns span exactly the complement of the removed ones.
-    np.testing.assert_allclose(spec.vectors.T @ spec.vectors, np.eye(d), atol=1e-12)
+    np.testing.assert_allclose(spec.vectors.T @ spec.vectors, np.eye(len(removed)), atol=1e-12)
+    # The filter's kept rows: an orthonormal basis of exactly the complement of the removed directions.
+    proj = projection_from_spectrum(spec, band)
+    assert proj.matrix.shape == (d - top - bottom, d) and proj.kept_indices.size == 0
+    np.testing.assert_allclose(proj.matrix @ proj.matrix.T, np.eye(d - top - bottom), atol=1e-12)
+    kept = [i for i in range(d) if i not in removed]
+    assert _projector_gap(proj.matrix.T, v[:, kept]) < 1e-9
     assert spec.frobenius_sq == pytest.approx(float((sig**2).sum()), rel=1e-6)
 
 
@@ -62,7 +75,7 @@ def test_bf16_head_matches_torch_float64_svd():
     spec, _ = refined_spectrum(w, lambda s: band, chunk_rows=1000)
     assert spec.certificate["passed"], spec.certificate
     removed = band.removed_indices()
-    assert _projector_gap(spec.vectors[:, removed], ref.Vh.T.numpy()[:, removed]) < 1e-9
+    assert _projector_gap(_columns(spec, removed), ref.Vh.T.numpy()[:, removed]) < 1e-9
     np.testing.assert_allclose(spec.singular_values[removed], ref.S.numpy()[removed], rtol=1e-10)
 
 
@@ -75,7 +88,7 @@ def test_band_auto_chooses_the_exact_solvers_band():
     assert spec.solver == "refined" and band == ex_band and band.top > 0 and band.bottom > 0
     assert rule["band_rule"]["top"] == band.top
     removed = band.removed_indices()
-    assert _projector_gap(spec.vectors[:, removed], ex_spec.vectors[:, removed]) < 1e-9
+    assert _projector_gap(_columns(spec, removed), ex_spec.vectors[:, removed]) < 1e-9
 
 
 def _degenerate_edge_matrix(d: int = 32, top: int = 4) -> torch.Tensor:

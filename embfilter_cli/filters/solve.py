@@ -255,7 +255,7 @@ def solve_picking(
         from embfilter_cli.filters import refine
 
         log(
-            f"Solver: refined (float32 Gram + float64 eigh; removed directions refined and certified in float64) on {dev}"
+            f"Solver: refined (float32 Gram + float64 tridiagonal eigenvalues; removed directions refined and certified in float64) on {dev}"
         )
         refined, band = refine.refined_spectrum(
             matrix, pick_band, device=dev, tol=refine.DEFAULT_TOL, seed=options.seed, progress=progress

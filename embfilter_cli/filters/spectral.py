@@ -40,15 +40,21 @@ EXACT_BACKWARD_BOUND = 1e-8  # eigh in float64 reaches ~1e-15; anything worse me
 
 @dataclass
 class Spectrum:
-    """Singular values (descending) and right singular vectors (columns) of W_U."""
+    """Singular values (descending) and right singular vectors (columns) of W_U.
 
-    singular_values: np.ndarray  # float64 (n,)
-    vectors: np.ndarray  # float64 (d, n); column i is v_i
+    A complete spectrum has all d vectors, column i being v_i. A partial one has some: the top n
+    (randomized solver; `indices` None), or those listed in `indices` (refined solver: the removed
+    directions, while `singular_values` still holds all d values).
+    """
+
+    singular_values: np.ndarray  # float64 (n,) or (d,)
+    vectors: np.ndarray  # float64 (d, n); column j is v_{indices[j]} (v_j when indices is None)
     solver: str
     params: dict[str, Any] = field(default_factory=dict)
     certificate: dict[str, Any] = field(default_factory=dict)
     frobenius_sq: float = 0.0  # ‖W_U‖_F², for energy fractions when n < d
     seconds: float = 0.0
+    indices: np.ndarray | None = None  # int64 (n,): which singular directions `vectors` holds
 
     @property
     def hidden_size(self) -> int:
@@ -59,6 +65,12 @@ class Spectrum:
     def complete(self) -> bool:
         """True when every direction of the hidden space was computed."""
         return self.vectors.shape[1] == self.vectors.shape[0]
+
+    @property
+    def vector_indices(self) -> np.ndarray:
+        """The singular directions held by the columns of `vectors`, in column order."""
+        n = self.vectors.shape[1]
+        return np.arange(n, dtype=np.int64) if self.indices is None else np.asarray(self.indices, np.int64)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -152,7 +164,10 @@ def gram_matrix(
                 gram += part
             if progress:
                 progress(min(row0 + chunk_rows, rows), rows)
-        full = np.triu(gram) + np.triu(gram, 1).T
+        # syrk wrote only the upper triangle; the lower one is still the zeros it started as, so
+        # G + Gᵀ with the diagonal put back is the full matrix (two triu copies cost ~0.8 s at d = 3584).
+        full = gram + gram.T
+        np.fill_diagonal(full, np.diagonal(gram))
     else:
         acc = torch.zeros((d, d), dtype=torch.float64, device=device)
         pinned = device.type == "cuda"
