@@ -346,6 +346,8 @@ def test_cli_jsonl_keeps_fields_and_matches_npy(runner, tiny_llama, tmp_path):
             str(src),
             "-o",
             str(tmp_path / "out.jsonl"),
+            "--output-column",
+            "embedding",  # the input's own `embedding` field is replaced only when named on purpose
         ],
     )
     assert result.exit_code == 0, result.stderr
@@ -373,6 +375,30 @@ def test_cli_jsonl_keeps_fields_and_matches_npy(runner, tiny_llama, tmp_path):
     np.testing.assert_array_equal(
         np.array([r["embedding"] for r in rows], dtype=np.float32), np.load(tmp_path / "out.npy")
     )
+
+
+def test_cli_jsonl_refuses_to_replace_an_embedding_field_unless_named(runner, tiny_llama, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text(
+        "".join(json.dumps({"id": i, "text": t, "embedding": [1, 2]}) + "\n" for i, t in enumerate(TEXTS[:3]))
+    )
+    base = ["embed", "-m", str(tiny_llama), "--device", "cpu", str(src)]
+    out = tmp_path / "out.jsonl"
+    result = runner.invoke(app, [*base, "-o", str(out)])
+    assert result.exit_code == 1 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("Error: ") and "3 of its records already have a field 'embedding'" in line
+    assert "--output-column NAME" in line and not out.exists()
+    result = runner.invoke(app, [*base, "-o", "-"])  # stdout too: nothing printed
+    assert result.exit_code == 1 and result.stdout == ""
+    # Another name keeps the old field next to the new one; the .npy output has no field to clash with.
+    result = runner.invoke(app, [*base, "-o", str(out), "--output-column", "vec"])
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["embedding"] for r in rows] == [[1, 2]] * 3 and all(len(r["vec"]) > 2 for r in rows)
+    assert runner.invoke(app, [*base, "-o", str(tmp_path / "o.npy")]).exit_code == 0
+    result = runner.invoke(app, [*base, "-o", str(tmp_path / "p.npy"), "--output-column", "vec"])
+    assert result.exit_code == 2 and ".npy has none" in result.stderr and not (tmp_path / "p.npy").exists()
 
 
 def test_cli_stdin_to_stdout_with_normalize(runner, tiny_llama, encoder):

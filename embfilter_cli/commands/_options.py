@@ -198,13 +198,13 @@ def engine_options(func: F) -> F:
 
 
 def output_column_option(func: F) -> F:
-    """`--output-column`: the vectors' column in a Parquet output of `embed`."""
+    """`--output-column`: the vectors' column (Parquet, Arrow) or field (JSONL) in an output of `embed`."""
     return click.option(
         "--output-column",
         default=None,
         metavar="NAME",
-        help="Parquet: the vectors' column [default: embedding; an input column of that name is refused]. "
-        "Naming an existing column here replaces it.",
+        help="Parquet/Arrow column or JSONL field for the vectors [default: embedding; an input column or "
+        "field of that name is refused]. Naming an existing one here replaces it.",
     )(func)
 
 

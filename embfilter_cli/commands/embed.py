@@ -22,9 +22,10 @@ from embfilter_cli.commands._options import (
     pooling_option,
     recipe_option,
 )
-from embfilter_cli.errors import UsageError
+from embfilter_cli.errors import InputDataError, UsageError
 
 OUTPUT_SUFFIXES = (".npy", ".jsonl")
+EMBEDDING_FIELD = "embedding"  # JSONL output: the vectors' field unless --output-column names another
 
 
 @click.command()
@@ -115,14 +116,20 @@ def embed(
     if is_table_embed(input_path, output):
         embed_tables_command(locals())
         return
-    if resume or engine != "local" or output_column:
-        raise UsageError("--resume, --engine and --output-column apply to Parquet only")
+    if resume or engine != "local":
+        raise UsageError("--resume and --engine apply to Parquet and Arrow only")
     to_stdout = output == "-"
     suffix = Path(output).suffix.lower()
     if not to_stdout and suffix not in OUTPUT_SUFFIXES:
         raise click.BadParameter(
             f"{output!r} must end in .npy or .jsonl (or be - for JSONL on stdout)", param_hint="-o/--output"
         )
+    if output_column is not None and suffix == ".npy":
+        raise UsageError(
+            "--output-column names the vectors' field of a JSONL output (or a table's column); .npy has none"
+        )
+    if output_column is not None and not output_column:
+        raise UsageError("--output-column needs a name")
     if to_stdout and json_:
         raise UsageError("--json prints a summary on stdout, which -o - already uses for the embeddings; drop one")
 
@@ -140,6 +147,9 @@ def embed(
     texts_in = read_texts(input_path, input_format)
     if texts_in.skipped:
         warn(describe_skipped(texts_in.skipped))
+    column = output_column or EMBEDDING_FIELD
+    if suffix != ".npy" and output_column is None and texts_in.records is not None:
+        _refuse_replacing(texts_in.records, column, input_path)
 
     encoder = Encoder(
         model,
@@ -158,7 +168,7 @@ def embed(
     start = time.perf_counter()
     vectors = encoder.encode(texts_in.texts)
     seconds = time.perf_counter() - start
-    _write(vectors, texts_in, output, force)
+    _write(vectors, texts_in, output, force, column)
     rate = len(vectors) / seconds if seconds > 0 else float("inf")
     info(
         f"Embedded {len(vectors)} texts → {vectors.shape[1]} dims in {seconds:.1f}s ({rate:.1f} texts/s)"
@@ -185,26 +195,24 @@ def embed(
         )
 
 
-def _jsonl_lines(vectors: Any, texts_in: Any) -> Any:
-    """One JSON object per row: the input record (or {"text": ...}) plus `embedding` (replacing any old one)."""
-    import json
-
-    for i, row in enumerate(vectors):
-        record = dict(texts_in.records[i]) if texts_in.records is not None else {"text": texts_in.texts[i]}
-        record.pop("embedding", None)
-        head = json.dumps(record, ensure_ascii=False)[:-1]
-        # %.9g round-trips float32 exactly and keeps lines far shorter than repr of a float64.
-        numbers = ",".join(f"{v:.9g}" for v in row.tolist())
-        yield f'{head}{", " if record else ""}"embedding": [{numbers}]}}\n'
+def _refuse_replacing(records: list[dict[str, Any]], column: str, input_path: str) -> None:
+    """Refuse a JSONL input whose records already hold the vectors' field, unless it was named on purpose."""
+    held = sum(column in record for record in records)
+    if held:
+        name = "stdin" if input_path == "-" else input_path
+        raise InputDataError(
+            f"{name}: {held} of its records already have a field {column!r} that the vectors would replace; pass "
+            f"--output-column NAME for another name, or --output-column {column} to replace it"
+        )
 
 
-def _write(vectors: Any, texts_in: Any, output: str, force: bool) -> None:
+def _write(vectors: Any, texts_in: Any, output: str, force: bool, column: str) -> None:
     import numpy as np
 
     if output == "-":
         from embfilter_cli.console import out_lines
 
-        out_lines(_jsonl_lines(vectors, texts_in))
+        out_lines(_jsonl_lines(vectors, texts_in, column))
         return
     from embfilter_cli.files import atomic_path
 
@@ -214,4 +222,21 @@ def _write(vectors: Any, texts_in: Any, output: str, force: bool) -> None:
                 np.save(handle, np.ascontiguousarray(vectors, dtype=np.float32))
         else:
             with tmp.open("w", encoding="utf-8") as handle:
-                handle.writelines(_jsonl_lines(vectors, texts_in))
+                handle.writelines(_jsonl_lines(vectors, texts_in, column))
+
+
+def _jsonl_lines(vectors: Any, texts_in: Any, column: str) -> Any:
+    """One JSON object per row: the input record (or {"text": ...}) plus the vectors under `column`.
+
+    A record's own field of that name is replaced (the caller refused that unless the name was chosen).
+    """
+    import json
+
+    key = json.dumps(column, ensure_ascii=False)
+    for i, row in enumerate(vectors):
+        record = dict(texts_in.records[i]) if texts_in.records is not None else {"text": texts_in.texts[i]}
+        record.pop(column, None)
+        head = json.dumps(record, ensure_ascii=False)[:-1]
+        # %.9g round-trips float32 exactly and keeps lines far shorter than repr of a float64.
+        numbers = ",".join(f"{v:.9g}" for v in row.tolist())
+        yield f"{head}{', ' if record else ''}{key}: [{numbers}]}}\n"

@@ -3,7 +3,7 @@
 - `--force` replaces only what an earlier export made (its `embfilter.json`, or a Dense module's
   weights that record us), never a folder holding the filter or the model being exported, and
   never the current folder; a folder output of `apply` replaces only files embfilter made.
-- `embed` into Parquet never replaces an input column without being told (`--output-column`).
+- `embed` into Parquet or JSONL never replaces an input column or field without being told (`--output-column`).
 - `embed --resume` without the filter an output was made with redoes it.
 
 Judged on behaviour: exit status, one `Error:` line, no traceback, inputs byte for byte unchanged.
@@ -145,7 +145,10 @@ def test_embed_lines_to_parquet_refuses_a_jsonl_field_named_embedding(runner, ti
     line = expect_error(runner.invoke(app, _embed(tiny_llama, src, out)))
     assert "already has a column 'embedding'" in line and not out.exists()
     usage = runner.invoke(app, _embed(tiny_llama, src, tmp_path / "e.npy", "--output-column", "vec"))
-    expect_error(usage, status=2, match="--output-column apply to Parquet only")
+    expect_error(usage, status=2, match=".npy has none")
+    # JSONL to JSONL: the same refusal (tests/test_embed.py covers --output-column there).
+    line = expect_error(runner.invoke(app, _embed(tiny_llama, src, tmp_path / "e.jsonl")))
+    assert "already have a field 'embedding'" in line and not (tmp_path / "e.jsonl").exists()
 
 
 # --------------------------------------------------------------------------- 1. embed --resume and the filter
