@@ -100,3 +100,18 @@ def test_orthonormal_complement_against_numpy_qr(r):
     assert np.allclose(rows @ u, 0.0, atol=1e-14)
     q, _ = np.linalg.qr(u, mode="complete")  # numpy's complete Householder Q: the same rows
     np.testing.assert_allclose(rows, q[:, r:].T, atol=1e-13)
+
+
+@pytest.mark.parametrize(("d", "top", "bottom"), [(1, 0, 0), (2, 1, 0), (2, 0, 1), (3, 1, 1), (5, 2, 2), (4, 0, 0)])
+def test_refined_solver_on_tiny_hidden_sizes(d, top, bottom):
+    """d < 3 takes the full eigendecomposition; every size gives a certified filter of the right shape."""
+    from embfilter_cli.filters.refine import refined_spectrum
+
+    w = np.random.default_rng(0).standard_normal((50, d)) * np.linspace(3, 1, d)
+    band = Band(d, top, d - top - bottom)
+    spec, chosen = refined_spectrum(torch.from_numpy(w), lambda s: band)
+    assert chosen == band and spec.certificate["passed"] and spec.vectors.shape == (d, top + bottom)
+    np.testing.assert_allclose(spec.singular_values, np.linalg.svd(w, compute_uv=False), rtol=1e-6)
+    proj = projection_from_spectrum(spec, band)
+    assert proj.matrix.shape == (d - top - bottom, d)
+    np.testing.assert_allclose(proj.matrix @ proj.matrix.T, np.eye(d - top - bottom), atol=1e-12)

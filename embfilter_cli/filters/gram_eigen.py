@@ -46,8 +46,8 @@ class GramEigen(Protocol):
 
 
 def gram_eigen(gram: np.ndarray, device: torch.device) -> GramEigen:
-    """The tridiagonal route on the CPU, a full eigendecomposition on an accelerator."""
-    if device.type == "cpu":
+    """The tridiagonal route on the CPU, a full eigendecomposition on an accelerator (or when d < 3)."""
+    if device.type == "cpu" and gram.shape[0] >= 3:
         return Tridiagonal(gram)
     return FullEigh(gram, device)
 
