@@ -7,7 +7,8 @@ each (wall time and peak RSS from the child's own VmHWM):
 
   baseline    the official code's way: load the head as float32, torch.linalg.svd (full, thin)
   exact       embfilter fit --solver exact (float64 Gram + eigh) with the band asked for
-  refined     embfilter fit --solver refined (float32 Gram + eigh, removed directions refined and
+  refined     embfilter fit --solver refined (float32 Gram, one tridiagonal reduction for all its
+              eigenvalues and the removed directions' eigenvectors, those directions refined and
               certified in float64; falls back to exact if the certificate fails)
   randomized  (with --randomized) embfilter fit --solver randomized --rank R (certified to --tol)
 

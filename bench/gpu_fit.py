@@ -9,8 +9,8 @@ It builds the same synthetic Qwen2-7B-shaped bf16 checkpoint as bench/bench_fit.
 process (after a warm-up fit on a small matrix, so CUDA/cuBLAS/cuSOLVER start-up is not counted):
   floor       read lm_head's bytes from the (warm) file and copy them to the GPU
   exact       embfilter's exact solver on cuda (float64 Gram over streamed chunks + eigh)
-  refined     embfilter's refined solver on cuda (float32 Gram + eigh, the top R refined and
-              certified in float64 against W_U; issue 19)
+  refined     embfilter's refined solver on cuda (float32 Gram + a full eigh on the device,
+              the top R refined and certified in float64 against W_U; issue 19)
   randomized  embfilter's randomized solver on cuda (float64, certified to --tol)
 and checks refined and randomized against the exact solver: the largest principal-angle sine
 between the top-R subspaces. Target: exact fit ≤ 1.5 × floor. Prints a markdown table with the device.
