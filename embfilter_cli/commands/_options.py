@@ -199,9 +199,17 @@ def engine_options(func: F) -> F:
 
 def output_column_option(func: F) -> F:
     """`--output-column`: the vectors' column (Parquet, Arrow) or field (JSONL) in an output of `embed`."""
+
+    def named(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        # An empty name would fall back to `embedding` while counting as chosen, i.e. replace it unasked.
+        if value is not None and not value:
+            raise click.BadParameter("needs a name", ctx=ctx, param=param)
+        return value
+
     return click.option(
         "--output-column",
         default=None,
+        callback=named,
         metavar="NAME",
         help="Parquet/Arrow column or JSONL field for the vectors [default: embedding; an input column or "
         "field of that name is refused]. Naming an existing one here replaces it.",

@@ -128,8 +128,6 @@ def embed(
         raise UsageError(
             "--output-column names the vectors' field of a JSONL output (or a table's column); .npy has none"
         )
-    if output_column is not None and not output_column:
-        raise UsageError("--output-column needs a name")
     if to_stdout and json_:
         raise UsageError("--json prints a summary on stdout, which -o - already uses for the embeddings; drop one")
 

@@ -138,6 +138,20 @@ def test_embed_refuses_to_replace_a_text_column_named_embedding(runner, tiny_lla
     assert pq.read_table(src).column("embedding").to_pylist() == ["note 1", "note 2"]
 
 
+def test_embed_refuses_an_empty_output_column_name(runner, tiny_llama, tmp_path):
+    """An empty name would fall back to `embedding` while counting as chosen: it would replace it unasked."""
+    src = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"text": ["a cat"], "embedding": ["note"]}), src)
+    lines = tmp_path / "t.jsonl"
+    lines.write_text('{"text": "a cat", "embedding": "note"}\n')
+    kept = Snapshot(tmp_path)
+    for source, out in ((src, tmp_path / "e.parquet"), (lines, tmp_path / "e.jsonl")):
+        expect_error(
+            runner.invoke(app, _embed(tiny_llama, source, out, "--output-column", "")), status=2, match="needs a name"
+        )
+    kept.assert_unchanged()
+
+
 def test_embed_lines_to_parquet_refuses_a_jsonl_field_named_embedding(runner, tiny_llama, tmp_path):
     src = tmp_path / "t.jsonl"
     src.write_text('{"text": "a cat", "embedding": "keep me"}\n')
