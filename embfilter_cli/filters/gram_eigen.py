@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from embfilter_cli.errors import EmbfilterError
+from embfilter_cli.filters.spectral import symmetric_eigh
 
 
 class GramEigen(Protocol):
@@ -56,8 +57,6 @@ class FullEigh:
     """All eigenvectors, from `symmetric_eigh` (dsyevd, or cuSOLVER on CUDA)."""
 
     def __init__(self, gram: np.ndarray, device: torch.device) -> None:
-        from embfilter_cli.filters.spectral import symmetric_eigh
-
         self.values, self._vecs = symmetric_eigh(gram, device)
 
     def vectors(self, idx: np.ndarray) -> np.ndarray:
