@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from embfilter_cli import __version__
-from embfilter_cli.signals import install_signal_handlers
+from embfilter_cli.signals import hold_until_exit, install_signal_handlers
 
 # name -> "module:attribute". Kept as strings so that listing commands imports only light modules.
 COMMANDS: dict[str, str] = {
@@ -206,3 +206,5 @@ def main() -> None:
     except KeyboardInterrupt as exc:  # interrupted outside a subcommand (while parsing or importing)
         click.echo(INTERRUPTED_MESSAGE, err=True)
         sys.exit(getattr(exc, "status", 130))
+    finally:
+        hold_until_exit()  # a signal during libraries' atexit clean-up must not raise there

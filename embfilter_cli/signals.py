@@ -10,7 +10,8 @@ exit 0. So the handler also records the signal, and `raise_if_signalled` raises 
 points that must not be passed after a stop was asked for: before an output is published
 (`files.atomic_path`), at each batch, and when a command returns.
 
-`keep_handlers` protects the handlers from libraries that replace them while they start (Ray's
+`stop_signals_held` protects start-up code of libraries: a stop signal during it is recorded and
+raised when it ends, and handlers the library installed are replaced by ours again (Ray's
 `ray.init` installs its own SIGTERM handler, which exits with status 15 and no cleanup).
 
 Not handled: a signal received while the handlers are not installed (library use, where the
@@ -68,16 +69,51 @@ def raise_if_signalled() -> None:
         raise Terminated(_received[0])
 
 
+def _record(signum: int, frame: object) -> None:
+    _received.append(signum)
+
+
+def _record_then_default(signum: int, frame: object) -> None:
+    _received.append(signum)
+    signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
+
+
+def hold_until_exit() -> None:
+    """Once the command's outcome is decided: stop signals are recorded, no longer raised.
+
+    What runs after that is the interpreter's exit: libraries' `atexit` callbacks, such as Ray's
+    `shutdown`, where a raised `Terminated` was printed as "Exception ignored in atexit callback"
+    with a traceback and the process crashed (status −11 or 1) after a job that had finished and
+    published its outputs. The exit status stays the command's; a second signal ends the process
+    at once, in case a library's clean-up hangs.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) is _raise_terminated:
+            signal.signal(signum, _record_then_default)
+
+
 @contextlib.contextmanager
-def keep_handlers() -> Iterator[None]:
-    """Restore the stop-signal handlers after the block (for libraries that install their own)."""
+def stop_signals_held() -> Iterator[None]:
+    """Hold the stop signals during the block: recorded, then raised once it has ended; handlers restored.
+
+    For library start-up code that must not be interrupted half-way (an exception raised inside
+    `ray.init` while its C++ core worker connects left the process to crash at exit with status −11),
+    and that replaces the handlers with its own (put back afterwards). Blocking the signals at the
+    OS level instead would be inherited by every process the library starts.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     saved: dict[int, Any] = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    for signum, handler in saved.items():
+        if handler is _raise_terminated:
+            signal.signal(signum, _record)
     try:
         yield
     finally:
         for signum, handler in saved.items():
             if handler is not None:  # None: installed from C, cannot be restored from Python
                 signal.signal(signum, handler)
+    raise_if_signalled()
